@@ -1,0 +1,140 @@
+"""``make run``: the whole system on one machine, with requests flowing through it.
+
+Starts (or reuses, from ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL``) the broker and Redis, the
+provider simulator and a worker as child processes, produces sample requests, prints the outcomes
+as they arrive, and runs until Ctrl-C. Every child dies with this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from llmstream.embedded import DEFAULT_TOPICS, EmbeddedServices, ManagedProcess, create_topics, free_port
+from schemas.codec import decode, encode
+from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+
+
+def _sample_requests(count: int) -> list[tuple[bytes, bytes]]:
+    """``count`` requests keyed by request ID, one duplicate of the first, one invalid event."""
+    models = ["openai/gpt-4o-mini", "anthropic/claude-3-5-haiku-latest"]
+    events = []
+    for i in range(count):
+        request = LLMRequest(
+            request_id=f"demo-{uuid.uuid4().hex[:8]}",
+            model=models[i % len(models)],
+            messages=[
+                ChatMessage(role="system", content="You answer in one sentence."),
+                ChatMessage(role="user", content=f"Say something about the number {i}."),
+            ],
+            metadata={"demo": "make run"},
+            created_at_ms=time.time_ns() // 1_000_000,
+        )
+        events.append((request.request_id.encode(), encode(request)))
+    events.append(events[0])  # the same request ID again: deduplicated, not paid twice
+    events.append((b"demo-broken", b'{"request_id": "demo-broken", "model": 42}'))  # invalid
+    return events
+
+
+async def _show_flow(bootstrap: str, count: int) -> None:
+    consumer = AIOKafkaConsumer(
+        "llm-responses", "llm-errors", "llm-metrics",
+        bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=f"dev-{uuid.uuid4().hex}",
+    )
+    await consumer.start()
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await asyncio.sleep(1.0)  # let the consumer take its partitions before producing
+        events = _sample_requests(count)
+        for key, value in events:
+            await producer.send_and_wait("llm-requests", value, key=key)
+        print(f"\nproduced {len(events)} events to llm-requests "
+              f"({count} requests, 1 duplicate, 1 invalid)\n", flush=True)
+        seen_metrics = 0
+        deadline = time.monotonic() + 60
+        while seen_metrics < len(events) and time.monotonic() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    if tp.topic == "llm-responses":
+                        r = decode(record.value, LLMResponse)
+                        print(f"  llm-responses  {r.request_id}  {r.model}: {r.content!r} "
+                              f"({r.total_tokens} tokens, {r.latency_ms} ms, {r.attempts} attempt)")
+                    elif tp.topic == "llm-errors":
+                        e = decode(record.value, LLMError)
+                        print(f"  llm-errors     {e.request_id}  {e.error_type}: {e.message}")
+                    else:
+                        m = decode(record.value, LLMMetric)
+                        seen_metrics += 1
+                        print(f"  llm-metrics    {m.request_id}  {m.status}")
+        print(flush=True)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+def run_dev(requests: int = 5, partitions: int = 4) -> int:
+    """Run everything until Ctrl-C; returns the exit code."""
+    python = sys.executable
+    with EmbeddedServices.from_env() as services:
+        assert services.kafka_bootstrap_servers and services.redis_url
+        bootstrap, redis_url = services.kafka_bootstrap_servers, services.redis_url
+        asyncio.run(create_topics(bootstrap, DEFAULT_TOPICS, partitions))
+        log_dir = services.log_dir or Path(".")
+        sim_port, worker_port = free_port(), free_port()
+        sim_url = f"http://127.0.0.1:{sim_port}"
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "REDIS_URL": redis_url,
+            "OPENAI_BASE_URL": f"{sim_url}/v1",
+            "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "sk-simulator"),
+            "ANTHROPIC_BASE_URL": sim_url,
+            "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", "sk-ant-simulator"),
+            "LLMSTREAM_HTTP_PORT": str(worker_port),
+            # Kafka's minimum; Tansu holds a group join for half of it.
+            "LLMSTREAM_SESSION_TIMEOUT_S": "6",
+        }
+        children = [
+            ManagedProcess(
+                "simulator",
+                [python, "-m", "llmstream.cli", "simulate", "--port", str(sim_port)],
+                sim_port, log_dir / "simulator.log", env,
+            ),
+            ManagedProcess(
+                "worker", [python, "-m", "llmstream.cli", "worker"],
+                worker_port, log_dir / "worker.log", env,
+            ),
+        ]
+        try:
+            for child in children:
+                child.start(timeout=60)
+            print(
+                "\nllmstream is running:\n"
+                f"  kafka      {bootstrap}   (topics: {', '.join(DEFAULT_TOPICS)})\n"
+                f"  redis      {redis_url}\n"
+                f"  simulator  {sim_url}   (OpenAI /v1/chat/completions, Anthropic /v1/messages)\n"
+                f"  worker     http://127.0.0.1:{worker_port}/metrics  /health  /ready\n"
+                f"  logs       {log_dir}\n",
+                flush=True,
+            )
+            asyncio.run(_show_flow(bootstrap, requests))
+            print("Produce your own requests to llm-requests (see README). Ctrl-C stops everything.",
+                  flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
+                while all(c.process and c.process.poll() is None for c in children):
+                    time.sleep(0.5)
+        finally:
+            for child in reversed(children):
+                child.stop(timeout=35)
+    return 0

@@ -1,0 +1,82 @@
+"""Real services for the suite: one broker and one Redis per session, fresh names per test.
+
+Services come from, in order: ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL``; testcontainers' Kafka
+and Redis when ``LLMSTREAM_TEST_SERVICES=docker``; else the embedded Tansu broker and redis-server.
+Every test gets its own topics, consumer group and Redis key prefix, so tests cannot leak into each
+other.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+import redis.asyncio as aioredis
+
+from llmstream.embedded import EmbeddedServices, create_topics
+from llmstream.settings import ServiceSettings
+
+
+@dataclass(frozen=True)
+class Services:
+    kafka_bootstrap_servers: str
+    redis_url: str
+
+
+def _docker_services() -> Iterator[Services]:
+    from testcontainers.kafka import KafkaContainer
+    from testcontainers.redis import RedisContainer
+
+    with KafkaContainer().with_kraft() as kafka, RedisContainer() as redis_container:
+        host = redis_container.get_container_host_ip()
+        port = redis_container.get_exposed_port(6379)
+        yield Services(kafka.get_bootstrap_server(), f"redis://{host}:{port}/0")
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Services]:
+    """The broker and Redis every integration test talks to."""
+    if os.environ.get("LLMSTREAM_TEST_SERVICES") == "docker":
+        yield from _docker_services()
+        return
+    with EmbeddedServices.from_env() as embedded:
+        assert embedded.kafka_bootstrap_servers and embedded.redis_url
+        yield Services(embedded.kafka_bootstrap_servers, embedded.redis_url)
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short name unique to this test, for topics, groups and key prefixes."""
+    return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+async def settings(services: Services, unique: str) -> ServiceSettings:
+    """Settings naming this test's own topics (created, 4 partitions) and Redis key prefix."""
+    result = ServiceSettings(
+        kafka_bootstrap_servers=services.kafka_bootstrap_servers,
+        redis_url=services.redis_url,
+        redis_key_prefix=f"test-{unique}:",
+        requests_topic=f"{unique}-llm-requests",
+        responses_topic=f"{unique}-llm-responses",
+        metrics_topic=f"{unique}-llm-metrics",
+        errors_topic=f"{unique}-llm-errors",
+    )
+    await create_topics(
+        services.kafka_bootstrap_servers,
+        [result.requests_topic, result.responses_topic, result.metrics_topic, result.errors_topic],
+        partitions=4,
+    )
+    return result
+
+
+@pytest.fixture
+async def redis_client(services: Services) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(services.redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -36,7 +36,10 @@ ModelName = Annotated[
 MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_METADATA_KEY_CHARS)]
 MetadataValue = Annotated[str, StringConstraints(max_length=MAX_METADATA_VALUE_CHARS)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_ENTRIES)]
-NonNegativeMs = Annotated[int, Field(ge=0)]
+# Avro `int` is 32-bit and `long` 64-bit: bounding the models keeps every valid event encodable.
+Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+NonNegativeMs = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
 class _Event(BaseModel):
@@ -92,18 +95,18 @@ class LLMResponse(_Event):
     model: str
     content: str
     finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+    prompt_tokens: Int32 = 0
+    completion_tokens: Int32 = 0
+    total_tokens: Int32 = 0
     cost_usd: float | None = None
-    latency_ms: int
-    queue_ms: int | None = None
-    attempts: int
+    latency_ms: Int64
+    queue_ms: Int64 | None = None
+    attempts: Int32
     cached: bool = False
     client_id: str | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
-    created_at_ms: int | None = None
-    completed_at_ms: int | None = None
+    created_at_ms: Int64 | None = None
+    completed_at_ms: Int64 | None = None
 
 
 class LLMMetric(_Event):
@@ -114,16 +117,16 @@ class LLMMetric(_Event):
     provider: str | None = None
     model: str | None = None
     client_id: str | None = None
-    latency_ms: int | None = None
-    queue_ms: int | None = None
-    attempts: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    total_tokens: int | None = None
+    latency_ms: Int64 | None = None
+    queue_ms: Int64 | None = None
+    attempts: Int32 = 0
+    prompt_tokens: Int32 | None = None
+    completion_tokens: Int32 | None = None
+    total_tokens: Int32 | None = None
     cost_usd: float | None = None
     error_type: str | None = None
     worker_id: str
-    occurred_at_ms: int
+    occurred_at_ms: Int64
 
 
 class LLMError(_Event):
@@ -132,15 +135,15 @@ class LLMError(_Event):
     request_id: str | None
     error_type: str
     message: str
-    status_code: int | None = None
+    status_code: Int32 | None = None
     retryable: bool = False
-    attempts: int = 0
+    attempts: Int32 = 0
     provider: str | None = None
     model: str | None = None
     client_id: str | None = None
     request: LLMRequest | None = None
     raw_payload: bytes | None = None
     source_topic: str | None = None
-    source_partition: int | None = None
-    source_offset: int | None = None
-    occurred_at_ms: int
+    source_partition: Int32 | None = None
+    source_offset: Int64 | None = None
+    occurred_at_ms: Int64

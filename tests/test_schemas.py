@@ -1,0 +1,254 @@
+"""The `.avsc` files and the pydantic models agree field by field.
+
+The walk is generic: it reads each model's ``model_fields`` and the raw `.avsc` JSON and follows
+nested records (``ChatMessage``, ``LLMError.request``), so a field added on one side only fails.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+from importlib.resources import files
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import annotated_types
+import pytest
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
+
+from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+
+SCHEMA_FILES = {
+    LLMRequest: "llm_request.avsc",
+    LLMResponse: "llm_response.avsc",
+    LLMMetric: "llm_metric.avsc",
+    LLMError: "llm_error.avsc",
+}
+NAMESPACE = "llmstream"
+INT_RANGE = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
+
+
+def load_avsc(filename: str) -> Any:
+    return json.loads(files("schemas").joinpath(filename).read_text(encoding="utf-8"))
+
+
+def named_records() -> dict[str, dict[str, Any]]:
+    """Every named record of the four files, by full name, so references can be followed."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def collect(avro_type: Any) -> None:
+        if isinstance(avro_type, list):
+            for branch in avro_type:
+                collect(branch)
+        elif isinstance(avro_type, dict):
+            if avro_type["type"] == "record":
+                found[f"{NAMESPACE}.{avro_type['name']}"] = avro_type
+                for field in avro_type["fields"]:
+                    collect(field["type"])
+            collect(avro_type.get("items"))
+            collect(avro_type.get("values"))
+
+    for filename in SCHEMA_FILES.values():
+        collect(load_avsc(filename))
+    return found
+
+
+def split_nullable(annotation: Any) -> tuple[bool, Any]:
+    """``(True, T)`` for ``T | None``, else ``(False, annotation)``."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        args = [arg for arg in get_args(annotation) if arg is not type(None)]
+        assert len(args) == 1, f"only T | None unions map to Avro: {annotation}"
+        return len(args) < len(get_args(annotation)), args[0]
+    return False, annotation
+
+
+def unwrap(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
+    """The bare type under ``Annotated[...]`` and every constraint found on the way."""
+    metadata = list(metadata)
+    while get_origin(annotation) is Annotated:
+        annotation, *extra = get_args(annotation)
+        for item in extra:
+            metadata.extend(item.metadata if isinstance(item, FieldInfo) else [item])
+    return annotation, metadata
+
+
+def int_bounds(metadata: list[Any]) -> tuple[Any, Any]:
+    low: Any = None
+    high: Any = None
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = item.ge
+        elif isinstance(item, annotated_types.Gt):
+            low = int(item.gt) + 1  # type: ignore[call-overload]
+        elif isinstance(item, annotated_types.Le):
+            high = item.le
+        elif isinstance(item, annotated_types.Lt):
+            high = int(item.lt) - 1  # type: ignore[call-overload]
+    return low, high
+
+
+class Walk:
+    """Compares a model with an Avro record, recursing into nested records."""
+
+    def __init__(self) -> None:
+        self.named = named_records()
+        self.visited: set[str] = set()
+
+    def record(self, model: type[BaseModel], record: Any, where: str) -> None:
+        if isinstance(record, str):
+            assert record in self.named, f"{where}: unknown named type {record}"
+            record = self.named[record]
+        assert isinstance(record, dict) and record["type"] == "record", f"{where}: not a record"
+        assert record["name"] == model.__name__, f"{where}: record name {record['name']}"
+        assert [f["name"] for f in record["fields"]] == list(model.model_fields), (
+            f"{where}: field names or order differ"
+        )
+        self.visited.add(model.__name__)
+        for avro_field in record["fields"]:
+            self.field(model, avro_field, f"{model.__name__}.{avro_field['name']}")
+
+    def field(self, model: type[BaseModel], avro_field: dict[str, Any], where: str) -> None:
+        info = model.model_fields[avro_field["name"]]
+        nullable, annotation = split_nullable(info.annotation)
+        avro_type = avro_field["type"]
+        if nullable:
+            # "null" first, so that null is a legal default (Avro: a union's default is its first).
+            assert isinstance(avro_type, list) and len(avro_type) == 2 and avro_type[0] == "null", (
+                f"{where}: optional in the model, so must be ['null', T] in Avro"
+            )
+            avro_type = avro_type[1]
+        else:
+            assert not isinstance(avro_type, list), f"{where}: union in Avro, not optional in model"
+        self.type(annotation, info.metadata, avro_type, where)
+
+        if info.is_required():
+            assert "default" not in avro_field, f"{where}: required in the model, defaulted in Avro"
+        else:
+            assert "default" in avro_field, f"{where}: defaulted in the model, not in Avro"
+            default = info.get_default(call_default_factory=True)
+            # Through JSON, so that False and 0 (equal in Python) are told apart.
+            assert json.dumps(avro_field["default"]) == json.dumps(default), (
+                f"{where}: Avro default {avro_field['default']!r}, model default {default!r}"
+            )
+
+    def type(self, annotation: Any, metadata: list[Any], avro_type: Any, where: str) -> None:
+        annotation, metadata = unwrap(annotation, metadata)
+        origin = get_origin(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            self.record(annotation, avro_type, where)
+        elif annotation is str or origin is Literal:
+            if origin is Literal:
+                assert all(isinstance(v, str) for v in get_args(annotation)), where
+            assert avro_type == "string", f"{where}: str is 'string', got {avro_type!r}"
+        elif annotation is bool:
+            assert avro_type == "boolean", f"{where}: bool is 'boolean', got {avro_type!r}"
+        elif annotation is int:
+            assert avro_type in INT_RANGE, f"{where}: int is 'int' or 'long', got {avro_type!r}"
+            low, high = int_bounds(metadata)
+            min_avro, max_avro = INT_RANGE[avro_type]
+            assert low is not None and low >= min_avro, (
+                f"{where}: model allows below Avro {avro_type}"
+            )
+            assert high is not None and high <= max_avro, (
+                f"{where}: model allows above Avro {avro_type}"
+            )
+        elif annotation is float:
+            assert avro_type == "double", f"{where}: float is 'double', got {avro_type!r}"
+        elif annotation is bytes:
+            assert avro_type == "bytes", f"{where}: bytes is 'bytes', got {avro_type!r}"
+        elif origin is list:
+            assert isinstance(avro_type, dict) and avro_type["type"] == "array", f"{where}: array"
+            (item,) = get_args(annotation)
+            self.type(item, [], avro_type["items"], f"{where}[]")
+        elif origin is dict:
+            assert isinstance(avro_type, dict) and avro_type["type"] == "map", f"{where}: map"
+            key, value = get_args(annotation)
+            assert unwrap(key, [])[0] is str, f"{where}: Avro map keys are strings"
+            self.type(value, [], avro_type["values"], f"{where}{{}}")
+        else:
+            pytest.fail(f"{where}: no Avro mapping for {annotation!r}")
+
+
+@pytest.mark.parametrize("model", list(SCHEMA_FILES), ids=lambda m: m.__name__)
+def test_model_and_avsc_agree(model: type[BaseModel]) -> None:
+    schema = load_avsc(SCHEMA_FILES[model])
+    assert schema["namespace"] == NAMESPACE
+    Walk().record(model, schema, SCHEMA_FILES[model])
+
+
+def test_walk_reaches_nested_records() -> None:
+    walk = Walk()
+    walk.record(LLMError, load_avsc("llm_error.avsc"), "llm_error.avsc")
+    assert walk.visited == {"LLMError", "LLMRequest", "ChatMessage"}
+    assert load_avsc("llm_error.avsc")["fields"][9]["type"] == ["null", "llmstream.LLMRequest"]
+
+
+def test_every_record_and_field_has_a_doc() -> None:
+    for name, record in named_records().items():
+        assert record.get("doc"), name
+        for field in record["fields"]:
+            assert field.get("doc"), f"{name}.{field['name']}"
+
+
+def test_milliseconds_and_offsets_are_long() -> None:
+    # Epoch milliseconds overflowed a 32-bit int in 1970; offsets grow without bound.
+    for name, record in named_records().items():
+        for field in record["fields"]:
+            if field["name"].endswith(("_ms", "_offset")):
+                assert field["type"] in ("long", ["null", "long"]), f"{name}.{field['name']}"
+
+
+# The walk itself must be able to fail: each of these models disagrees with ChatMessage's record.
+class Reordered(BaseModel):
+    content: str
+    role: str
+    name: str | None = None
+
+
+class RequiredName(BaseModel):
+    role: str
+    content: str
+    name: str | None
+
+
+class WrongDefault(BaseModel):
+    role: str
+    content: str
+    name: str | None = "anonymous"
+
+
+class WrongType(BaseModel):
+    role: str
+    content: bytes
+    name: str | None = None
+
+
+class UnboundedInt(BaseModel):
+    count: Annotated[int, Field(ge=0)]
+
+
+@pytest.mark.parametrize(
+    ("model", "record"),
+    [
+        (Reordered, "llmstream.ChatMessage"),
+        (RequiredName, "llmstream.ChatMessage"),
+        (WrongDefault, "llmstream.ChatMessage"),
+        (WrongType, "llmstream.ChatMessage"),
+        (ChatMessage, {"type": "record", "name": "ChatMessage", "fields": []}),
+        (
+            UnboundedInt,
+            {
+                "type": "record",
+                "name": "UnboundedInt",
+                "fields": [{"name": "count", "type": "int"}],
+            },
+        ),
+    ],
+    ids=["order", "required", "default", "type", "missing-fields", "int-range"],
+)
+def test_walk_detects_disagreement(model: type[BaseModel], record: Any) -> None:
+    walk = Walk()
+    if isinstance(record, str):
+        walk.named[record] = {**walk.named[record], "name": model.__name__}
+    with pytest.raises(AssertionError):
+        walk.record(model, record, "deliberately wrong")

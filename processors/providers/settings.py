@@ -1,0 +1,198 @@
+"""Provider configuration, read from the variables the LLM ecosystem already uses.
+
+Built in: ``openai`` (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``), ``anthropic``
+(``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``), ``openrouter`` (``OPENROUTER_API_KEY``,
+``OPENROUTER_BASE_URL``) and ``ollama`` (``OLLAMA_HOST``). More endpoints come from
+``LLMSTREAM_PROVIDERS`` (a JSON object) and ``LLMSTREAM_PROVIDERS_FILE`` (JSON or TOML of the
+same shape)::
+
+    {"vllm": {"kind": "openai", "base_url": "http://gpu-1:8000/v1",
+              "api_key": "...", "headers": {"X-Team": "search"}}}
+
+An entry in ``LLMSTREAM_PROVIDERS`` replaces a file entry of the same name; neither may reuse a
+built-in name. Keys are ``SecretStr`` and extra headers are left out of the repr, since they
+often carry credentials too. Constructor arguments override the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from processors.providers import Provider, ProviderRouter
+from processors.providers.anthropic import AnthropicMessages
+from processors.providers.openai import OpenAICompatible
+
+__all__ = ["BUILTIN_PROVIDERS", "EndpointConfig", "ProviderSettings", "build_router"]
+
+BUILTIN_PROVIDERS = ("anthropic", "ollama", "openai", "openrouter")
+# A name is the prefix of "<name>/<model>", so it cannot hold a slash.
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def _check_base_url(value: str) -> str:
+    url = httpx.URL(value)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"a base URL must be http(s)://host[:port][/path], got {value!r}")
+    return value.rstrip("/")
+
+
+class EndpointConfig(BaseModel):
+    """One extra endpoint: which wire format it speaks, where, and with which credentials."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["openai", "anthropic"]
+    base_url: str
+    api_key: SecretStr | None = None
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        return _check_base_url(value)
+
+
+class ProviderSettings(BaseSettings):
+    """Where each provider lives, its credentials, and the HTTP client's limits."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
+
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str = "https://api.openai.com/v1"
+    anthropic_api_key: SecretStr | None = None
+    anthropic_base_url: str = "https://api.anthropic.com"
+    openrouter_api_key: SecretStr | None = None
+    openrouter_base_url: str = "https://openrouter.ai/api/v1"
+    ollama_host: str = "http://localhost:11434"
+
+    providers: dict[str, EndpointConfig] = Field(
+        default_factory=dict, validation_alias="LLMSTREAM_PROVIDERS"
+    )
+    providers_file: Path | None = Field(default=None, validation_alias="LLMSTREAM_PROVIDERS_FILE")
+    timeout_s: float = Field(default=120.0, gt=0, validation_alias="LLMSTREAM_PROVIDER_TIMEOUT_S")
+    max_connections: int = Field(
+        default=1000, ge=1, validation_alias="LLMSTREAM_PROVIDER_MAX_CONNECTIONS"
+    )
+    anthropic_default_max_tokens: int = Field(
+        default=4096, ge=1, validation_alias="LLMSTREAM_ANTHROPIC_DEFAULT_MAX_TOKENS"
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # pydantic-settings deep-merges dict fields across sources, so `providers={}` would
+        # still pick up LLMSTREAM_PROVIDERS; a constructor argument must replace it instead.
+        return (
+            init_settings,
+            _UnlessGiven(env_settings, init_settings),
+            _UnlessGiven(dotenv_settings, init_settings),
+            file_secret_settings,
+        )
+
+    @field_validator("ollama_host", mode="before")
+    @classmethod
+    def _ollama_scheme(cls, value: Any) -> Any:
+        # Ollama accepts OLLAMA_HOST without a scheme ("0.0.0.0:11434"); so do we.
+        if isinstance(value, str) and "://" not in value:
+            return f"http://{value}"
+        return value
+
+    @field_validator("openai_base_url", "anthropic_base_url", "openrouter_base_url", "ollama_host")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        return _check_base_url(value)
+
+    @model_validator(mode="after")
+    def _merge_file(self) -> ProviderSettings:
+        merged = _load_file(self.providers_file) if self.providers_file else {}
+        merged.update(self.providers)
+        for name in merged:
+            if name in BUILTIN_PROVIDERS:
+                raise ValueError(f"extra provider {name!r} reuses a built-in provider name")
+            if not _NAME.match(name):
+                raise ValueError(
+                    f"provider name {name!r} must be lowercase letters, digits, '_', '.', '-'"
+                )
+        self.providers = merged
+        return self
+
+
+class _UnlessGiven(PydanticBaseSettingsSource):
+    """``source`` without the fields the constructor was given."""
+
+    def __init__(self, source: PydanticBaseSettingsSource, given: PydanticBaseSettingsSource):
+        super().__init__(source.settings_cls)
+        self._source = source
+        self._given = given
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._source.get_field_value(field, field_name)
+
+    def __call__(self) -> dict[str, Any]:
+        given = self._given()
+        return {key: value for key, value in self._source().items() if key not in given}
+
+
+def _load_file(path: Path) -> dict[str, EndpointConfig]:
+    """Read a JSON or TOML file of endpoints (by suffix; anything but .toml is JSON)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read LLMSTREAM_PROVIDERS_FILE {path}: {exc}") from exc
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse LLMSTREAM_PROVIDERS_FILE {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"LLMSTREAM_PROVIDERS_FILE {path} must hold an object of endpoints")
+    return {name: EndpointConfig.model_validate(entry) for name, entry in raw.items()}
+
+
+def build_router(settings: ProviderSettings, client: httpx.AsyncClient) -> ProviderRouter:
+    """Every configured provider, all sharing ``client``."""
+    providers: dict[str, Provider] = {
+        "openai": OpenAICompatible(
+            "openai", client, settings.openai_base_url, settings.openai_api_key
+        ),
+        "anthropic": AnthropicMessages(
+            "anthropic",
+            client,
+            settings.anthropic_base_url,
+            settings.anthropic_api_key,
+            default_max_tokens=settings.anthropic_default_max_tokens,
+        ),
+        "openrouter": OpenAICompatible(
+            "openrouter", client, settings.openrouter_base_url, settings.openrouter_api_key
+        ),
+        "ollama": OpenAICompatible("ollama", client, f"{settings.ollama_host}/v1"),
+    }
+    for name, endpoint in settings.providers.items():
+        if endpoint.kind == "anthropic":
+            providers[name] = AnthropicMessages(
+                name,
+                client,
+                endpoint.base_url,
+                endpoint.api_key,
+                endpoint.headers,
+                default_max_tokens=settings.anthropic_default_max_tokens,
+            )
+        else:
+            providers[name] = OpenAICompatible(
+                name, client, endpoint.base_url, endpoint.api_key, endpoint.headers
+            )
+    return ProviderRouter(providers)

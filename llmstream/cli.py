@@ -17,7 +17,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from processors.simulator import SimulatorSettings, run_simulator
+    from processors.simulator import SimulatorSettings, serve_simulator
 
     overrides = {
         name: value
@@ -30,7 +30,7 @@ def _simulate(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
-    asyncio.run(run_simulator(SimulatorSettings(**overrides)))
+    asyncio.run(serve_simulator(SimulatorSettings(**overrides)))
     return 0
 
 

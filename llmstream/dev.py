@@ -18,7 +18,13 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from llmstream.embedded import DEFAULT_TOPICS, EmbeddedServices, ManagedProcess, create_topics, free_port
+from llmstream.embedded import (
+    DEFAULT_TOPICS,
+    EmbeddedServices,
+    ManagedProcess,
+    create_topics,
+    free_port,
+)
 from schemas.codec import decode, encode
 from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
 
@@ -46,8 +52,12 @@ def _sample_requests(count: int) -> list[tuple[bytes, bytes]]:
 
 async def _show_flow(bootstrap: str, count: int) -> None:
     consumer = AIOKafkaConsumer(
-        "llm-responses", "llm-errors", "llm-metrics",
-        bootstrap_servers=bootstrap, auto_offset_reset="latest", group_id=f"dev-{uuid.uuid4().hex}",
+        "llm-responses",
+        "llm-errors",
+        "llm-metrics",
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest",
+        group_id=f"dev-{uuid.uuid4().hex}",
     )
     await consumer.start()
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
@@ -57,8 +67,11 @@ async def _show_flow(bootstrap: str, count: int) -> None:
         events = _sample_requests(count)
         for key, value in events:
             await producer.send_and_wait("llm-requests", value, key=key)
-        print(f"\nproduced {len(events)} events to llm-requests "
-              f"({count} requests, 1 duplicate, 1 invalid)\n", flush=True)
+        print(
+            f"\nproduced {len(events)} events to llm-requests "
+            f"({count} requests, 1 duplicate, 1 invalid)\n",
+            flush=True,
+        )
         seen_metrics = 0
         deadline = time.monotonic() + 60
         while seen_metrics < len(events) and time.monotonic() < deadline:
@@ -67,8 +80,10 @@ async def _show_flow(bootstrap: str, count: int) -> None:
                 for record in records:
                     if tp.topic == "llm-responses":
                         r = decode(record.value, LLMResponse)
-                        print(f"  llm-responses  {r.request_id}  {r.model}: {r.content!r} "
-                              f"({r.total_tokens} tokens, {r.latency_ms} ms, {r.attempts} attempt)")
+                        print(
+                            f"  llm-responses  {r.request_id}  {r.model}: {r.content!r} "
+                            f"({r.total_tokens} tokens, {r.latency_ms} ms, {r.attempts} attempt)"
+                        )
                     elif tp.topic == "llm-errors":
                         e = decode(record.value, LLMError)
                         print(f"  llm-errors     {e.request_id}  {e.error_type}: {e.message}")
@@ -108,11 +123,16 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
             ManagedProcess(
                 "simulator",
                 [python, "-m", "llmstream.cli", "simulate", "--port", str(sim_port)],
-                sim_port, log_dir / "simulator.log", env,
+                sim_port,
+                log_dir / "simulator.log",
+                env,
             ),
             ManagedProcess(
-                "worker", [python, "-m", "llmstream.cli", "worker"],
-                worker_port, log_dir / "worker.log", env,
+                "worker",
+                [python, "-m", "llmstream.cli", "worker"],
+                worker_port,
+                log_dir / "worker.log",
+                env,
             ),
         ]
         try:
@@ -128,8 +148,10 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
                 flush=True,
             )
             asyncio.run(_show_flow(bootstrap, requests))
-            print("Produce your own requests to llm-requests (see README). Ctrl-C stops everything.",
-                  flush=True)
+            print(
+                "Produce your own requests to llm-requests (see README). Ctrl-C stops everything.",
+                flush=True,
+            )
             with contextlib.suppress(KeyboardInterrupt):
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
                 while all(c.process and c.process.poll() is None for c in children):

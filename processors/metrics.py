@@ -41,48 +41,64 @@ class WorkerMetrics:
             registry=registry,
         )
         self.errors = Counter(
-            "llmstream_errors_total", "Events sent to llm-errors, by error type.",
-            ["error_type"], registry=registry,
+            "llmstream_errors_total",
+            "Events sent to llm-errors, by error type.",
+            ["error_type"],
+            registry=registry,
         )
         self.provider_latency = Histogram(
             "llmstream_provider_latency_seconds",
             "Time spent on the provider for one request, retries and their waits included.",
-            ["provider", "model"], buckets=_LATENCY_BUCKETS, registry=registry,
+            ["provider", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.queue_time = Histogram(
             "llmstream_queue_seconds",
             "From the request's created_at_ms to pick-up by a worker.",
-            buckets=_LATENCY_BUCKETS, registry=registry,
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.overhead = Histogram(
             "llmstream_worker_overhead_seconds",
             "Time in the worker minus time waiting on the provider, per request.",
-            buckets=_OVERHEAD_BUCKETS, registry=registry,
+            buckets=_OVERHEAD_BUCKETS,
+            registry=registry,
         )
         self.attempts = Histogram(
             "llmstream_provider_attempts",
             "Provider attempts per finished request.",
-            ["provider"], buckets=(1, 2, 3, 4, 5, 7, 10), registry=registry,
+            ["provider"],
+            buckets=(1, 2, 3, 4, 5, 7, 10),
+            registry=registry,
         )
         self.retries = Counter(
-            "llmstream_retries_total", "Provider calls retried, by error type.",
-            ["provider", "error_type"], registry=registry,
+            "llmstream_retries_total",
+            "Provider calls retried, by error type.",
+            ["provider", "error_type"],
+            registry=registry,
         )
         self.tokens = Counter(
-            "llmstream_tokens_total", "Tokens reported by providers.",
-            ["provider", "model", "kind"], registry=registry,
+            "llmstream_tokens_total",
+            "Tokens reported by providers.",
+            ["provider", "model", "kind"],
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "llmstream_in_flight_requests", "Requests being processed in this worker.",
+            "llmstream_in_flight_requests",
+            "Requests being processed in this worker.",
             registry=registry,
         )
         self.dedup = Counter(
             "llmstream_dedup_total",
             "Dedup decisions: claimed, takeover, recovered, duplicate, waited.",
-            ["outcome"], registry=registry,
+            ["outcome"],
+            registry=registry,
         )
         self.redis_up = Gauge(
-            "llmstream_redis_up", "1 when the last Redis operation succeeded.", registry=registry,
+            "llmstream_redis_up",
+            "1 when the last Redis operation succeeded.",
+            registry=registry,
         )
         self.committable = Counter(
             "llmstream_acked_events_total",

@@ -19,14 +19,28 @@ async def test_every_event_survives_the_broker_in_each_format(
 ) -> None:
     original = request("wire-1", temperature=0.2, stop=["\n\n"], metadata={"team": "search"})
     response = LLMResponse(
-        request_id="wire-1", provider="openai", model="gpt-4o-mini", content="hé ✓",
-        prompt_tokens=3, completion_tokens=4, total_tokens=7, latency_ms=12, attempts=1,
-        created_at_ms=1, metadata={"team": "search"},
+        request_id="wire-1",
+        provider="openai",
+        model="gpt-4o-mini",
+        content="hé ✓",
+        prompt_tokens=3,
+        completion_tokens=4,
+        total_tokens=7,
+        latency_ms=12,
+        attempts=1,
+        created_at_ms=1,
+        metadata={"team": "search"},
     )
     metric = LLMMetric(request_id="wire-1", status="success", worker_id="w", occurred_at_ms=2)
     error = LLMError(
-        request_id=None, error_type="undecodable", message="not JSON", raw_payload=b"\xff\x00",
-        request=original, source_topic="llm-requests", source_partition=0, source_offset=5,
+        request_id=None,
+        error_type="undecodable",
+        message="not JSON",
+        raw_payload=b"\xff\x00",
+        request=original,
+        source_topic="llm-requests",
+        source_partition=0,
+        source_offset=5,
         occurred_at_ms=3,
     )
     events = [original, response, metric, error]

@@ -33,7 +33,9 @@ async def test_only_one_worker_wins_a_claim(pair: tuple[DedupStore, DedupStore])
     assert all(r.status in (ClaimStatus.CLAIMED, ClaimStatus.BUSY) for r in results)
 
 
-async def test_a_live_owner_keeps_its_claim_however_long(pair: tuple[DedupStore, DedupStore]) -> None:
+async def test_a_live_owner_keeps_its_claim_however_long(
+    pair: tuple[DedupStore, DedupStore],
+) -> None:
     a, b = pair
     assert (await a.claim("r1", 0)).status is ClaimStatus.CLAIMED
     for _ in range(3):  # three lease lengths, renewed as a running worker does
@@ -69,7 +71,9 @@ async def test_a_stored_but_unemitted_outcome_is_recovered_without_a_call(
     await b.heartbeat()
     claim = await b.claim("r1", 0)
     assert (claim.status, claim.state, claim.payload) == (
-        ClaimStatus.RECOVER, "completed", b'{"answer": 42}'
+        ClaimStatus.RECOVER,
+        "completed",
+        b'{"answer": 42}',
     )
     await b.mark_emitted(["r1"])
     done = await b.claim("r1", 0)

@@ -1,0 +1,474 @@
+"""What happens to one event of ``llm-requests``, from raw bytes to the outcomes on the broker.
+
+decode → deadline → claim (dedup) → provider call with retries → store → emit → mark emitted.
+
+:meth:`RequestProcessor.process` returns only once the event's outcomes are acknowledged by the
+broker (or the event is a duplicate whose outcome already was), and never raises for bad input,
+provider failures, or Redis/Kafka outages: those are classified and routed to ``llm-errors``, or
+waited out (fail closed). The caller acks the event's offset when it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+from aiokafka.errors import KafkaError
+
+from processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
+from processors.metrics import WorkerMetrics
+from processors.providers import Completion, ProviderError, ProviderRouter
+from processors.retry import RetryPolicy, call_with_retries
+from processors.settings import WorkerSettings
+from schemas.codec import DecodeError, WireFormat, decode, decode_request, encode
+from schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where an event came from, for ``llm-errors`` and logs."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+class Emitter(Protocol):
+    """Sends outputs and returns once the broker acknowledged every one of them."""
+
+    async def emit(self, outputs: Sequence[Output]) -> None: ...
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class RequestProcessor:
+    """Turns one request event into its outcomes. One instance serves every in-flight request."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        dedup: DedupStore,
+        router: ProviderRouter,
+        emitter: Emitter,
+        metrics: WorkerMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._settings = settings
+        self._dedup = dedup
+        self._router = router
+        self._emitter = emitter
+        self._metrics = metrics
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._policy = RetryPolicy(
+            max_attempts=settings.max_attempts,
+            base_delay_s=settings.retry_base_delay_s,
+            max_delay_s=settings.retry_max_delay_s,
+            max_retry_after_s=settings.max_retry_after_s,
+        )
+        self._format: WireFormat = settings.output_format
+        # Request IDs in flight in this process: a second copy waits on the first locally.
+        self._local: dict[str, asyncio.Future[None]] = {}
+
+    async def process(self, raw: bytes | None, key: bytes | None, source: Source) -> None:
+        """Handle one event; returns when its outcomes are on the broker."""
+        picked_up_ms = now_ms()
+        started = time.perf_counter()
+        try:
+            request = decode_request(raw or b"")
+        except DecodeError as exc:
+            await self._reject(exc, raw, key, source, picked_up_ms)
+            return
+        waiting = self._local.get(request.request_id)
+        while waiting is not None:
+            # The same ID is already in flight here: let it finish, then decide (duplicate).
+            await asyncio.shield(waiting)
+            waiting = self._local.get(request.request_id)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._local[request.request_id] = done
+        try:
+            await self._handle(request, source, picked_up_ms, started)
+        except Exception as exc:
+            # A bug of ours, not bad input: record it on llm-errors with the full request (so it
+            # can be replayed) and settle the claim, rather than stall the partition or lose it.
+            log.exception("unexpected failure processing %s", request.request_id)
+            error = self._error(
+                request,
+                "internal_error",
+                f"{type(exc).__name__}: {exc}"[:500],
+                source=source,
+                attempts=0,
+            )
+            await self._finish_failed(request, error)
+        finally:
+            del self._local[request.request_id]
+            done.set_result(None)
+
+    async def _handle(
+        self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
+    ) -> None:
+        claim = await self._claim(request.request_id)
+        if claim.status is ClaimStatus.DONE:
+            await self._duplicate(request, claim)
+            return
+        if claim.status is ClaimStatus.RECOVER:
+            await self._recover(request, claim)
+            return
+        self._metrics.dedup.labels("takeover" if claim.takeover else "claimed").inc()
+        queue_ms = None
+        if request.created_at_ms is not None:
+            queue_ms = max(0, picked_up_ms - request.created_at_ms)
+            self._metrics.queue_time.observe(queue_ms / 1000)
+        if request.deadline_ms is not None and request.deadline_ms <= picked_up_ms:
+            error = self._error(
+                request,
+                "expired",
+                "the request's deadline_ms passed before it was picked up",
+                source=source,
+                attempts=0,
+            )
+            await self._finish_failed(request, error, status="expired", queue_ms=queue_ms)
+            return
+        provider_started = time.perf_counter()
+        try:
+            provider, model = self._router.resolve(request)
+        except ProviderError as exc:
+            await self._finish_failed(
+                request, self._provider_error(request, exc, source, attempts=0), queue_ms=queue_ms
+            )
+            return
+
+        def on_retry(attempt: int, delay: float, error: ProviderError) -> None:
+            self._metrics.retries.labels(provider.name, error.error_type).inc()
+
+        try:
+            completion, attempts = await call_with_retries(
+                lambda: provider.complete(request, model),
+                self._policy,
+                deadline_ms=request.deadline_ms,
+                rng=self._rng,
+                on_retry=on_retry,
+            )
+        except ProviderError as exc:
+            provider_s = time.perf_counter() - provider_started
+            self._metrics.provider_latency.labels(
+                provider.name, self._metrics.model_label(model)
+            ).observe(provider_s)
+            error = self._provider_error(request, exc, source, attempts=exc.attempts)
+            await self._finish_failed(
+                request, error, queue_ms=queue_ms, latency_ms=int(provider_s * 1000)
+            )
+            self._observe_overhead(started, provider_s)
+            return
+        provider_s = time.perf_counter() - provider_started
+        await self._finish_completed(request, completion, attempts, provider_s, queue_ms)
+        self._observe_overhead(started, provider_s)
+
+    # -- outcomes -----------------------------------------------------------------------------
+
+    async def _finish_completed(
+        self,
+        request: LLMRequest,
+        completion: Completion,
+        attempts: int,
+        provider_s: float,
+        queue_ms: int | None,
+    ) -> None:
+        latency_ms = int(provider_s * 1000)
+        response = LLMResponse(
+            request_id=request.request_id,
+            provider=completion.provider,
+            model=completion.model,
+            content=completion.content,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.total_tokens,
+            latency_ms=latency_ms,
+            queue_ms=queue_ms,
+            attempts=attempts,
+            client_id=request.client_id,
+            metadata=request.metadata,
+            created_at_ms=request.created_at_ms,
+            completed_at_ms=now_ms(),
+        )
+        stored = encode(response, WireFormat.JSON)
+        if not await self._until_ok(
+            lambda: self._dedup.settle(
+                request.request_id, failed=False, payload=stored, now_ms=now_ms()
+            ),
+            "store the response",
+        ):
+            self._metrics.dedup.labels("fenced").inc()
+            log.warning("claim on %s was taken over; outcome not emitted here", request.request_id)
+            return
+        await self._emit_and_mark(request.request_id, response, self._success_metric(response))
+        label = self._metrics.model_label(completion.model)
+        self._metrics.provider_latency.labels(completion.provider, label).observe(provider_s)
+        self._metrics.attempts.labels(completion.provider).observe(attempts)
+        self._metrics.tokens.labels(completion.provider, label, "prompt").inc(
+            completion.prompt_tokens
+        )
+        self._metrics.tokens.labels(completion.provider, label, "completion").inc(
+            completion.completion_tokens
+        )
+
+    async def _finish_failed(
+        self,
+        request: LLMRequest,
+        error: LLMError,
+        *,
+        status: MetricStatus = "error",
+        queue_ms: int | None = None,
+        latency_ms: int | None = None,
+    ) -> None:
+        stored = encode(error, WireFormat.JSON)
+        if not await self._until_ok(
+            lambda: self._dedup.settle(
+                request.request_id, failed=True, payload=stored, now_ms=now_ms()
+            ),
+            "store the error",
+        ):
+            self._metrics.dedup.labels("fenced").inc()
+            return
+        metric = self._error_metric(error, status=status, queue_ms=queue_ms, latency_ms=latency_ms)
+        await self._emit_and_mark(request.request_id, error, metric)
+
+    async def _duplicate(self, request: LLMRequest, claim: Claim) -> None:
+        self._metrics.dedup.labels("duplicate").inc()
+        metric = LLMMetric(
+            request_id=request.request_id,
+            status="duplicate",
+            model=request.model,
+            provider=request.provider,
+            client_id=request.client_id,
+            worker_id=self._settings.worker_id,
+            occurred_at_ms=now_ms(),
+        )
+        outputs = [self._output(self._settings.metrics_topic, request.request_id, metric)]
+        if self._settings.reemit_duplicates and claim.state == "completed" and claim.payload:
+            response = decode(claim.payload, LLMResponse)
+            outputs.append(
+                self._output(self._settings.responses_topic, request.request_id, response)
+            )
+        self._count(metric)
+        await self._until_ok(lambda: self._emitter.emit(outputs), "emit a duplicate's metric")
+
+    async def _recover(self, request: LLMRequest, claim: Claim) -> None:
+        """Emit an outcome a crashed worker stored but never emitted; no provider call."""
+        self._metrics.dedup.labels("recovered").inc()
+        assert claim.payload is not None
+        outcome: LLMResponse | LLMError
+        if claim.state == "completed":
+            outcome = decode(claim.payload, LLMResponse)
+            metric = self._success_metric(outcome)
+        else:
+            outcome = decode(claim.payload, LLMError)
+            status: MetricStatus = "expired" if outcome.error_type == "expired" else "error"
+            metric = self._error_metric(outcome, status=status)
+        await self._emit_and_mark(request.request_id, outcome, metric)
+
+    async def _reject(
+        self,
+        exc: DecodeError,
+        raw: bytes | None,
+        key: bytes | None,
+        source: Source,
+        picked_up_ms: int,
+    ) -> None:
+        """An event that is not a valid request: to llm-errors with its raw bytes."""
+        request_id = _key_as_id(key)
+        error = LLMError(
+            request_id=request_id,
+            error_type=exc.kind,
+            message=str(exc),
+            retryable=False,
+            raw_payload=raw,
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            occurred_at_ms=picked_up_ms,
+        )
+        metric = self._error_metric(error, status="error")
+        outputs = [
+            self._output(self._settings.errors_topic, request_id, error),
+            self._output(self._settings.metrics_topic, request_id, metric),
+        ]
+        await self._until_ok(lambda: self._emitter.emit(outputs), "emit a rejected event")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    async def _claim(self, request_id: str) -> Claim:
+        delay = 0.05
+        waited = False
+        while True:
+            claim = await self._until_ok(
+                lambda: self._dedup.claim(request_id, now_ms()), "claim the request"
+            )
+            if claim.status is not ClaimStatus.BUSY:
+                return claim
+            if not waited:
+                self._metrics.dedup.labels("waited").inc()
+                waited = True
+            # Another live worker holds it (a rebalance, or a duplicate event): wait for it to
+            # finish or for its lease to lapse; never call the provider a second time.
+            await asyncio.sleep(delay * (0.5 + self._rng.random()))
+            delay = min(delay * 2, 1.0)
+
+    async def _emit_and_mark(
+        self, request_id: str, outcome: LLMResponse | LLMError, metric: LLMMetric
+    ) -> None:
+        topic = (
+            self._settings.responses_topic
+            if isinstance(outcome, LLMResponse)
+            else self._settings.errors_topic
+        )
+        outputs = [
+            self._output(topic, request_id, outcome),
+            self._output(self._settings.metrics_topic, request_id, metric),
+        ]
+        await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
+        await self._until_ok(lambda: self._dedup.mark_emitted([request_id]), "mark emitted")
+        self._count(metric)
+
+    async def _until_ok(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
+        """Retry an operation on Redis or Kafka until it succeeds: fail closed, lose nothing."""
+        delay = 0.1
+        while True:
+            try:
+                result = await operation()
+            except (ClaimUnavailable, KafkaError, OSError, TimeoutError) as exc:
+                failed = exc
+            else:
+                self._metrics.redis_up.set(1)
+                return result
+            if isinstance(failed, ClaimUnavailable):
+                self._metrics.redis_up.set(0)
+            log.warning("cannot %s (%s); retrying in %.1f s", what, failed, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _output(
+        self, topic: str, request_id: str | None, event: LLMResponse | LLMError | LLMMetric
+    ) -> Output:
+        key = request_id.encode() if request_id is not None else None
+        return Output(topic, key, encode(event, self._format))
+
+    def _error(
+        self,
+        request: LLMRequest,
+        error_type: str,
+        message: str,
+        *,
+        source: Source,
+        attempts: int,
+        status_code: int | None = None,
+        retryable: bool = False,
+        provider: str | None = None,
+    ) -> LLMError:
+        return LLMError(
+            request_id=request.request_id,
+            error_type=error_type,
+            message=message,
+            status_code=status_code,
+            retryable=retryable,
+            attempts=attempts,
+            provider=provider or request.provider,
+            model=request.model,
+            client_id=request.client_id,
+            request=request,
+            source_topic=source.topic,
+            source_partition=source.partition,
+            source_offset=source.offset,
+            occurred_at_ms=now_ms(),
+        )
+
+    def _provider_error(
+        self, request: LLMRequest, exc: ProviderError, source: Source, attempts: int
+    ) -> LLMError:
+        return self._error(
+            request,
+            exc.error_type,
+            str(exc),
+            source=source,
+            attempts=attempts,
+            status_code=exc.status_code,
+            retryable=exc.retryable,
+            provider=exc.provider,
+        )
+
+    def _success_metric(self, response: LLMResponse) -> LLMMetric:
+        return LLMMetric(
+            request_id=response.request_id,
+            status="success",
+            provider=response.provider,
+            model=response.model,
+            client_id=response.client_id,
+            latency_ms=response.latency_ms,
+            queue_ms=response.queue_ms,
+            attempts=response.attempts,
+            prompt_tokens=response.prompt_tokens,
+            completion_tokens=response.completion_tokens,
+            total_tokens=response.total_tokens,
+            cost_usd=response.cost_usd,
+            worker_id=self._settings.worker_id,
+            occurred_at_ms=now_ms(),
+        )
+
+    def _error_metric(
+        self,
+        error: LLMError,
+        *,
+        status: MetricStatus,
+        queue_ms: int | None = None,
+        latency_ms: int | None = None,
+    ) -> LLMMetric:
+        return LLMMetric(
+            request_id=error.request_id,
+            status=status,
+            provider=error.provider,
+            model=error.model,
+            client_id=error.client_id,
+            latency_ms=latency_ms,
+            queue_ms=queue_ms,
+            attempts=error.attempts,
+            error_type=error.error_type,
+            worker_id=self._settings.worker_id,
+            occurred_at_ms=now_ms(),
+        )
+
+    def _count(self, metric: LLMMetric) -> None:
+        self._metrics.requests.labels(
+            metric.status, metric.provider or "", self._metrics.model_label(metric.model)
+        ).inc()
+        if metric.error_type is not None:
+            self._metrics.errors.labels(metric.error_type).inc()
+
+    def _observe_overhead(self, started: float, provider_s: float) -> None:
+        self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
+
+
+def _key_as_id(key: bytes | None) -> str | None:
+    if not key:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None

@@ -1,0 +1,261 @@
+"""The worker process: a faust agent on ``llm-requests`` with many requests in flight.
+
+The agent only admits events: each one gets a ticket in :class:`~processors.acks.OrderedAcks` (in
+offset order) and its own task running :class:`~processors.pipeline.RequestProcessor`. A slow call
+or a retry's wait blocks nothing but its own task. The stream is ``noack()``: an event is acked
+when its task has put its outcomes on the broker, through the ordered gate, so the committed
+offset never passes an unfinished request, and an exception can never ack an event by escaping
+the agent (faust acks in the stream's ``finally``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import faust
+import redis.asyncio as aioredis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from processors.acks import OrderedAcks, Ticket
+from processors.dedup import ClaimUnavailable, DedupStore
+from processors.metrics import WorkerMetrics
+from processors.pipeline import Output, RequestProcessor, Source
+from processors.providers import create_http_client
+from processors.providers.settings import ProviderSettings, build_router
+from processors.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+
+class FaustEmitter:
+    """Sends outputs with the faust app's producer and waits for the broker's acks."""
+
+    def __init__(self, app: faust.App) -> None:
+        self._app = app
+
+    async def emit(self, outputs: Sequence[Output]) -> None:
+        producer = self._app.producer
+        pending = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs]
+        await asyncio.gather(*pending)
+
+
+def create_faust_app(settings: WorkerSettings) -> faust.App:
+    """The faust app of a worker: consumer group, commit and membership settings."""
+    return faust.App(
+        settings.consumer_group,
+        broker=[
+            f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
+        ],
+        autodiscover=False,
+        web_enabled=False,  # our own endpoints (/metrics, /health, /ready) are served below
+        topic_allow_declare=False,  # the four topics are created by deployment, not by workers
+        # A rebalance must not wait for calls that last seconds: unfinished events of a revoked
+        # partition are re-read by the new owner, and dedup stops a second provider call.
+        stream_wait_empty=False,
+        consumer_auto_offset_reset=settings.auto_offset_reset,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_commit_interval=settings.commit_interval_s,
+        producer_acks=-1,
+        # Enough buffered events per partition to keep max_in_flight busy.
+        stream_buffer_maxsize=max(4096, settings.max_in_flight),
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+class Worker:
+    """One worker process. ``Worker(settings).run()`` blocks until SIGINT/SIGTERM."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        *,
+        providers: ProviderSettings | None = None,
+        registry: CollectorRegistry | None = None,
+        shutdown_grace_s: float = 30.0,
+    ) -> None:
+        self.settings = settings
+        self.providers = providers or ProviderSettings()
+        self.metrics = WorkerMetrics(registry or CollectorRegistry())
+        self.app = create_faust_app(settings)
+        self.acks: OrderedAcks[Any] = OrderedAcks(self._ack)
+        self._shutdown_grace_s = shutdown_grace_s
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._token = f"{settings.worker_id}-{uuid.uuid4().hex[:8]}"
+        self._assigned = False
+        self._last_heartbeat = 0.0
+        topic = self.app.topic(
+            settings.requests_topic,
+            key_type=bytes,
+            value_type=bytes,
+            key_serializer="raw",
+            value_serializer="raw",
+        )
+        self.app.agent(topic, name="llmstream.process")(self._consume)
+        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
+        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
+
+    def run(self) -> None:
+        """Run until a signal stops the process."""
+        faust.Worker(self.app, loglevel="info", quiet=True).execute_from_commandline()
+
+    # -- the agent ------------------------------------------------------------------------------
+
+    async def _consume(self, stream: faust.StreamT[bytes]) -> None:
+        async with self._runtime() as processor:
+            slots = asyncio.Semaphore(self.settings.max_in_flight)
+            # noack(): faust must not ack on its own; see the module docstring.
+            async for event in stream.noack().events():  # type: ignore[attr-defined]
+                await slots.acquire()
+                message = event.message
+                ticket = self.acks.admit(event, message.tp)
+                source = Source(message.topic, message.partition, message.offset)
+                task = asyncio.create_task(self._run_one(processor, ticket, source, slots))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _run_one(
+        self,
+        processor: RequestProcessor,
+        ticket: Ticket[Any],
+        source: Source,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        self.metrics.in_flight.inc()
+        message = ticket.event.message
+        try:
+            await processor.process(message.value, message.key, source)
+        except asyncio.CancelledError:
+            raise  # shutdown: not acked; the next owner re-reads it
+        except Exception:
+            # A bug of ours, not of the input (bad input is routed by the pipeline). Not acked,
+            # so the event is re-read after a restart rather than lost; the partition waits.
+            log.exception("unexpected failure on %s; the event stays unacked", source)
+            raise
+        else:
+            self.metrics.committable.inc(self.acks.finish(ticket))
+        finally:
+            self.metrics.in_flight.dec()
+            slots.release()
+
+    def _ack(self, event: Any) -> None:
+        event.ack()
+
+    async def _on_revoked(self, sender: object, revoked: set[Any], **kwargs: object) -> None:
+        dropped = self.acks.revoke(revoked)
+        if dropped:
+            log.info("partitions revoked; %d unfinished events left to their next owner", dropped)
+
+    async def _on_assigned(self, sender: object, assigned: set[Any], **kwargs: object) -> None:
+        self._assigned = True
+
+    # -- resources ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _runtime(self) -> AsyncIterator[RequestProcessor]:
+        settings = self.settings
+        redis = aioredis.Redis.from_url(settings.redis_url)
+        http = create_http_client(
+            timeout_s=self.providers.timeout_s, max_connections=settings.max_in_flight
+        )
+        dedup = DedupStore(
+            redis,
+            key_prefix=settings.redis_key_prefix,
+            worker_token=self._token,
+            lease_ms=settings.lease_ms,
+            result_ttl_s=settings.result_ttl_s,
+        )
+        processor = RequestProcessor(
+            settings,
+            dedup=dedup,
+            router=build_router(self.providers, http),
+            emitter=FaustEmitter(self.app),
+            metrics=self.metrics,
+        )
+        heartbeat = asyncio.create_task(self._heartbeat(dedup))
+        runner = await self._serve_http()
+        try:
+            yield processor
+        finally:
+            drained = await self._drain()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            if drained:
+                # Nothing of ours is in flight: let other workers see at once that we are gone.
+                with contextlib.suppress(ClaimUnavailable):
+                    await dedup.resign()
+            await runner.cleanup()
+            await http.aclose()
+            await redis.aclose()
+
+    async def _drain(self) -> bool:
+        """Let in-flight requests finish (bounded); True when none had to be cancelled."""
+        if not self._tasks:
+            return True
+        log.info(
+            "waiting up to %.0f s for %d requests in flight",
+            self._shutdown_grace_s,
+            len(self._tasks),
+        )
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self._shutdown_grace_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        return not pending
+
+    async def _heartbeat(self, dedup: DedupStore) -> None:
+        interval = dedup.lease_ms / 1000 / 4
+        while True:
+            try:
+                await dedup.heartbeat()
+            except ClaimUnavailable as exc:
+                self.metrics.redis_up.set(0)
+                log.warning("%s", exc)
+            else:
+                self.metrics.redis_up.set(1)
+                self._last_heartbeat = time.monotonic()
+            await asyncio.sleep(interval)
+
+    def ready(self) -> tuple[bool, dict[str, str]]:
+        """Readiness: the lease in Redis is fresh and the consumer joined its group."""
+        lease_fresh = time.monotonic() - self._last_heartbeat < self.settings.lease_ms / 1000
+        checks = {
+            "redis": "ok" if lease_fresh else "unreachable: claims are paused (fail closed)",
+            "kafka": "ok" if self._assigned else "not yet assigned partitions",
+        }
+        return all(v == "ok" for v in checks.values()), checks
+
+    async def _serve_http(self) -> web.AppRunner:
+        async def metrics(_: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def health(_: web.Request) -> web.Response:
+            return web.json_response({"status": "alive"})
+
+        async def ready(_: web.Request) -> web.Response:
+            ok, checks = self.ready()
+            return web.json_response(
+                {"status": "ready" if ok else "not ready", "checks": checks},
+                status=200 if ok else 503,
+            )
+
+        http_app = web.Application()
+        http_app.add_routes(
+            [web.get("/metrics", metrics), web.get("/health", health), web.get("/ready", ready)]
+        )
+        runner = web.AppRunner(http_app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        return runner

@@ -1,0 +1,243 @@
+"""The worker end to end: real broker, Redis and worker processes; the simulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llmstream.settings import ServiceSettings
+from processors.simulator import SimulatorServer, SimulatorSettings
+from schemas.codec import encode
+from schemas.models import LLMError, LLMMetric, LLMResponse
+from tests.harness import (
+    WorkerProcess,
+    produce,
+    read_topic,
+    request,
+    request_events,
+    worker_env,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[SimulatorServer]:
+    server = SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=20))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def sim(server: SimulatorServer, method: str, path: str, json: object = None) -> dict:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.request(method, path, json=json)
+        response.raise_for_status()
+        return response.json()  # type: ignore[no-any-return]
+
+
+async def test_requests_duplicates_and_malformed_events(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    rng = random.Random(3)
+    unique_requests = [
+        request(
+            f"r-{i}",
+            model=rng.choice(["openai/gpt-4o-mini", "anthropic/claude-3-5-haiku"]),
+            text=f"question {i}",
+        )
+        for i in range(880)
+    ]
+    events = request_events(unique_requests)
+    # 10% duplicate IDs (100 events re-using IDs) and 2% malformed events (20).
+    events += [events[rng.randrange(len(unique_requests))] for _ in range(100)]
+    malformed = [
+        (None, b"\x00\x01not json at all"),
+        (b"bad-json", b'{"request_id": "x", "model": '),
+        (b"bad-field", encode(request("bad-field"))[:-1] + b', "temperature": 9}'),
+    ] * 6 + [(b"empty", b""), (b"array", b"[1, 2]")]
+    events += malformed
+    rng.shuffle(events)
+    assert len(events) == 1000
+
+    worker = WorkerProcess(worker_env(settings, simulator.url, f"g-{unique}"), tmp_path).start()
+    try:
+        await worker.wait_ready()
+        await produce(settings.kafka_bootstrap_servers, settings.requests_topic, events)
+        metrics = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.metrics_topic,
+            LLMMetric,
+            until=lambda got: len(got) >= 1000,
+            timeout=120,
+        )
+    finally:
+        worker.stop()
+
+    responses = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.responses_topic,
+        LLMResponse,
+        until=lambda got: len(got) >= 880,
+        timeout=10,
+    )
+    errors = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.errors_topic,
+        LLMError,
+        until=lambda got: len(got) >= 20,
+        timeout=10,
+    )
+    # Every unique valid ID got exactly one response, with the simulator's answer to its question.
+    by_id = Counter(r.request_id for r in responses)
+    assert set(by_id) == {r.request_id for r in unique_requests}
+    assert set(by_id.values()) == {1}
+    assert all(r.content.endswith(f"question {r.request_id[2:]}") for r in responses)
+    # The simulator received exactly one call per unique ID.
+    stats = await sim(simulator, "GET", "/_sim/stats")
+    calls = stats["calls_by_request_id"]
+    assert {k: v for k, v in calls.items() if v != 1} == {}
+    assert set(calls) == {r.request_id for r in unique_requests}
+    # Every malformed event is on llm-errors, with its raw bytes and where it came from.
+    assert sorted(e.raw_payload or b"" for e in errors) == sorted(v for _, v in malformed)
+    assert {e.error_type for e in errors} == {"undecodable", "invalid_request"}
+    assert all(
+        e.source_topic == settings.requests_topic and e.source_offset is not None for e in errors
+    )
+    bad_field = next(e for e in errors if e.request_id == "bad-field")
+    assert "temperature" in bad_field.message
+    # llm-metrics accounts for every input event.
+    statuses = Counter(m.status for m in metrics)
+    assert len(metrics) == 1000
+    assert statuses == {"success": 880, "duplicate": 100, "error": 20}
+
+
+async def test_transient_failures_are_retried_and_client_errors_are_not(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    scripts = {
+        "flaky-500": [{"status": 500}, {"status": 503}],
+        "limited-429": [{"status": 429, "retry_after": 1.0}],
+        "bad-400": [{"status": 400}],
+        "anthropic-529": [{"status": 529}],
+    }
+    for request_id, responses in scripts.items():
+        await sim(
+            simulator, "POST", "/_sim/script", {"request_id": request_id, "responses": responses}
+        )
+    requests = [
+        request("flaky-500"),
+        request("limited-429"),
+        request("bad-400"),
+        request("anthropic-529", model="anthropic/claude-3-5-haiku"),
+    ]
+    worker = WorkerProcess(worker_env(settings, simulator.url, f"g-{unique}"), tmp_path).start()
+    try:
+        await worker.wait_ready()
+        await produce(
+            settings.kafka_bootstrap_servers, settings.requests_topic, request_events(requests)
+        )
+        metrics = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.metrics_topic,
+            LLMMetric,
+            until=lambda got: len(got) >= 4,
+            timeout=60,
+        )
+    finally:
+        worker.stop()
+    responses = {
+        r.request_id: r
+        for r in await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.responses_topic,
+            LLMResponse,
+            until=lambda got: len(got) >= 3,
+            timeout=10,
+        )
+    }
+    errors = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.errors_topic,
+        LLMError,
+        until=lambda got: len(got) >= 1,
+        timeout=10,
+    )
+    assert len(metrics) == 4
+    assert responses["flaky-500"].attempts == 3
+    assert responses["anthropic-529"].attempts == 2
+    # Retry-After: 1 s was honoured: the second attempt came at least a second after the first.
+    assert responses["limited-429"].attempts == 2
+    assert responses["limited-429"].latency_ms >= 1000
+    # Full jitter with base 0.05 s and cap 0.5 s: two retries wait at most 0.05 + 0.1 s.
+    assert responses["flaky-500"].latency_ms < 1000
+    [error] = errors
+    assert (error.request_id, error.error_type, error.status_code, error.attempts) == (
+        "bad-400",
+        "invalid_request",
+        400,
+        1,
+    )
+    assert error.request is not None and error.request.request_id == "bad-400"  # replayable
+    calls = (await sim(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
+    assert calls == {"flaky-500": 3, "limited-429": 2, "bad-400": 1, "anthropic-529": 2}
+
+
+@pytest.mark.slow
+async def test_sigkill_with_hundreds_in_flight_loses_nothing_and_pays_nothing_twice(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    # Calls take 1.5-2.5 s, so a few hundred are in flight when the first worker is killed.
+    await sim(simulator, "POST", "/_sim/config", {"latency_ms": 2000, "latency_jitter": 0.25})
+    total = 600
+    requests = [request(f"k-{i}", text=f"q{i}") for i in range(total)]
+    env = worker_env(settings, simulator.url, f"g-{unique}")
+    first = WorkerProcess(env, tmp_path, name="first").start()
+    await first.wait_ready()
+    await produce(
+        settings.kafka_bootstrap_servers, settings.requests_topic, request_events(requests)
+    )
+    # Wait until the first worker has 200+ calls in flight, some of them already answered.
+    for _ in range(200):
+        stats = await sim(simulator, "GET", "/_sim/stats")
+        if stats["in_flight"] >= 200 and stats["completed_total"] >= 50:
+            break
+        await asyncio.sleep(0.05)
+    # Calls answered by now have had 300 ms to be stored; an answer still in the dying worker's
+    # memory (not yet in Redis) cannot survive SIGKILL, whatever the design.
+    answered_before_kill = {
+        c["request_id"]
+        for c in (await sim(simulator, "GET", "/_sim/calls"))["calls"]
+        if c["finished"]
+    }
+    await asyncio.sleep(0.3)
+    first.kill()
+    killed_at = await sim(simulator, "GET", "/_sim/stats")
+    assert killed_at["in_flight"] >= 200, killed_at
+
+    second = WorkerProcess(env, tmp_path, name="second").start()
+    try:
+        responses = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.responses_topic,
+            LLMResponse,
+            until=lambda got: len({r.request_id for r in got}) >= total,
+            timeout=120,
+        )
+    finally:
+        second.stop()
+    # No request lost.
+    assert {r.request_id for r in responses} == {r.request_id for r in requests}
+    # The provider saw no second call for any request whose first call completed before the kill.
+    calls = (await sim(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
+    paid_twice = {rid for rid in answered_before_kill if calls[rid] > 1}
+    assert paid_twice == set()
+    assert len(answered_before_kill) >= 50

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
@@ -54,7 +56,7 @@ def test_stop_leaves_no_process_behind() -> None:
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid)
 
 
-def test_children_die_when_the_parent_is_killed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_children_die_when_the_parent_is_killed(tmp_path: Path) -> None:
     # A parent that starts the services, prints their pids and is then SIGKILLed.
     script = (
         "import os, sys, time\n"
@@ -65,7 +67,7 @@ def test_children_die_when_the_parent_is_killed(tmp_path) -> None:  # type: igno
     )
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")}
     parent = subprocess.Popen(
-        [shutil.which("python") or "python3", "-c", script, str(tmp_path)],
+        [sys.executable, "-c", script, str(tmp_path)],
         stdout=subprocess.PIPE,
         env=env,
         text=True,
@@ -75,8 +77,6 @@ def test_children_die_when_the_parent_is_killed(tmp_path) -> None:  # type: igno
     assert len(pids) == 2
     parent.kill()
     parent.wait()
-    import time
-
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
         time.sleep(0.05)

@@ -9,6 +9,9 @@ whose requests are done.
 
 A partition taken away by a rebalance is dropped here: its unfinished events are never acked by
 this worker (the new owner re-reads them from the committed offset; dedup stops a second call).
+The same happens when a partition's offsets go backwards (it was re-assigned and re-read from the
+committed offset while older events were still queued): the older queue could otherwise ack ahead
+of the re-read events.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ E = TypeVar("E")
 class Ticket(Generic[E]):
     """One admitted event; :meth:`OrderedAcks.finish` it when its outcome is on the broker."""
 
-    __slots__ = ("done", "event", "generation", "partition")
+    __slots__ = ("done", "event", "generation", "offset", "partition")
 
-    def __init__(self, event: E, partition: Hashable, generation: int) -> None:
+    def __init__(self, event: E, partition: Hashable, offset: int, generation: int) -> None:
         self.event = event
         self.partition = partition
+        self.offset = offset
         self.generation = generation
         self.done = False
 
@@ -40,10 +44,16 @@ class OrderedAcks(Generic[E]):
         self._queues: dict[Hashable, deque[Ticket[E]]] = {}
         self._generations: dict[Hashable, int] = {}
 
-    def admit(self, event: E, partition: Hashable) -> Ticket[E]:
+    def admit(self, event: E, partition: Hashable, offset: int) -> Ticket[E]:
         """Record an event in arrival (offset) order before its processing starts."""
-        ticket = Ticket(event, partition, self._generations.get(partition, 0))
-        self._queues.setdefault(partition, deque()).append(ticket)
+        queue = self._queues.get(partition)
+        if queue and offset <= queue[-1].offset:
+            self.revoke([partition])  # re-read from an earlier offset: start a new queue
+            queue = None
+        if queue is None:
+            queue = self._queues[partition] = deque()
+        ticket = Ticket(event, partition, offset, self._generations.get(partition, 0))
+        queue.append(ticket)
         return ticket
 
     def finish(self, ticket: Ticket[E]) -> int:

@@ -86,9 +86,13 @@ return {'claimed'}
 
 # KEYS[1] request hash; ARGV: token, state, field, payload, ttl_s, now_ms.
 # Fenced: a worker that lost its claim (its lease lapsed and another took over) stores nothing.
+# A missing hash is not a lost claim but lost state (Redis restarted empty, or flushed): nobody
+# else owns the request, so store the outcome; returning 0 here would ack an unemitted request.
 _SETTLE = """
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[2], ARGV[3], ARGV[4], 'settled_at_ms', ARGV[6])
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], ARGV[3], ARGV[4], 'settled_at_ms', ARGV[6],
+           'owner', ARGV[1], 'emitted', '0')
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """

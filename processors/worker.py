@@ -92,6 +92,8 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._token = f"{settings.worker_id}-{uuid.uuid4().hex[:8]}"
         self._assigned = False
+        self._stopping = False
+        self._dedup: DedupStore | None = None
         self._last_heartbeat = 0.0
         topic = self.app.topic(
             settings.requests_topic,
@@ -106,7 +108,26 @@ class Worker:
 
     def run(self) -> None:
         """Run until a signal stops the process."""
-        faust.Worker(self.app, loglevel="info", quiet=True).execute_from_commandline()
+        # httpx logs every request at INFO: at a thousand calls a second that line cost more
+        # CPU than the rest of the HTTP call (measured with `llmstream bench`). Failures are
+        # classified and counted by the pipeline instead.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        _DrainingWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
+
+    async def drain(self) -> None:
+        """Stop admitting events, let those in flight finish (bounded), commit what is done.
+
+        Runs before faust stops its consumer and producer: faust's own shutdown does not wait
+        for tasks of ours, and closes the loop under them.
+        """
+        self._stopping = True
+        drained = await self._drain()
+        if drained and self._dedup is not None:
+            # Nothing of ours is in flight: let other workers see at once that we are gone.
+            with contextlib.suppress(ClaimUnavailable):
+                await self._dedup.resign()
+        with contextlib.suppress(Exception):
+            await self.app.consumer.commit()
 
     # -- the agent ------------------------------------------------------------------------------
 
@@ -116,8 +137,12 @@ class Worker:
             # noack(): faust must not ack on its own; see the module docstring.
             async for event in stream.noack().events():  # type: ignore[attr-defined]
                 await slots.acquire()
+                if self._stopping:
+                    # Shutting down: not admitted, not acked; the next owner reads it again.
+                    slots.release()
+                    continue
                 message = event.message
-                ticket = self.acks.admit(event, message.tp)
+                ticket = self.acks.admit(event, message.tp, message.offset)
                 source = Source(message.topic, message.partition, message.offset)
                 task = asyncio.create_task(self._run_one(processor, ticket, source, slots))
                 self._tasks.add(task)
@@ -181,19 +206,16 @@ class Worker:
             emitter=FaustEmitter(self.app),
             metrics=self.metrics,
         )
+        self._dedup = dedup
         heartbeat = asyncio.create_task(self._heartbeat(dedup))
         runner = await self._serve_http()
         try:
             yield processor
         finally:
-            drained = await self._drain()
+            await self._drain()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            if drained:
-                # Nothing of ours is in flight: let other workers see at once that we are gone.
-                with contextlib.suppress(ClaimUnavailable):
-                    await dedup.resign()
             await runner.cleanup()
             await http.aclose()
             await redis.aclose()
@@ -259,3 +281,18 @@ class Worker:
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
         await site.start()
         return runner
+
+
+class _DrainingWorker(faust.Worker):
+    """faust's worker, draining llmstream's in-flight requests before faust shuts down."""
+
+    def __init__(self, worker: Worker, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._llm_worker = worker
+        self._drained = False
+
+    async def stop(self) -> None:
+        if not self._drained:
+            self._drained = True
+            await self._llm_worker.drain()
+        await super().stop()

@@ -135,3 +135,16 @@ async def test_results_expire_after_their_ttl(redis_client: aioredis.Redis, uniq
 
 def test_services_fixture_is_real(services: Services) -> None:
     assert services.redis_url.startswith("redis://")
+
+
+async def test_an_outcome_is_stored_even_when_redis_lost_the_claim(
+    redis_client: aioredis.Redis, pair: tuple[DedupStore, DedupStore]
+) -> None:
+    a, b = pair
+    await a.claim("r1", 0)
+    await redis_client.delete(a.key("r1"))  # Redis restarted empty while the call ran
+    assert await a.settle("r1", failed=False, payload=b'{"answer": 1}', now_ms=0)
+    # Not yet emitted and a is alive: b waits; once emitted, later copies are duplicates.
+    assert (await b.claim("r1", 0)).status is ClaimStatus.BUSY
+    await a.mark_emitted(["r1"])
+    assert (await b.claim("r1", 0)).status is ClaimStatus.DONE

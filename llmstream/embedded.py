@@ -159,6 +159,9 @@ class EmbeddedServices:
     redis_url: str | None = None
     log_dir: Path | None = None
     _processes: list[ManagedProcess] = field(default_factory=list, repr=False)
+    # A log folder we made ourselves is removed at stop, unless a start failed (its error
+    # message points into it).
+    _temporary_logs: bool = field(default=False, repr=False)
 
     @classmethod
     def from_env(cls) -> EmbeddedServices:
@@ -174,9 +177,11 @@ class EmbeddedServices:
         return [p.name for p in self._processes]
 
     def start(self) -> EmbeddedServices:
-        log_dir = self.log_dir or Path(tempfile.mkdtemp(prefix="llmstream-services-"))
+        if self.log_dir is None:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="llmstream-services-"))
+            self._temporary_logs = True
+        log_dir = self.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.log_dir = log_dir
         try:
             if self.kafka_bootstrap_servers is None:
                 port = free_port()
@@ -221,6 +226,7 @@ class EmbeddedServices:
                 self._processes.append(server)
                 self.redis_url = f"redis://127.0.0.1:{port}/0"
         except BaseException:
+            self._temporary_logs = False
             self.stop()
             raise
         return self
@@ -229,6 +235,8 @@ class EmbeddedServices:
         for process in reversed(self._processes):
             process.stop()
         self._processes.clear()
+        if self._temporary_logs and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> EmbeddedServices:
         return self.start()

@@ -312,6 +312,7 @@ class RequestProcessor:
             self._output(self._settings.metrics_topic, request_id, metric),
         ]
         await self._until_ok(lambda: self._emitter.emit(outputs), "emit a rejected event")
+        self._count(metric)
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -241,3 +241,64 @@ async def test_sigkill_with_hundreds_in_flight_loses_nothing_and_pays_nothing_tw
     paid_twice = {rid for rid in answered_before_kill if calls[rid] > 1}
     assert paid_twice == set()
     assert len(answered_before_kill) >= 50
+
+
+async def test_expired_requests_are_not_called_and_duplicates_can_be_reemitted(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    expired = request("too-late", deadline_ms=1_000)  # 1970: worthless by now
+    fresh = request("in-time")
+    env = worker_env(settings, simulator.url, f"g-{unique}", LLMSTREAM_REEMIT_DUPLICATES="true")
+    worker = WorkerProcess(env, tmp_path).start()
+    try:
+        await worker.wait_ready()
+        await produce(
+            settings.kafka_bootstrap_servers,
+            settings.requests_topic,
+            request_events([expired, fresh]),
+        )
+        await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.metrics_topic,
+            LLMMetric,
+            until=lambda got: len(got) >= 2,
+            timeout=60,
+        )
+        await produce(
+            settings.kafka_bootstrap_servers, settings.requests_topic, request_events([fresh])
+        )  # the same ID again, after it completed
+        metrics = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.metrics_topic,
+            LLMMetric,
+            until=lambda got: len(got) >= 3,
+            timeout=60,
+        )
+    finally:
+        worker.stop()
+    responses = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.responses_topic,
+        LLMResponse,
+        until=lambda got: len(got) >= 2,
+        timeout=10,
+    )
+    errors = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.errors_topic,
+        LLMError,
+        until=lambda got: len(got) >= 1,
+        timeout=10,
+    )
+    assert sorted((m.request_id, m.status) for m in metrics) == [
+        ("in-time", "duplicate"),
+        ("in-time", "success"),
+        ("too-late", "expired"),
+    ]
+    [error] = errors
+    assert (error.request_id, error.error_type, error.attempts) == ("too-late", "expired", 0)
+    # The stored response was re-emitted for the duplicate: the same answer twice.
+    assert [r.request_id for r in responses] == ["in-time", "in-time"]
+    assert responses[0].content == responses[1].content
+    calls = (await sim(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
+    assert calls == {"in-time": 1}

@@ -1,4 +1,4 @@
-"""The ``llmstream`` command: ``worker``, ``simulate``, ``dev``."""
+"""The ``llmstream`` command: ``worker``, ``ingress``, ``simulate``, ``dev``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,15 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ingress(args: argparse.Namespace) -> int:
+    from ingress.app import serve
+    from ingress.settings import IngressSettings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    serve(IngressSettings(**overrides))
+    return 0
+
+
 def _dev(args: argparse.Namespace) -> int:
     from llmstream.dev import run_dev
 
@@ -58,6 +67,13 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--error-rate", type=float)
     simulate.add_argument("--rpm-limit", type=int)
     simulate.set_defaults(func=_simulate)
+
+    ingress = commands.add_parser(
+        "ingress", help="HTTP API (and OpenAI-compatible front) that publishes to llm-requests"
+    )
+    ingress.add_argument("--host")
+    ingress.add_argument("--port", type=int)
+    ingress.set_defaults(func=_ingress)
 
     dev = commands.add_parser(
         "dev", help="start broker, Redis, simulator and a worker, and show requests flowing"

@@ -1,8 +1,9 @@
 """``make run``: the whole system on one machine, with requests flowing through it.
 
 Starts (or reuses, from ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL``) the broker and Redis, the
-provider simulator and a worker as child processes, produces sample requests, prints the outcomes
-as they arrive, and runs until Ctrl-C. Every child dies with this process.
+provider simulator, a worker and the HTTP ingress (on port 8080 when it is free) as child
+processes, produces sample requests, prints the outcomes as they arrive, and runs until Ctrl-C.
+Every child dies with this process.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -97,6 +99,18 @@ async def _show_flow(bootstrap: str, count: int) -> None:
         await consumer.stop()
 
 
+_INGRESS_PORT = 8080  # the ingress's usual port, so the README's examples work as written
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def run_dev(requests: int = 5, partitions: int = 4) -> int:
     """Run everything until Ctrl-C; returns the exit code."""
     python = sys.executable
@@ -106,6 +120,8 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
         asyncio.run(create_topics(bootstrap, DEFAULT_TOPICS, partitions))
         log_dir = services.log_dir or Path(".")
         sim_port, worker_port = free_port(), free_port()
+        ingress_port = _INGRESS_PORT if _port_is_free(_INGRESS_PORT) else free_port()
+        ingress_url = f"http://127.0.0.1:{ingress_port}"
         sim_url = f"http://127.0.0.1:{sim_port}"
         env = {
             **os.environ,
@@ -134,6 +150,16 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
                 log_dir / "worker.log",
                 env,
             ),
+            ManagedProcess(
+                "ingress",
+                [
+                    *(python, "-m", "llmstream.cli", "ingress"),
+                    *("--host", "127.0.0.1", "--port", str(ingress_port)),
+                ],
+                ingress_port,
+                log_dir / "ingress.log",
+                env,
+            ),
         ]
         try:
             for child in children:
@@ -144,6 +170,12 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
                 f"  redis      {redis_url}\n"
                 f"  simulator  {sim_url}   (OpenAI /v1/chat/completions, Anthropic /v1/messages)\n"
                 f"  worker     http://127.0.0.1:{worker_port}/metrics  /health  /ready\n"
+                f"  ingress    {ingress_url}   (POST /v1/requests, /v1/chat/completions; "
+                f"docs at {ingress_url}/docs; no API keys: open to anyone on this host)\n"
+                f"             curl -s {ingress_url}/v1/chat/completions "
+                "-H 'Content-Type: application/json' "
+                """-d '{"model": "openai/gpt-4o-mini", """
+                """"messages": [{"role": "user", "content": "Hello"}]}'\n"""
                 f"  logs       {log_dir}\n",
                 flush=True,
             )

@@ -7,6 +7,8 @@ Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
      ├── processors.providers.ProviderError a provider call failed (carries status, retryable,
      │                                      retry_after)
      ├── processors.dedup.ClaimUnavailable  Redis cannot be reached: fail closed
+     ├── ingress.errors.ApiError            an HTTP answer other than success (status, OpenAI
+     │                                      error body, headers such as Retry-After)
      └── llmstream.embedded.ServiceStartError an embedded broker or Redis did not come up
 """
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
+import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from llmstream.embedded import ManagedProcess, free_port
 from llmstream.settings import ServiceSettings
@@ -195,3 +199,27 @@ async def read_raw(bootstrap: str, topic: str, expected: int, timeout: float = 3
     finally:
         await consumer.stop()
     return values
+
+
+@contextlib.asynccontextmanager
+async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
+    """Serve an ASGI app (lifespan included) with uvicorn on a free loopback port; yields its URL.
+
+    The server runs in a thread with its own event loop, so synchronous clients in the test
+    (the openai SDK's sync client, schemathesis) cannot stall it.
+    """
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            if not thread.is_alive():
+                raise RuntimeError("the app did not start; see the log above")
+            await asyncio.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 30)

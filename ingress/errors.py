@@ -1,0 +1,158 @@
+"""Every error answer of the ingress, in one shape: OpenAI's.
+
+::
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "messages.0.content",
+               "code": "string_too_short"}}
+
+The OpenAI SDK maps answers to exceptions by status code and reads ``error``; other clients get
+the same body from every endpoint. Validation failures add ``fields`` (each offending field and
+why), and answers about a known request add ``request_id``. Nothing else is ever echoed: no input
+values (they may be megabytes, or secrets) and no stack traces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from llmstream.errors import LLMStreamError
+
+_MAX_MESSAGE = 300
+_MAX_FIELD = 200
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+}
+
+
+class ApiError(LLMStreamError):
+    """An answer other than success, raised from anywhere in a request's handling."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = error_type or _TYPES.get(status, "server_error" if status >= 500 else "error")
+        self.headers = dict(headers or {})
+        self.extra = dict(extra or {})
+
+    def response(self) -> JSONResponse:
+        body: dict[str, Any] = {
+            "message": self.message[:_MAX_MESSAGE],
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+            **self.extra,
+        }
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+
+
+def field_path(loc: Sequence[str | int], body_tags: Collection[str] = ()) -> str:
+    """``("body", "messages", 0, "content")`` → ``"messages.0.content"``.
+
+    FastAPI puts where the value came from first; a body that is a tagged union has the tag
+    next, which is no field of the client's (``body_tags``).
+    """
+    parts = [str(part) for part in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        if parts[0] == "body" and len(parts) > 1 and parts[1] in body_tags:
+            del parts[1]
+        parts = parts[1:]
+    text = ".".join(p if p.isprintable() else ascii(p)[1:-1] for p in parts)
+    return text[:_MAX_FIELD]
+
+
+def validation_error(
+    errors: Sequence[Mapping[str, Any]], *, status: int, body_tags: Collection[str] = ()
+) -> ApiError:
+    """One ApiError naming every invalid field of a pydantic/FastAPI validation failure."""
+    fields = []
+    for error in errors:
+        # A JSON syntax error's loc ends in a character position, not a field.
+        loc = () if error.get("type") == "json_invalid" else error.get("loc", ())
+        name = field_path(loc, body_tags) or "body"
+        fields.append({"field": name, "message": _message(error), "type": error.get("type")})
+    if not fields:
+        fields.append({"field": "body", "message": "invalid request", "type": "invalid"})
+    first = fields[0]
+    message = f"{first['field']}: {first['message']}"
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more invalid fields)"
+    return ApiError(
+        status,
+        message,
+        param=first["field"],
+        code=str(first["type"]),
+        extra={"fields": fields[:50]},
+    )
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    kind = error.get("type")
+    if kind == "extra_forbidden":
+        return "unknown field"
+    if kind == "json_invalid":
+        return "the body is not valid JSON"
+    if kind == "missing" and not error.get("loc", ())[1:]:
+        return "a JSON body is required"
+    return str(error.get("msg", "invalid"))[:_MAX_MESSAGE]
+
+
+def install_error_handlers(
+    app: FastAPI, *, validation_status: Mapping[str, int], body_tags: Collection[str] = ()
+) -> None:
+    """Answer every error in the one shape; ``validation_status`` maps a path to the status of
+    its validation failures (default 422)."""
+
+    async def api_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return ApiError(exc.status_code, message, headers=exc.headers).response()
+
+    async def invalid(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        status = validation_status.get(request.url.path, 422)
+        return validation_error(exc.errors(), status=status, body_tags=body_tags).response()
+
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # The server logs it with its traceback (Starlette re-raises after this answer).
+        return ApiError(500, "internal error; it has been logged").response()
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, unexpected)

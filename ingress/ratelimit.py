@@ -1,0 +1,63 @@
+"""Per-client rate limit at the door, shared by every ingress replica through Redis.
+
+GCRA (the generic cell rate algorithm): one key per client holds its "theoretical arrival time",
+so the state is one number whatever the rate, and one Lua script decides and answers how long to
+wait, atomically, on Redis's own clock (replicas with skewed clocks agree). ``burst`` requests
+may come at once; after that one every ``60 / per_minute`` seconds.
+
+Why not a library: ``limits`` (the best kept on PyPI) builds its own Redis client from a URL and
+needs a second round trip to learn the reset time for ``Retry-After``; its moving window keeps
+one entry per request. This is one script and one round trip on the app's own client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+
+# KEYS[1] the client's key; ARGV: emission interval (µs), burst tolerance (µs).
+# Returns {allowed (0/1), µs to wait before the next request may pass, requests left now}.
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+if tat - now > tolerance then
+  return {0, tat - now - tolerance, 0}
+end
+local new_tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000))
+return {1, 0, math.floor((tolerance - (new_tat - now)) / interval) + 1}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    retry_after_s: float  # 0 when allowed
+    remaining: int
+
+
+class RateLimiter:
+    """``per_minute`` requests per client on average, ``burst`` at once; 0 turns it off."""
+
+    def __init__(
+        self, redis: aioredis.Redis, *, key_prefix: str, per_minute: int, burst: int
+    ) -> None:
+        self._prefix = f"{key_prefix}ratelimit:"
+        self.enabled = per_minute > 0
+        interval_us = 60_000_000 // max(per_minute, 1)
+        self._args = [interval_us, interval_us * (burst - 1)]
+        self._script = redis.register_script(_GCRA)
+
+    async def acquire(self, client: str) -> Decision:
+        """Count one request of ``client``; raises RedisError when Redis cannot be reached."""
+        if not self.enabled:
+            return Decision(True, 0.0, -1)
+        allowed, wait_us, remaining = await self._script(
+            keys=[self._prefix + client], args=self._args
+        )
+        return Decision(bool(allowed), int(wait_us) / 1_000_000, int(remaining))

@@ -1,0 +1,82 @@
+"""Settings of the ingress deployable (``llmstream ingress``)."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import Field, field_validator
+
+from llmstream.settings import ServiceSettings
+
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class IngressSettings(ServiceSettings):
+    """Everything the ingress reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
+
+    ``api_keys`` maps the SHA-256 hex digest of each API key to the client identity it stands
+    for, e.g. ``LLMSTREAM_API_KEYS='{"<sha256hex>": "team-a"}'``. The keys themselves are never
+    configured, stored or logged. With no keys configured, authentication is off.
+    """
+
+    host: str = "0.0.0.0"  # noqa: S104 - a service: reached from other hosts in a deployment
+    port: int = Field(8080, ge=0, le=65535)
+
+    api_keys: dict[str, str] = Field(default_factory=dict, repr=False)
+
+    # Requests per minute per client (the API key's identity, else the peer address), shared by
+    # every replica through Redis; bursts of up to `rate_limit_burst` at once. 0 turns it off.
+    rate_limit_per_minute: int = Field(1200, ge=0)
+    rate_limit_burst: int = Field(100, ge=1)
+
+    max_batch: int = Field(100, ge=1, le=10_000)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # One encoded request must fit in a Kafka message (the broker's message.max.bytes, 1 MiB
+    # by default); a bigger one is refused with 413 rather than failing at the broker.
+    max_event_bytes: int = Field(1_000_000, ge=1024)
+
+    # How long POST /v1/chat/completions waits for the outcome before answering 504.
+    chat_timeout_s: float = Field(120.0, gt=0)
+    # While it waits, a chat request also reads its outcome from Redis this often (backing off
+    # to 5 s): the safety net should the listener fall behind or miss it.
+    result_poll_s: float = Field(1.0, gt=0)
+    # A request recorded as queued this long ago, but never claimed by a worker, is published
+    # again when resubmitted: the ingress may have died between recording and publishing.
+    requeue_after_s: float = Field(120.0, gt=0)
+
+    # Producer. Idempotence is off by default because Tansu (development, tests) cannot grant a
+    # producer ID; turn it on against Apache Kafka.
+    enable_idempotence: bool = False
+    linger_ms: int = Field(2, ge=0)
+    compression_type: str | None = None
+    publish_timeout_s: float = Field(15.0, gt=0)
+    # The responses listener's fetch wait: the longest a response can sit before it is seen when
+    # the broker holds a fetch open (Apache Kafka answers as soon as data is there).
+    listener_fetch_max_wait_ms: int = Field(500, ge=1)
+
+    # Graceful shutdown: how long in-flight HTTP requests get to finish after SIGTERM.
+    shutdown_grace_s: float = Field(30.0, ge=0)
+    # Each /ready check (Kafka metadata, Redis PING) gives up after this long.
+    ready_timeout_s: float = Field(2.0, gt=0)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashes(cls, value: dict[str, str]) -> dict[str, str]:
+        keys: dict[str, str] = {}
+        for digest, client in value.items():
+            normalized = digest.strip().lower()
+            if not _SHA256_HEX.match(normalized):
+                # Do not echo the value: it may be a key pasted where its hash belongs.
+                raise ValueError(
+                    "api_keys must map SHA-256 hex digests (64 hex characters) of the API keys "
+                    "to client ids; one entry is not a SHA-256 hex digest"
+                )
+            if not client or len(client) > 256:
+                raise ValueError("each api_keys client id must be 1 to 256 characters")
+            keys[normalized] = client
+        return keys
+
+    @property
+    def auth_enabled(self) -> bool:
+        """False when no API keys are configured: every request is let in."""
+        return bool(self.api_keys)

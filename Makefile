@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean deploy-tools
 
 install: $(STAMP)
 
@@ -17,8 +17,27 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/llmstream dev
 
-test: install
+test: install deploy-tools
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# What tests/test_deploy.py runs on the deployment files, without Docker: docker-compose
+# (config), promtool (check, test rules) and kubectl (kustomize). Installed from Debian's packages
+# when missing and apt-get can run (CI: root); otherwise the checks say what is missing.
+deploy-tools:
+	@missing=""; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$missing >/dev/null \
+	      || echo "deploy-tools: could not install$$missing; tests/test_deploy.py will fail"; \
+	  else \
+	    echo "deploy-tools: missing$$missing (apt-get install as root): their checks skip here, fail in CI"; \
+	  fi; \
+	fi
 
 lint: install
 	$(BIN)/ruff check .

@@ -56,6 +56,7 @@ from ingress.publish import Admission, Event, Publisher
 from ingress.ratelimit import RateLimiter
 from ingress.results import RequestLedger, ResponseListener
 from ingress.settings import IngressSettings
+from llmstream.connections import kafka_producer_options
 from schemas.codec import WireFormat, encode
 from schemas.models import LLMError, LLMRequest, LLMResponse
 
@@ -105,11 +106,8 @@ class Runtime:
 async def _running(settings: IngressSettings, metrics: IngressMetrics) -> AsyncIterator[Runtime]:
     redis = aioredis.Redis.from_url(settings.redis_url)
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers,
-        acks="all",
-        enable_idempotence=settings.enable_idempotence,
+        **kafka_producer_options(settings),
         linger_ms=settings.linger_ms,
-        compression_type=settings.compression_type,
         max_request_size=settings.max_event_bytes + 64 * 1024,
         request_timeout_ms=int(settings.publish_timeout_s * 1000),
         client_id="llmstream-ingress",

@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from ingress.settings import IngressSettings
+from llmstream.connections import kafka_client_options
 from schemas.codec import DecodeError, decode
 from schemas.models import LLMError, LLMResponse
 
@@ -263,7 +264,7 @@ class ResponseListener:
     async def start(self) -> None:
         """Assign every partition at its end; returns once the positions are known."""
         consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap_servers,
+            **kafka_client_options(self._settings),
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="latest",

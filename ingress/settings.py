@@ -44,11 +44,8 @@ class IngressSettings(ServiceSettings):
     # again when resubmitted: the ingress may have died between recording and publishing.
     requeue_after_s: float = Field(120.0, gt=0)
 
-    # Producer. Idempotence is off by default because Tansu (development, tests) cannot grant a
-    # producer ID; turn it on against Apache Kafka.
-    enable_idempotence: bool = False
+    # Producer batching (acks, idempotence and compression are the shared LLMSTREAM_KAFKA_*).
     linger_ms: int = Field(2, ge=0)
-    compression_type: str | None = None
     publish_timeout_s: float = Field(15.0, gt=0)
     # The responses listener's fetch wait: the longest a response can sit before it is seen when
     # the broker holds a fetch open (Apache Kafka answers as soon as data is there).

@@ -4,21 +4,53 @@ Each deployable (worker, ingress, simulator) has one pydantic-settings class tha
 :class:`ServiceSettings`; the environment is read there and nowhere else. Kafka and Redis take the
 ecosystem's own variables (``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL``); everything else is
 ``LLMSTREAM_*``.
+
+Secured clusters: Kafka's security is ``LLMSTREAM_KAFKA_*`` (see :class:`ServiceSettings`, turned
+into client options by :mod:`llmstream.connections`); Redis's is in its URL, as redis-py reads it
+(``rediss://user:password@host:6380/0?ssl_ca_certs=/etc/ca.pem``). Neither password is ever shown:
+they are ``SecretStr``, and the Redis URL is redacted in ``repr`` (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.codec import WireFormat
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+# lz4, snappy and zstd come from cramjam (aiokafka's extras, installed with llmstream).
+KafkaCompression = Literal["none", "gzip", "snappy", "lz4", "zstd"]
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` (for logs, reprs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class ServiceSettings(BaseSettings):
     """Connection and contract settings shared by the worker and the ingress."""
 
+    # An empty variable is an unset one: deployments pass `${VAR:-}` for what is optional.
     model_config = SettingsConfigDict(
-        env_prefix="LLMSTREAM_", extra="ignore", populate_by_name=True, frozen=True
+        env_prefix="LLMSTREAM_",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+        env_ignore_empty=True,
     )
 
     kafka_bootstrap_servers: str = Field(
@@ -36,3 +68,62 @@ class ServiceSettings(BaseSettings):
     output_format: WireFormat = WireFormat.JSON
     # How long completed and failed results stay in Redis for the ingress (and for dedup).
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+
+    # Kafka security: SASL (PLAIN or SCRAM) and/or TLS. TLS verifies the brokers against
+    # kafka_ssl_cafile, else the system's CAs; a client certificate (mutual TLS) is optional.
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: SaslMechanism = "PLAIN"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_keyfile_password: SecretStr | None = None
+    # Producers always wait for acks from all in-sync replicas. The idempotent producer keeps a
+    # retried send from being written twice; Tansu (development, tests) cannot grant producer
+    # IDs, so `llmstream dev` and the tests turn it off.
+    kafka_idempotent_producer: bool = True
+    kafka_compression: KafkaCompression = "none"
+
+    @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("kafka_compression", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _kafka_security(self) -> ServiceSettings:
+        protocol = self.kafka_security_protocol
+        sasl = protocol.startswith("SASL_")
+        if sasl and not (self.kafka_sasl_username and self.kafka_sasl_password):
+            raise ValueError(
+                f"kafka_security_protocol={protocol} needs kafka_sasl_username and "
+                "kafka_sasl_password"
+            )
+        if not sasl and (self.kafka_sasl_username or self.kafka_sasl_password):
+            raise ValueError(
+                f"SASL credentials are set but kafka_security_protocol={protocol}: "
+                "use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        ssl_files = [
+            name
+            for name in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+            if getattr(self, name) is not None
+        ]
+        if ssl_files and not protocol.endswith("SSL"):
+            raise ValueError(
+                f"{', '.join(ssl_files)} set but kafka_security_protocol={protocol}: "
+                "use SSL or SASL_SSL"
+            )
+        if self.kafka_ssl_keyfile is not None and self.kafka_ssl_certfile is None:
+            raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile")
+        return self
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # A Redis URL may carry a password: never let a printed settings object show it.
+        for name, value in super().__repr_args__():
+            yield name, redact_url(value) if name == "redis_url" else value

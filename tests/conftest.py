@@ -24,6 +24,9 @@ from llmstream.settings import ServiceSettings
 class Services:
     kafka_bootstrap_servers: str
     redis_url: str
+    # Tansu cannot grant producer IDs (PLATFORM.md): the idempotent producer is on only against
+    # Apache Kafka.
+    idempotent_producer: bool = False
 
 
 def _docker_services() -> Iterator[Services]:
@@ -33,7 +36,9 @@ def _docker_services() -> Iterator[Services]:
     with KafkaContainer().with_kraft() as kafka, RedisContainer() as redis_container:
         host = redis_container.get_container_host_ip()
         port = redis_container.get_exposed_port(6379)
-        yield Services(kafka.get_bootstrap_server(), f"redis://{host}:{port}/0")
+        yield Services(
+            kafka.get_bootstrap_server(), f"redis://{host}:{port}/0", idempotent_producer=True
+        )
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +69,7 @@ async def settings(services: Services, unique: str) -> ServiceSettings:
         responses_topic=f"{unique}-llm-responses",
         metrics_topic=f"{unique}-llm-metrics",
         errors_topic=f"{unique}-llm-errors",
+        kafka_idempotent_producer=services.idempotent_producer,
     )
     await create_topics(
         services.kafka_bootstrap_servers,

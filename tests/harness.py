@@ -57,6 +57,7 @@ def worker_env(
         LLMSTREAM_RESPONSES_TOPIC=settings.responses_topic,
         LLMSTREAM_METRICS_TOPIC=settings.metrics_topic,
         LLMSTREAM_ERRORS_TOPIC=settings.errors_topic,
+        LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER=str(settings.kafka_idempotent_producer).lower(),
         LLMSTREAM_CONSUMER_GROUP=group,
         LLMSTREAM_SESSION_TIMEOUT_S="6",
         LLMSTREAM_HEARTBEAT_INTERVAL_S="1",

@@ -52,6 +52,7 @@ async def ingress_url(
         responses_topic=f"{unique}-llm-responses",
         metrics_topic=f"{unique}-llm-metrics",
         errors_topic=f"{unique}-llm-errors",
+        kafka_idempotent_producer=services.idempotent_producer,
     )
     topics = [settings.requests_topic, settings.responses_topic]
     topics += [settings.metrics_topic, settings.errors_topic]

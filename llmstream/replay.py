@@ -1,0 +1,304 @@
+"""``llmstream replay``: publish failed requests from ``llm-errors`` to ``llm-requests`` again.
+
+It selects error events by error type, by when they happened (the event's ``occurred_at_ms``) and
+by request ID, keeps the newest one per request ID, and publishes each one's original request
+(``LLMError.request``) keyed by its request ID. An event without a request (undecodable or
+invalid input) cannot be replayed; it is listed as skipped.
+
+A replayed request keeps its ID, so whoever waits for it (``GET /v1/requests/{id}``, a consumer
+of ``llm-responses`` matching on the ID) gets the new outcome under the ID it knows. The workers'
+dedup would take a known ID for a duplicate, so before publishing, one Lua script resets the
+ID's record from ``failed`` to ``queued`` (keeping what the ingress recorded: client, digest). An
+ID whose record says ``completed`` (it succeeded since, for instance replayed already) or
+``claimed`` (a worker has it now) is not published: replay never pays twice for a request that
+succeeded. An ID whose record is ``queued`` or gone (expired after ``LLMSTREAM_RESULT_TTL_S``) is
+published as it is. ``--dry-run`` reads the same records and changes nothing.
+
+Each partition is read from its start, or with ``--since`` from the first offset at or after that
+time when the broker answers ListOffsets by timestamp (Tansu answers without a timestamp: then
+from the start), until it is caught up with what the topic held when the scan began.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO
+
+import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from llmstream.connections import kafka_client_options, kafka_producer_options
+from llmstream.errors import LLMStreamError
+from llmstream.settings import ServiceSettings
+from schemas.codec import DecodeError, decode, encode
+from schemas.models import LLMError
+
+# Records are stamped by their producer's clock; allow that much skew against ours when
+# deciding where to start (--since) and where the topic ended when the scan began.
+_CLOCK_SKEW_MS = 60_000
+
+# KEYS[1] the request's dedup hash; ARGV: now_ms, the replay's token.
+# failed -> queued (the outcome dropped, the ingress's fields kept): 'reset'; no record: 'absent';
+# otherwise the state, unchanged.
+_RESET = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'absent' end
+if state ~= 'failed' then return state end
+redis.call('HDEL', KEYS[1], 'error', 'owner', 'emitted', 'settled_at_ms', 'claimed_at_ms')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'replays', 1)
+return 'reset'
+"""
+# What replay does with an ID, by its record's state (or the script's answer).
+_PUBLISH = {"failed", "reset", "absent", "queued"}
+_SKIP_REASONS = {"completed": "succeeded since", "claimed": "in progress"}
+
+
+class ReplayError(LLMStreamError):
+    """Replay cannot run as asked (a topic is missing, a time cannot be read)."""
+
+
+def parse_time(value: str) -> int:
+    """Epoch milliseconds from epoch milliseconds or an ISO 8601 time (UTC unless it says)."""
+    text = value.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ReplayError(
+            f"{value!r} is neither an ISO 8601 time (2025-01-31T12:00:00Z) nor epoch milliseconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which error events to replay; empty criteria select everything."""
+
+    error_types: frozenset[str] = frozenset()
+    request_ids: frozenset[str] = frozenset()
+    since_ms: int | None = None  # occurred_at_ms >= since_ms
+    until_ms: int | None = None  # occurred_at_ms < until_ms
+    limit: int | None = None  # at most this many request IDs, the oldest errors first
+
+    def matches(self, error: LLMError) -> bool:
+        if self.error_types and error.error_type not in self.error_types:
+            return False
+        if self.request_ids and error.request_id not in self.request_ids:
+            return False
+        if self.since_ms is not None and error.occurred_at_ms < self.since_ms:
+            return False
+        return self.until_ms is None or error.occurred_at_ms < self.until_ms
+
+
+@dataclass
+class ReplayReport:
+    """What a replay found and did."""
+
+    scanned: int = 0  # error events read
+    selected: list[LLMError] = field(default_factory=list)  # newest per request ID
+    replayed: list[str] = field(default_factory=list)  # published (or, dry run, would be)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> request IDs
+
+    def skip(self, reason: str, request_id: str) -> None:
+        self.skipped.setdefault(reason, []).append(request_id)
+
+
+async def replay(
+    settings: ServiceSettings,
+    selection: Selection,
+    *,
+    dry_run: bool = False,
+    clear_deadline: bool = False,
+    out: TextIO = sys.stdout,
+) -> ReplayReport:
+    """Replay the selected errors' requests (or, ``dry_run``, say what would be replayed)."""
+    report = ReplayReport()
+    report.scanned, report.selected = await scan_errors(settings, selection)
+    if not report.selected:
+        _summary(report, dry_run, out)
+        return report
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    producer: AIOKafkaProducer | None = None
+    try:
+        reset = redis.register_script(_RESET)
+        token = f"replay-{time.time_ns()}"
+        pending = []
+        for error in report.selected:
+            request_id = error.request_id or "?"
+            request = error.request
+            if request is None:
+                report.skip("no request to replay", request_id)
+                _line(out, "skip (no request)", error)
+                continue
+            key = f"{settings.redis_key_prefix}req:{request.request_id}"
+            if dry_run:
+                raw = await redis.hget(key, "state")
+                state = _text(raw) if raw is not None else "absent"
+            else:
+                state = _text(await reset(keys=[key], args=[_now_ms(), token]))
+            if state not in _PUBLISH:
+                reason = _SKIP_REASONS.get(state, state)
+                report.skip(reason, request.request_id)
+                _line(out, f"skip ({reason})", error)
+                continue
+            if clear_deadline:
+                request = request.model_copy(update={"deadline_ms": None})
+            report.replayed.append(request.request_id)
+            if dry_run:
+                _line(out, "would replay", error)
+                continue
+            if producer is None:
+                producer = AIOKafkaProducer(
+                    **kafka_producer_options(settings), client_id="llmstream-replay"
+                )
+                await producer.start()
+            value = encode(request, settings.output_format)
+            pending.append(
+                await producer.send(settings.requests_topic, value, key=request.request_id.encode())
+            )
+            _line(out, "replayed", error)
+        # Every publication acknowledged by the brokers, or this raises.
+        await asyncio.gather(*pending)
+    finally:
+        if producer is not None:
+            await producer.stop()
+        await redis.aclose()
+    _summary(report, dry_run, out)
+    return report
+
+
+async def scan_errors(
+    settings: ServiceSettings, selection: Selection
+) -> tuple[int, list[LLMError]]:
+    """Read ``llm-errors``; returns how many events were read and the newest selected error per
+    request ID (errors without an ID are kept each), oldest first, at most ``limit``."""
+    consumer = AIOKafkaConsumer(
+        **kafka_client_options(settings),
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=100,
+        client_id="llmstream-replay",
+    )
+    await consumer.start()
+    try:
+        topic = settings.errors_topic
+        await consumer.topics()
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            raise ReplayError(f"topic {topic!r} does not exist")
+        partitions = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(partitions)
+        # Events written after this are not part of what was asked for (and the topic may never
+        # be quiet): a partition is done at its first record stamped later.
+        horizon_ms = _now_ms() + _CLOCK_SKEW_MS
+        active = await _seek(consumer, partitions, selection.since_ms)
+        scanned = 0
+        newest: dict[str, LLMError] = {}
+        while active:
+            batches = await consumer.getmany(*active, timeout_ms=1000)
+            if not batches:
+                break  # caught up on every partition
+            for tp, records in batches.items():
+                for record in records:
+                    if record.timestamp > horizon_ms:
+                        active.discard(tp)
+                        consumer.pause(tp)
+                        break
+                    scanned += 1
+                    try:
+                        error = decode(record.value or b"", LLMError)
+                    except DecodeError:
+                        continue
+                    if selection.matches(error):
+                        key = error.request_id or f"@{tp.partition}:{record.offset}"
+                        newest.pop(key, None)  # the newest event of an ID counts
+                        newest[key] = error
+    finally:
+        await consumer.stop()
+    selected = sorted(newest.values(), key=lambda e: e.occurred_at_ms)
+    if selection.limit is not None:
+        selected = selected[: selection.limit]
+    return scanned, selected
+
+
+async def _seek(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], since_ms: int | None
+) -> set[TopicPartition]:
+    """Position each partition where the selection can begin; returns those worth reading."""
+    if since_ms is None:
+        await consumer.seek_to_beginning(*partitions)
+        return set(partitions)
+    start_ms = max(0, since_ms - _CLOCK_SKEW_MS)
+    found = await consumer.offsets_for_times(dict.fromkeys(partitions, start_ms))
+    active = set()
+    for tp in partitions:
+        hit = found.get(tp)
+        if hit is None:
+            continue  # Apache Kafka: nothing written at or after that time
+        if hit.timestamp < 0:
+            await consumer.seek_to_beginning(tp)  # Tansu: no answer by time; read it all
+        else:
+            consumer.seek(tp, hit.offset)
+        active.add(tp)
+    return active
+
+
+def _text(value: bytes | str) -> str:
+    # The client is built without decode_responses, so replies are bytes; the stubs allow str.
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _line(out: TextIO, action: str, error: LLMError) -> None:
+    when = datetime.fromtimestamp(error.occurred_at_ms / 1000, UTC).isoformat(
+        timespec="milliseconds"
+    )
+    status = f" {error.status_code}" if error.status_code is not None else ""
+    out.write(
+        f"{action:<26} {error.request_id or '-'}  {error.error_type}{status}  {when}  "
+        f"{_shorten(error.message)}\n"
+    )
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _summary(report: ReplayReport, dry_run: bool, out: TextIO) -> None:
+    verb = "would replay" if dry_run else "replayed"
+    skipped = ", ".join(f"{len(ids)} {reason}" for reason, ids in report.skipped.items())
+    out.write(
+        f"{report.scanned} error events read, {len(report.selected)} selected: "
+        f"{verb} {len(report.replayed)}" + (f"; skipped {skipped}" if skipped else "") + "\n"
+    )
+
+
+def selection_from(
+    *,
+    error_types: Iterable[str] = (),
+    request_ids: Iterable[str] = (),
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = None,
+) -> Selection:
+    """A :class:`Selection` from command-line values."""
+    return Selection(
+        error_types=frozenset(error_types),
+        request_ids=frozenset(request_ids),
+        since_ms=parse_time(since) if since is not None else None,
+        until_ms=parse_time(until) if until is not None else None,
+        limit=limit,
+    )

@@ -1,0 +1,164 @@
+"""``llmstream replay`` end to end: a worker process, the simulator, the broker and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from llmstream.replay import ReplayError, Selection, parse_time, replay
+from llmstream.settings import ServiceSettings
+from processors.simulator import SimulatorServer, SimulatorSettings
+from schemas.models import LLMError, LLMResponse
+from tests.harness import WorkerProcess, produce, read_raw, read_topic, request, request_events
+from tests.harness import worker_env as make_worker_env
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[SimulatorServer]:
+    server = SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=5))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def calls(simulator: SimulatorServer) -> dict[str, int]:
+    async with httpx.AsyncClient(base_url=simulator.url) as client:
+        stats = (await client.get("/_sim/stats")).json()
+    return stats["calls_by_request_id"]  # type: ignore[no-any-return]
+
+
+async def run_replay(settings: ServiceSettings, selection: Selection, **kw: bool) -> str:
+    out = io.StringIO()
+    await replay(settings, selection, out=out, **kw)
+    return out.getvalue()
+
+
+@pytest.mark.integration
+async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
+    settings: ServiceSettings,
+    simulator: SimulatorServer,
+    redis_client: aioredis.Redis,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    # zstd on every producer (worker, replay): the codec path is exercised too.
+    settings = settings.model_copy(update={"kafka_compression": "zstd"})
+    async with httpx.AsyncClient(base_url=simulator.url) as client:
+        script = {"request_id": "bad-400", "responses": [{"status": 400}]}
+        (await client.post("/_sim/script", json=script)).raise_for_status()
+    now_ms = time.time_ns() // 1_000_000
+    originals = [
+        *request_events([request("bad-400"), request("late", deadline_ms=now_ms - 1000)]),
+        (b"junk", b"not an event at all"),
+    ]
+    env = make_worker_env(
+        settings, simulator.url, f"g-{unique}", LLMSTREAM_KAFKA_COMPRESSION="zstd"
+    )
+    worker = WorkerProcess(env, tmp_path).start()
+    try:
+        await worker.wait_ready()
+        await produce(settings.kafka_bootstrap_servers, settings.requests_topic, originals)
+        errors = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.errors_topic,
+            LLMError,
+            until=lambda got: len(got) >= 3,
+        )
+        assert sorted(e.error_type for e in errors) == ["expired", "invalid_request", "undecodable"]
+        assert await calls(simulator) == {"bad-400": 1}
+
+        # Dry run: lists what it would do, changes nothing, publishes nothing.
+        everything = await run_replay(settings, Selection(), dry_run=True)
+        assert "would replay" in everything and "bad-400" in everything and "late" in everything
+        assert "skip (no request)" in everything and "junk" in everything
+        assert (
+            "3 error events read, 3 selected: would replay 2; skipped 1 no request to replay"
+            in (everything)
+        )
+        state = await redis_client.hget(f"{settings.redis_key_prefix}req:bad-400", "state")
+        assert state == b"failed"
+
+        # By error type, with the command itself: only the 400 is replayed; the worker calls
+        # the provider again and this time it answers.
+        command = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "llmstream.cli", "replay", "--error-type", "invalid_request"),
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await command.communicate()
+        assert command.returncode == 0, err.decode()
+        output = out.decode()
+        assert output.splitlines()[0].startswith("replayed") and "bad-400" in output
+        assert "replayed 1" in output
+        responses = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.responses_topic,
+            LLMResponse,
+            until=lambda got: len(got) >= 1,
+        )
+        assert [r.request_id for r in responses] == ["bad-400"]
+        assert responses[0].content.startswith("echo:")
+        assert await calls(simulator) == {"bad-400": 2}
+
+        # Replaying again: the request succeeded since, so it is not published (not paid twice).
+        again = await run_replay(settings, Selection(request_ids=frozenset({"bad-400"})))
+        assert "skip (succeeded since)" in again
+    finally:
+        worker.stop()
+    published = await read_raw(
+        settings.kafka_bootstrap_servers, settings.requests_topic, len(originals) + 2, timeout=3
+    )
+    assert len(published) == len(originals) + 1  # the one replay, no more
+    assert await calls(simulator) == {"bad-400": 2}
+
+
+@pytest.mark.integration
+async def test_replay_selects_by_time_and_id(settings: ServiceSettings) -> None:
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.errors_topic,
+        [
+            (
+                f"r-{i}".encode(),
+                LLMError(
+                    request_id=f"r-{i}",
+                    error_type="provider_error",
+                    message="boom",
+                    request=request(f"r-{i}"),
+                    occurred_at_ms=1_000_000 + i * 1000,
+                )
+                .model_dump_json()
+                .encode(),
+            )
+            for i in range(5)
+        ],
+    )
+
+    async def selected(selection: Selection) -> list[str]:
+        out = await run_replay(settings, selection, dry_run=True)
+        return [line.split()[2] for line in out.splitlines() if line.startswith("would replay")]
+
+    assert await selected(Selection(since_ms=1_002_000, until_ms=1_004_000)) == ["r-2", "r-3"]
+    assert await selected(Selection(request_ids=frozenset({"r-4", "r-0"}))) == ["r-0", "r-4"]
+    assert await selected(Selection(limit=2)) == ["r-0", "r-1"]
+    assert await selected(Selection(error_types=frozenset({"rate_limited"}))) == []
+
+
+def test_times_are_iso_8601_or_epoch_milliseconds() -> None:
+    assert parse_time("1700000000000") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20Z") == 1_700_000_000_000
+    assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000_000
+    assert parse_time("2023-11-14T22:13:20") == 1_700_000_000_000  # UTC when it does not say
+    with pytest.raises(ReplayError, match="neither an ISO 8601 time"):
+        parse_time("yesterday")

@@ -1,4 +1,5 @@
-"""The ``llmstream`` command: ``worker``, ``ingress``, ``simulate``, ``dev``."""
+"""The ``llmstream`` command: ``worker``, ``ingress``, ``simulate``, ``replay``, ``healthcheck``,
+``dev``, ``bench``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -43,6 +45,88 @@ def _ingress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from aiokafka.errors import KafkaError
+    from redis.exceptions import RedisError
+
+    from llmstream.replay import ReplayError, replay, selection_from
+    from llmstream.settings import ServiceSettings
+
+    try:
+        selection = selection_from(
+            error_types=args.error_type,
+            request_ids=args.ids,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
+        asyncio.run(
+            replay(
+                ServiceSettings(),
+                selection,
+                dry_run=args.dry_run,
+                clear_deadline=args.clear_deadline,
+            )
+        )
+    except ReplayError as exc:
+        print(f"llmstream replay: {exc}", file=sys.stderr)
+        return 2
+    except (KafkaError, RedisError, OSError) as exc:
+        # What was published before the failure is listed above; running again is safe.
+        print(f"llmstream replay: {exc!r}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# The services' default ports; a deployment that changes them passes its URLs.
+_HEALTH_URLS = (
+    "http://127.0.0.1:9100/health",  # worker
+    "http://127.0.0.1:8080/health",  # ingress
+    "http://127.0.0.1:8090/_sim/stats",  # simulator
+)
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    """Exit 0 when the service in this container answers its health URL with 200.
+
+    Standard library only: a container runs this every few seconds.
+    """
+    import urllib.error
+    import urllib.request
+
+    urls = args.url or list(_HEALTH_URLS)
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            print(f"not an http(s) URL: {url}", file=sys.stderr)
+            return 2
+        try:
+            with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except OSError:
+            continue  # nothing listens there: another kind of service
+        print(f"{url}: {status}")
+        return 0 if status == 200 else 1
+    print(f"nothing answers at {', '.join(urls)}", file=sys.stderr)
+    return 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from llmstream.bench import bench_options, run_bench
+
+    return run_bench(bench_options(args))
+
+
+def _bench_traffic(args: argparse.Namespace) -> int:
+    from llmstream.traffic_bench import SCENARIOS, run_traffic_bench
+
+    scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    if not set(scenarios) <= set(SCENARIOS):
+        raise SystemExit(f"--scenarios: choose from {','.join(SCENARIOS)}, got {args.scenarios!r}")
+    return run_traffic_bench(scenarios, scale=args.scale, requests=args.requests)
+
+
 def _dev(args: argparse.Namespace) -> int:
     from llmstream.dev import run_dev
 
@@ -74,6 +158,61 @@ def main(argv: list[str] | None = None) -> int:
     ingress.add_argument("--host")
     ingress.add_argument("--port", type=int)
     ingress.set_defaults(func=_ingress)
+
+    replay = commands.add_parser(
+        "replay", help="publish the requests of selected llm-errors events to llm-requests again"
+    )
+    replay.add_argument(
+        "--error-type", action="append", default=[], metavar="TYPE", help="repeatable"
+    )
+    replay.add_argument(
+        "--id", dest="ids", action="append", default=[], metavar="REQUEST_ID", help="repeatable"
+    )
+    replay.add_argument("--since", help="errors at or after: ISO 8601 (UTC if no offset) or ms")
+    replay.add_argument("--until", help="errors before: ISO 8601 (UTC if no offset) or ms")
+    replay.add_argument("--limit", type=int, help="at most this many requests, oldest first")
+    replay.add_argument("--dry-run", action="store_true", help="list them; change nothing")
+    replay.add_argument(
+        "--clear-deadline", action="store_true", help="drop deadline_ms (to replay 'expired')"
+    )
+    replay.set_defaults(func=_replay)
+
+    healthcheck = commands.add_parser(
+        "healthcheck", help="exit 0 when this container's worker, ingress or simulator is alive"
+    )
+    healthcheck.add_argument("url", nargs="*", help="default: each service's health URL")
+    healthcheck.add_argument("--timeout", type=float, default=3.0)
+    healthcheck.set_defaults(func=_healthcheck)
+
+    bench = commands.add_parser(
+        "bench", help="measure throughput per core, CPU per request and overhead (make bench)"
+    )
+    bench.add_argument("--requests", type=int, help="requests per scenario (default 30000)")
+    bench.add_argument("--latency-ms", type=float, help="simulated provider latency (200)")
+    bench.add_argument("--in-flight", type=int, help="in flight, worker and bare loop (500)")
+    bench.add_argument("--steady-seconds", type=float, help="scenario 3's duration (60)")
+    bench.add_argument("--scenarios", help="comma-separated, of 1,2,3,4,5 (default all)")
+    bench.add_argument("--partitions", type=int, help="partitions of the requests topic (4)")
+    bench.add_argument("--json", type=Path, metavar="PATH", help="also write the figures here")
+    bench.add_argument(
+        "--quick", action="store_true", help="a smoke run: 5000 requests, 15 s of steady load"
+    )
+    bench.set_defaults(func=_bench)
+
+    bench_traffic = commands.add_parser(
+        "bench-traffic",
+        help="traffic control end to end: goodput at a rate limit, adaptation, circuit breaking",
+    )
+    bench_traffic.add_argument(
+        "--scenarios", help="comma-separated, of goodput,adaptive,circuit (default all)"
+    )
+    bench_traffic.add_argument(
+        "--requests", type=int, default=3000, help="queued requests (goodput, adaptive)"
+    )
+    bench_traffic.add_argument(
+        "--scale", type=float, default=1.0, help="time scale: 10 runs ten times faster (1)"
+    )
+    bench_traffic.set_defaults(func=_bench_traffic)
 
     dev = commands.add_parser(
         "dev", help="start broker, Redis, simulator and a worker, and show requests flowing"

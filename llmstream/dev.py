@@ -135,6 +135,9 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
             # Kafka's minimum; Tansu holds a group join for half of it.
             "LLMSTREAM_SESSION_TIMEOUT_S": "6",
         }
+        if "kafka (tansu)" in services.started:
+            # Tansu cannot grant producer IDs (PLATFORM.md); a real Kafka keeps the default.
+            env["LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER"] = "false"
         children = [
             ManagedProcess(
                 "simulator",

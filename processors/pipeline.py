@@ -25,6 +25,7 @@ from processors.metrics import WorkerMetrics
 from processors.providers import Completion, ProviderError, ProviderRouter
 from processors.retry import RetryPolicy, call_with_retries
 from processors.settings import WorkerSettings
+from processors.traffic import TrafficControl, TrafficProgress
 from schemas.codec import DecodeError, WireFormat, decode, decode_request, encode
 from schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
 
@@ -70,8 +71,11 @@ class RequestProcessor:
         emitter: Emitter,
         metrics: WorkerMetrics,
         rng: random.Random | None = None,
+        traffic: TrafficControl | None = None,
     ) -> None:
         self._settings = settings
+        # Rate limits, fallbacks, circuits, cache and cost; without it, plain retries.
+        self._traffic = traffic
         self._dedup = dedup
         self._router = router
         self._emitter = emitter
@@ -158,16 +162,24 @@ class RequestProcessor:
         def on_retry(attempt: int, delay: float, error: ProviderError) -> None:
             self._metrics.retries.labels(provider.name, error.error_type).inc()
 
+        # Time spent waiting for rate budget or an open circuit is neither the provider's
+        # latency nor the worker's overhead.
+        traffic = TrafficProgress()
         try:
-            completion, attempts = await call_with_retries(
-                lambda: provider.complete(request, model),
-                self._policy,
-                deadline_ms=request.deadline_ms,
-                rng=self._rng,
-                on_retry=on_retry,
-            )
+            if self._traffic is None:
+                completion, attempts = await call_with_retries(
+                    lambda: provider.complete(request, model),
+                    self._policy,
+                    deadline_ms=request.deadline_ms,
+                    rng=self._rng,
+                    on_retry=on_retry,
+                )
+            else:
+                completion, attempts = await self._traffic.complete(
+                    request, provider, model, traffic
+                )
         except ProviderError as exc:
-            provider_s = time.perf_counter() - provider_started
+            provider_s = time.perf_counter() - provider_started - traffic.waited_s
             self._metrics.provider_latency.labels(
                 provider.name, self._metrics.model_label(model)
             ).observe(provider_s)
@@ -175,11 +187,19 @@ class RequestProcessor:
             await self._finish_failed(
                 request, error, queue_ms=queue_ms, latency_ms=int(provider_s * 1000)
             )
-            self._observe_overhead(started, provider_s)
+            self._observe_overhead(started, provider_s + traffic.waited_s)
             return
-        provider_s = time.perf_counter() - provider_started
-        await self._finish_completed(request, completion, attempts, provider_s, queue_ms)
-        self._observe_overhead(started, provider_s)
+        provider_s = time.perf_counter() - provider_started - traffic.waited_s
+        await self._finish_completed(
+            request,
+            completion,
+            attempts,
+            provider_s,
+            queue_ms,
+            cost_usd=traffic.cost_usd,
+            cached=traffic.cached,
+        )
+        self._observe_overhead(started, provider_s + traffic.waited_s)
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -190,6 +210,9 @@ class RequestProcessor:
         attempts: int,
         provider_s: float,
         queue_ms: int | None,
+        *,
+        cost_usd: float | None = None,
+        cached: bool = False,
     ) -> None:
         latency_ms = int(provider_s * 1000)
         response = LLMResponse(
@@ -201,9 +224,11 @@ class RequestProcessor:
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             total_tokens=completion.total_tokens,
+            cost_usd=cost_usd,
             latency_ms=latency_ms,
             queue_ms=queue_ms,
             attempts=attempts,
+            cached=cached,
             client_id=request.client_id,
             metadata=request.metadata,
             created_at_ms=request.created_at_ms,
@@ -220,6 +245,8 @@ class RequestProcessor:
             log.warning("claim on %s was taken over; outcome not emitted here", request.request_id)
             return
         await self._emit_and_mark(request.request_id, response, self._success_metric(response))
+        if cached:
+            return  # no provider call: no provider latency, attempts or tokens
         label = self._metrics.model_label(completion.model)
         self._metrics.provider_latency.labels(completion.provider, label).observe(provider_s)
         self._metrics.attempts.labels(completion.provider).observe(attempts)
@@ -418,7 +445,7 @@ class RequestProcessor:
     def _success_metric(self, response: LLMResponse) -> LLMMetric:
         return LLMMetric(
             request_id=response.request_id,
-            status="success",
+            status="cache_hit" if response.cached else "success",
             provider=response.provider,
             model=response.model,
             client_id=response.client_id,

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from pydantic import Field
 
 from llmstream.settings import ServiceSettings
+from processors.pricing import Price
+from processors.ratelimit import RateLimit
 
 
 def _default_worker_id() -> str:
@@ -37,6 +40,50 @@ class WorkerSettings(ServiceSettings):
     max_retry_after_s: float = Field(120.0, gt=0.0)
     # Re-emit the stored response to llm-responses when a completed request ID comes again.
     reemit_duplicates: bool = False
+    # How often llmstream_consumer_lag_messages is sampled from the brokers; 0 turns it off.
+    consumer_lag_interval_s: float = Field(15.0, ge=0.0)
     # Prometheus /metrics, /health and /ready.
     http_host: str = "0.0.0.0"  # noqa: S104 - scraped from other hosts in a deployment
     http_port: int = Field(9100, ge=0, le=65535)
+
+    # --- traffic control (processors/traffic.py) ---------------------------------------------
+    # Shared rate limits by provider ("openai") or model ("openai/gpt-4o"), and quotas by
+    # client_id ("default" applies to each client without its own entry), as JSON:
+    # {"openai": {"rpm": 600, "tpm": 200000}, "openai/gpt-4o": {"rpm": 100}}
+    rate_limits: dict[str, RateLimit] = Field(default_factory=dict)
+    client_quotas: dict[str, RateLimit] = Field(default_factory=dict)
+    # Run this far below the configured limits, so the jitter between the decision and the
+    # call's arrival cannot push a provider's one-minute window over.
+    rate_limit_margin: float = Field(0.02, ge=0.0, lt=0.5)
+    # A slot is reserved at most this far ahead (see processors/ratelimit.py).
+    rate_limit_horizon_s: float = Field(0.5, gt=0.0, le=10.0)
+    # Requests waiting for budget without holding an in-flight slot (processors/backpressure.py).
+    max_waiting: int = Field(5000, ge=0)
+    # Completion tokens assumed before the call when the request sets no max_tokens (TPM).
+    tpm_default_completion_tokens: int = Field(256, ge=1)
+    # 429s one request may get after the limiter let it through, before it fails.
+    max_rate_limited_attempts: int = Field(30, ge=1)
+    # Adaptive rate (processors/adaptive.py): the providers' rate window, the recovery per
+    # minute (share of the configured rate), the lowest factor, the pause without Retry-After.
+    adaptive_window_s: float = Field(60.0, gt=0.0)
+    adaptive_recovery_per_min: float = Field(0.1, ge=0.0)
+    adaptive_min_factor: float = Field(0.05, gt=0.0, le=1.0)
+    rate_limit_default_pause_s: float = Field(1.0, ge=0.0)
+    # Circuit breaking per provider/model (processors/circuit.py).
+    circuit_breaker: bool = True
+    circuit_window_s: float = Field(10.0, gt=0.0)
+    circuit_min_failures: int = Field(5, ge=1)
+    circuit_failure_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    circuit_cooldown_s: float = Field(10.0, gt=0.0)
+    circuit_probe_lease_s: float = Field(30.0, gt=0.0)
+    # How often circuits, pauses and rate factors are read from Redis (changes by other workers).
+    traffic_sync_s: float = Field(0.5, gt=0.0)
+    # Fallbacks by model for requests that name none: {"openai/gpt-4o": ["anthropic/claude-..."]}
+    fallbacks: dict[str, list[str]] = Field(default_factory=dict)
+    # Response cache: for requests with "cache": true, or every request at temperature 0.
+    cache_ttl_s: int = Field(24 * 3600, ge=1)
+    cache_temperature_zero: bool = False
+    # Prices in USD per million tokens, over the built-in table: {"openai/gpt-4o":
+    # {"input": 2.5, "output": 10}}; or a JSON/TOML file of the same shape.
+    prices: dict[str, Price] = Field(default_factory=dict)
+    prices_file: Path | None = None

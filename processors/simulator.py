@@ -12,8 +12,10 @@ words (``length`` / ``max_tokens``). A token is a whitespace-separated word.
 Each call, in order: counted under its ``X-Client-Request-Id`` (``""`` without one); a scripted
 response for that ID, if any, is used instead of everything below (``status`` 200 is a normal
 answer; only ``delay_ms`` delays a scripted call); wrong API key → 401; over ``rpm_limit`` in
-the last 60 s → 429 with ``Retry-After`` (whole seconds) and ``retry-after-ms``; malformed body
-→ 400; then the latency, then ``error_rate`` of calls get a 500.
+a sliding window of the last ``rate_window_s`` (60 s: ``rpm_limit`` calls; a shorter window
+allows ``rpm_limit * rate_window_s / 60``, for time-scaled tests) → 429 with ``Retry-After``
+(whole seconds) and ``retry-after-ms`` (when the oldest call leaves the window); malformed body
+→ 400; then the latency, then ``error_rate`` of calls get ``error_status`` (500).
 
 A call keeps running when its client goes away, as it would at a provider (which still bills
 it): ``in_flight`` counts calls not yet answered, whoever is still listening.
@@ -25,7 +27,8 @@ Control, for tests::
     GET  /_sim/calls   {"calls": [{"request_id", "api", "status", "finished"}, ...]} in arrival
                        order (the last 100,000)
     POST /_sim/reset   back to the start: counters, call log, scripts, rate window and config
-    POST /_sim/config  {"latency_ms", "latency_jitter", "error_rate", "rpm_limit"} (any subset)
+    POST /_sim/config  {"latency_ms", "latency_jitter", "error_rate", "error_status",
+                        "rpm_limit", "rate_window_s"} (any subset)
     POST /_sim/script  {"request_id": "r1", "responses": [{"status": 500},
                         {"status": 429, "retry_after": 1.5}, {"status": 200, "delay_ms": 50}]}
 
@@ -74,7 +77,9 @@ class SimulatorSettings(BaseSettings):
     latency_ms: float = Field(default=200.0, ge=0)
     latency_jitter: float = Field(default=0.2, ge=0, le=1)
     error_rate: float = Field(default=0.0, ge=0, le=1)
+    error_status: int = Field(default=500, ge=500, le=599)
     rpm_limit: int | None = Field(default=None, ge=1)
+    rate_window_s: float = Field(default=RATE_WINDOW_S, gt=0, le=3600)
     api_key: SecretStr | None = None
     seed: int | None = None
 
@@ -85,7 +90,9 @@ class _ConfigUpdate(BaseModel):
     latency_ms: float | None = Field(default=None, ge=0)
     latency_jitter: float | None = Field(default=None, ge=0, le=1)
     error_rate: float | None = Field(default=None, ge=0, le=1)
+    error_status: int | None = Field(default=None, ge=500, le=599)
     rpm_limit: int | None = Field(default=None, ge=0)  # 0 turns the limit off
+    rate_window_s: float | None = Field(default=None, gt=0, le=3600)
 
 
 class _Step(BaseModel):
@@ -128,6 +135,8 @@ class _Config:
     latency_jitter: float
     error_rate: float
     rpm_limit: int | None
+    error_status: int = 500
+    rate_window_s: float = RATE_WINDOW_S
 
 
 class _State:
@@ -143,7 +152,14 @@ class _State:
 
     def reset(self) -> None:
         s = self.settings
-        self.config = _Config(s.latency_ms, s.latency_jitter, s.error_rate, s.rpm_limit)
+        self.config = _Config(
+            s.latency_ms,
+            s.latency_jitter,
+            s.error_rate,
+            s.rpm_limit,
+            s.error_status,
+            s.rate_window_s,
+        )
         self.calls_total = 0
         self.completed_total = 0
         self.calls: deque[_Call] = deque(maxlen=CALL_LOG_SIZE)
@@ -164,15 +180,16 @@ class _State:
 
     def rate_limited(self) -> float | None:
         """Seconds until a slot frees, when the last minute is full; else take a slot."""
-        limit = self.config.rpm_limit
-        if not limit:
+        if not self.config.rpm_limit:
             return None
+        span = self.config.rate_window_s
+        limit = max(1, round(self.config.rpm_limit * span / 60))
         now = time.monotonic()
         window = self.window
-        while window and window[0] <= now - RATE_WINDOW_S:
+        while window and window[0] <= now - span:
             window.popleft()
         if len(window) >= limit:
-            return window[0] + RATE_WINDOW_S - now
+            return window[0] + span - now
         window.append(now)
         return None
 
@@ -314,7 +331,7 @@ async def _respond(
     if latency:
         await asyncio.sleep(latency)
     if state.config.error_rate and state.rng.random() < state.config.error_rate:
-        return _error(state, wire, 500)
+        return _error(state, wire, state.config.error_status)
     return _answer(state, wire, request, raw)
 
 

@@ -15,21 +15,26 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import faust
 import redis.asyncio as aioredis
 from aiohttp import web
+from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
+from faust.types import ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from llmstream.connections import faust_options
 from processors.acks import OrderedAcks, Ticket
 from processors.dedup import ClaimUnavailable, DedupStore
+from processors.lag import ConsumerLag
 from processors.metrics import WorkerMetrics
 from processors.pipeline import Output, RequestProcessor, Source
 from processors.providers import create_http_client
 from processors.providers.settings import ProviderSettings, build_router
 from processors.settings import WorkerSettings
+from processors.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +52,11 @@ class FaustEmitter:
 
 
 def create_faust_app(settings: WorkerSettings) -> faust.App:
-    """The faust app of a worker: consumer group, commit and membership settings."""
-    return faust.App(
+    """The faust app of a worker: brokers and their security, consumer group, commit and
+    membership settings, the producer's acks, idempotence and compression."""
+    app = _App(
         settings.consumer_group,
-        broker=[
-            f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
-        ],
+        **faust_options(settings),
         autodiscover=False,
         web_enabled=False,  # our own endpoints (/metrics, /health, /ready) are served below
         topic_allow_declare=False,  # the four topics are created by deployment, not by workers
@@ -64,12 +68,30 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,
-        producer_acks=-1,
         # Enough buffered events per partition to keep max_in_flight busy.
         stream_buffer_maxsize=max(4096, settings.max_in_flight),
         key_serializer="raw",
         value_serializer="raw",
     )
+    app.idempotent_producer = settings.kafka_idempotent_producer
+    return app
+
+
+class _IdempotentProducer(AIOKafkaDriverProducer):
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "enable_idempotence": True}
+
+
+class _App(faust.App):
+    """faust's app with the idempotent producer when configured: faust 0.15 has no setting for
+    it (it turns it on only inside transactions, which llmstream does not use)."""
+
+    idempotent_producer = False
+
+    def _new_producer(self) -> ProducerT:
+        if not self.idempotent_producer:
+            return super()._new_producer()
+        return _IdempotentProducer(self.transport, loop=self.loop, beacon=self.beacon)
 
 
 class Worker:
@@ -94,6 +116,7 @@ class Worker:
         self._assigned = False
         self._stopping = False
         self._dedup: DedupStore | None = None
+        self._traffic: TrafficControl | None = None
         self._last_heartbeat = 0.0
         topic = self.app.topic(
             settings.requests_topic,
@@ -134,6 +157,9 @@ class Worker:
     async def _consume(self, stream: faust.StreamT[bytes]) -> None:
         async with self._runtime() as processor:
             slots = asyncio.Semaphore(self.settings.max_in_flight)
+            if self._traffic is not None:
+                # Requests waiting for a provider's budget give their slot back meanwhile.
+                self._traffic.room.bind(slots)
             # noack(): faust must not ack on its own; see the module docstring.
             async for event in stream.noack().events():  # type: ignore[attr-defined]
                 await slots.acquire()
@@ -199,23 +225,32 @@ class Worker:
             lease_ms=settings.lease_ms,
             result_ttl_s=settings.result_ttl_s,
         )
+        router = build_router(self.providers, http)
+        traffic = self._traffic = TrafficControl(
+            settings, redis=redis, router=router, metrics=self.metrics, worker_token=self._token
+        )
         processor = RequestProcessor(
             settings,
             dedup=dedup,
-            router=build_router(self.providers, http),
+            router=router,
             emitter=FaustEmitter(self.app),
             metrics=self.metrics,
+            traffic=traffic,
         )
         self._dedup = dedup
         heartbeat = asyncio.create_task(self._heartbeat(dedup))
+        background = [heartbeat, asyncio.create_task(traffic.run())]
+        if settings.consumer_lag_interval_s > 0:
+            lag = ConsumerLag(settings, self.metrics.consumer_lag)
+            background.append(asyncio.create_task(lag.run(settings.consumer_lag_interval_s)))
         runner = await self._serve_http()
         try:
             yield processor
         finally:
             await self._drain()
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await runner.cleanup()
             await http.aclose()
             await redis.aclose()

@@ -1,0 +1,104 @@
+"""What a call cost: a price table in US dollars per million input and output tokens.
+
+The built-in table holds list prices of common models for standard (uncached, non-batch) tokens.
+Configuration overrides or extends it (``LLMSTREAM_PRICES``, ``LLMSTREAM_PRICES_FILE``), keyed by
+``provider/model`` or by the bare model name::
+
+    {"openai/gpt-4o": {"input": 2.5, "output": 10.0}, "my-finetune": {"input": 0.3, "output": 1.2}}
+
+A model is looked up as ``provider/model``, then as the bare model, then without a date or
+``-latest`` suffix (``gpt-4o-2024-08-06`` → ``gpt-4o``). A model found nowhere costs ``None``
+(unknown), never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["BUILTIN_PRICES", "Price", "PriceTable", "load_prices_file"]
+
+
+class Price(BaseModel):
+    """USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: float = Field(ge=0)
+    output: float = Field(ge=0)
+
+
+# List prices per million tokens (input, output), standard tier, as published on the providers'
+# pricing pages (openai.com/api/pricing, anthropic.com/pricing); checked 2025-06. Prices change:
+# override them with LLMSTREAM_PRICES rather than trusting this table for invoices.
+BUILTIN_PRICES: Mapping[str, Price] = {
+    name: Price(input=i, output=o)
+    for name, (i, o) in {
+        # OpenAI
+        "gpt-4o": (2.50, 10.00),
+        "gpt-4o-mini": (0.15, 0.60),
+        "gpt-4.1": (2.00, 8.00),
+        "gpt-4.1-mini": (0.40, 1.60),
+        "gpt-4.1-nano": (0.10, 0.40),
+        "gpt-4-turbo": (10.00, 30.00),
+        "gpt-3.5-turbo": (0.50, 1.50),
+        "o1": (15.00, 60.00),
+        "o3-mini": (1.10, 4.40),
+        "o4-mini": (1.10, 4.40),
+        # Anthropic
+        "claude-3-5-haiku": (0.80, 4.00),
+        "claude-3-5-sonnet": (3.00, 15.00),
+        "claude-3-7-sonnet": (3.00, 15.00),
+        "claude-sonnet-4": (3.00, 15.00),
+        "claude-opus-4": (15.00, 75.00),
+        "claude-3-haiku": (0.25, 1.25),
+        "claude-3-opus": (15.00, 75.00),
+    }.items()
+}
+
+# gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, claude-3-5-haiku-latest
+_VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+class PriceTable:
+    """Prices by model; ``cost()`` is None for a model it does not know."""
+
+    def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
+        self._prices: dict[str, Price] = {**BUILTIN_PRICES, **(overrides or {})}
+
+    def price(self, provider: str, model: str) -> Price | None:
+        """The price of ``model`` at ``provider``, if known."""
+        for name in (f"{provider}/{model}", model):
+            found = self._prices.get(name) or self._prices.get(_VERSION_SUFFIX.sub("", name))
+            if found is not None:
+                return found
+        return None
+
+    def cost(
+        self, provider: str, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> float | None:
+        """USD for one call, or None when the model's price is unknown."""
+        price = self.price(provider, model)
+        if price is None:
+            return None
+        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+
+
+def load_prices_file(path: Path) -> dict[str, Price]:
+    """Prices from a JSON or TOML file (by suffix) of the ``LLMSTREAM_PRICES`` shape."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read LLMSTREAM_PRICES_FILE {path}: {exc}") from exc
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse LLMSTREAM_PRICES_FILE {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"LLMSTREAM_PRICES_FILE {path} must hold an object of prices")
+    return {name: Price.model_validate(entry) for name, entry in raw.items()}

@@ -107,13 +107,6 @@ end
 return #KEYS
 """
 
-# KEYS[1] request hash; ARGV: token. Gives up a claim that never reached the provider.
-_RELEASE = """
-local h = redis.call('HMGET', KEYS[1], 'state', 'owner')
-if h[1] == 'claimed' and h[2] == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end
-return 0
-"""
-
 
 # One script run for every claim, settle and mark waiting. Each single-request script above
 # becomes a Lua function of (KEYS, ARGV), so each call is decided exactly as alone, and the
@@ -290,7 +283,6 @@ class DedupStore:
         self._heartbeat_key = f"{self._hb_prefix}{worker_token}"
         self.lease_ms = lease_ms
         self._ttl = str(result_ttl_s)
-        self._release = redis.register_script(_RELEASE)
         self._batcher = _Batcher(
             redis,
             batch_interval_s,
@@ -336,13 +328,6 @@ class DedupStore:
         if request_ids:
             keys = [self.key(r) for r in request_ids]
             await self._batcher(_Call("mark", keys, [], "mark outcomes emitted"))
-
-    async def release(self, request_id: str) -> None:
-        """Give up a claim that never reached the provider (shutdown, cancelled task)."""
-        try:
-            await self._release(keys=[self.key(request_id)], args=[self.worker_token])
-        except RedisError as exc:
-            raise ClaimUnavailable(f"cannot release the claim: {exc}") from exc
 
     async def result(self, request_id: str) -> StoredResult | None:
         """The stored state of a request ID, for readers such as the ingress."""

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
 from processors.metrics import WorkerMetrics
@@ -372,7 +372,28 @@ class RequestProcessor:
             self._output(topic, request_id, outcome),
             self._output(self._settings.metrics_topic, request_id, metric),
         ]
-        await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
+        try:
+            await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
+        except MessageSizeTooLargeError:
+            # Retrying cannot help, and waiting would stall the partition: say so on
+            # llm-errors instead. The full outcome stays readable in Redis (the ingress).
+            error = LLMError(
+                request_id=request_id,
+                error_type="output_too_large",
+                message=f"the outcome ({len(outputs[0].value)} bytes) is larger than the "
+                "broker accepts (max.message.bytes); it is stored and readable via the ingress",
+                provider=metric.provider,
+                model=metric.model,
+                client_id=metric.client_id,
+                attempts=metric.attempts,
+                occurred_at_ms=now_ms(),
+            )
+            metric = self._error_metric(error, status="error")
+            outputs = [
+                self._output(self._settings.errors_topic, request_id, error),
+                self._output(self._settings.metrics_topic, request_id, metric),
+            ]
+            await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
         await self._until_ok(lambda: self._dedup.mark_emitted([request_id]), "mark emitted")
         self._count(metric)
 
@@ -382,6 +403,8 @@ class RequestProcessor:
         while True:
             try:
                 result = await operation()
+            except MessageSizeTooLargeError:
+                raise  # permanent: retrying would stall the partition forever
             except (ClaimUnavailable, KafkaError, OSError, TimeoutError) as exc:
                 failed = exc
             else:

@@ -21,6 +21,8 @@ from typing import Any
 import faust
 import redis.asyncio as aioredis
 from aiohttp import web
+from aiokafka.errors import KafkaError
+from faust.exceptions import ProducerSendError
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from faust.types import ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -47,7 +49,16 @@ class FaustEmitter:
 
     async def emit(self, outputs: Sequence[Output]) -> None:
         producer = self._app.producer
-        pending = [await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs]
+        try:
+            pending = [
+                await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs
+            ]
+        except ProducerSendError as exc:
+            # faust wraps aiokafka's errors; the pipeline tells transient ones (retried until
+            # the broker is back) from permanent ones (a message too large) by aiokafka's type.
+            if isinstance(exc.__cause__, KafkaError):
+                raise exc.__cause__ from None
+            raise
         await asyncio.gather(*pending)
 
 
@@ -69,7 +80,13 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,
         # Enough buffered events per partition to keep max_in_flight busy.
-        stream_buffer_maxsize=max(4096, settings.max_in_flight),
+        stream_buffer_maxsize=max(16384, 8 * settings.max_in_flight),
+        # An output larger than this is refused by the producer and reported on llm-errors as
+        # output_too_large; keep it at or under the topics' max.message.bytes.
+        producer_max_request_size=settings.max_event_bytes,
+        # faust keeps table state here; llmstream has no tables, but faust makes the folder
+        # anyway: not in the working directory (read-only in containers).
+        datadir=settings.faust_datadir,
         key_serializer="raw",
         value_serializer="raw",
     )

@@ -93,15 +93,6 @@ async def test_emitted_outcomes_make_later_copies_duplicates(
     assert stored is not None and stored.state == "failed"
 
 
-async def test_release_frees_a_claim_that_never_reached_the_provider(
-    pair: tuple[DedupStore, DedupStore],
-) -> None:
-    a, b = pair
-    await a.claim("r1", 0)
-    await a.release("r1")
-    assert (await b.claim("r1", 0)).status is ClaimStatus.CLAIMED
-
-
 async def test_a_worker_whose_own_lease_lapsed_claims_nothing(
     redis_client: aioredis.Redis, unique: str
 ) -> None:

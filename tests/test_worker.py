@@ -302,3 +302,41 @@ async def test_expired_requests_are_not_called_and_duplicates_can_be_reemitted(
     assert responses[0].content == responses[1].content
     calls = (await sim(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
     assert calls == {"in-time": 1}
+
+
+async def test_an_output_too_large_for_the_broker_is_reported_not_stalled(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    # The response echoes the request's metadata (3 KB), over a 2 KB producer limit.
+    big = request("too-big", metadata={f"k{i}": "v" * 300 for i in range(10)})
+    small = request("fits")
+    env = worker_env(settings, simulator.url, f"g-{unique}", LLMSTREAM_MAX_EVENT_BYTES="2048")
+    worker = WorkerProcess(env, tmp_path).start()
+    try:
+        await worker.wait_ready()
+        await produce(
+            settings.kafka_bootstrap_servers, settings.requests_topic, request_events([big, small])
+        )
+        metrics = await read_topic(
+            settings.kafka_bootstrap_servers,
+            settings.metrics_topic,
+            LLMMetric,
+            until=lambda got: len(got) >= 2,
+            timeout=60,
+        )
+    finally:
+        worker.stop()
+    errors = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.errors_topic,
+        LLMError,
+        until=lambda got: len(got) >= 1,
+        timeout=10,
+    )
+    assert sorted((m.request_id, m.status) for m in metrics) == [
+        ("fits", "success"),
+        ("too-big", "error"),
+    ]
+    [error] = errors
+    assert (error.request_id, error.error_type) == ("too-big", "output_too_large")
+    assert "max.message.bytes" in error.message

@@ -80,7 +80,7 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         broker_heartbeat_interval=settings.heartbeat_interval_s,
         broker_commit_interval=settings.commit_interval_s,
         # Enough buffered events per partition to keep max_in_flight busy.
-        stream_buffer_maxsize=max(16384, 8 * settings.max_in_flight),
+        stream_buffer_maxsize=max(4096, settings.max_in_flight),
         # An output larger than this is refused by the producer and reported on llm-errors as
         # output_too_large; keep it at or under the topics' max.message.bytes.
         producer_max_request_size=settings.max_event_bytes,

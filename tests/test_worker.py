@@ -177,8 +177,8 @@ async def test_transient_failures_are_retried_and_client_errors_are_not(
     # Retry-After: 1 s was honoured: the second attempt came at least a second after the first.
     assert responses["limited-429"].attempts == 2
     assert responses["limited-429"].latency_ms >= 1000
-    # Full jitter with base 0.05 s and cap 0.5 s: two retries wait at most 0.05 + 0.1 s.
-    assert responses["flaky-500"].latency_ms < 1000
+    # (Full-jitter bounds are checked exactly in test_retry.py with an injected sleep; an upper
+    # bound on wall time here would be a timing assertion on a shared CI machine.)
     [error] = errors
     assert (error.request_id, error.error_type, error.status_code, error.attempts) == (
         "bad-400",

@@ -13,6 +13,8 @@ they are ``SecretStr``, and the Redis URL is redacted in ``repr`` (:func:`redact
 
 from __future__ import annotations
 
+import json
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -127,3 +129,21 @@ class ServiceSettings(BaseSettings):
         # A Redis URL may carry a password: never let a printed settings object show it.
         for name, value in super().__repr_args__():
             yield name, redact_url(value) if name == "redis_url" else value
+
+
+def load_object_file(path: Path, variable: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (TOML when it ends in ``.toml``) that ``variable`` names.
+
+    Errors are ValueErrors that say which variable and file, so settings validation reports them.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read {variable} {path}: {exc}") from exc
+    try:
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot parse {variable} {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{variable} {path} must hold an object of {what}")
+    return raw

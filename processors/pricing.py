@@ -13,13 +13,13 @@ A model is looked up as ``provider/model``, then as the bare model, then without
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from llmstream.settings import load_object_file
 
 __all__ = ["BUILTIN_PRICES", "Price", "PriceTable", "load_prices_file"]
 
@@ -91,14 +91,5 @@ class PriceTable:
 
 def load_prices_file(path: Path) -> dict[str, Price]:
     """Prices from a JSON or TOML file (by suffix) of the ``LLMSTREAM_PRICES`` shape."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read LLMSTREAM_PRICES_FILE {path}: {exc}") from exc
-    try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot parse LLMSTREAM_PRICES_FILE {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"LLMSTREAM_PRICES_FILE {path} must hold an object of prices")
+    raw = load_object_file(path, "LLMSTREAM_PRICES_FILE", "prices")
     return {name: Price.model_validate(entry) for name, entry in raw.items()}

@@ -16,9 +16,7 @@ often carry credentials too. Constructor arguments override the environment.
 
 from __future__ import annotations
 
-import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from llmstream.settings import load_object_file
 from processors.providers import Provider, ProviderRouter
 from processors.providers.anthropic import AnthropicMessages
 from processors.providers.openai import OpenAICompatible
@@ -150,16 +149,7 @@ class _UnlessGiven(PydanticBaseSettingsSource):
 
 def _load_file(path: Path) -> dict[str, EndpointConfig]:
     """Read a JSON or TOML file of endpoints (by suffix; anything but .toml is JSON)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read LLMSTREAM_PROVIDERS_FILE {path}: {exc}") from exc
-    try:
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot parse LLMSTREAM_PROVIDERS_FILE {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"LLMSTREAM_PROVIDERS_FILE {path} must hold an object of endpoints")
+    raw = load_object_file(path, "LLMSTREAM_PROVIDERS_FILE", "endpoints")
     return {name: EndpointConfig.model_validate(entry) for name, entry in raw.items()}
 
 

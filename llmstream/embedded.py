@@ -9,7 +9,6 @@ instead; nothing is started for those.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -19,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,14 +242,3 @@ class EmbeddedServices:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-@contextlib.contextmanager
-def embedded_services(
-    topics: Sequence[str] = DEFAULT_TOPICS, partitions: int = 4
-) -> Iterator[EmbeddedServices]:
-    """Start (or reuse, from the environment) the services and create ``topics``."""
-    with EmbeddedServices.from_env() as services:
-        assert services.kafka_bootstrap_servers is not None
-        asyncio.run(create_topics(services.kafka_bootstrap_servers, topics, partitions))
-        yield services

@@ -51,14 +51,6 @@ class Claim:
     takeover: bool = False  # CLAIMED from a worker whose lease lapsed
 
 
-@dataclass(frozen=True, slots=True)
-class StoredResult:
-    """What the ingress shows for a request ID."""
-
-    state: str  # queued | claimed | completed | failed
-    payload: bytes | None
-
-
 # KEYS[1] request hash, KEYS[2] own heartbeat; ARGV: token, heartbeat key prefix, ttl_s, now_ms.
 _CLAIM = """
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'dead'} end
@@ -328,21 +320,3 @@ class DedupStore:
         if request_ids:
             keys = [self.key(r) for r in request_ids]
             await self._batcher(_Call("mark", keys, [], "mark outcomes emitted"))
-
-    async def result(self, request_id: str) -> StoredResult | None:
-        """The stored state of a request ID, for readers such as the ingress."""
-        try:
-            state, response, error = await self._redis.hmget(
-                self.key(request_id), ["state", "response", "error"]
-            )
-        except RedisError as exc:
-            raise ClaimUnavailable(f"cannot read the result: {exc}") from exc
-        if state is None:
-            return None
-        payload = response or error
-        return StoredResult(_text(state), _text(payload).encode() if payload else None)
-
-
-def _text(value: bytes | str) -> str:
-    # The client is built without decode_responses, so replies are bytes; the stubs allow str.
-    return value.decode() if isinstance(value, bytes) else value

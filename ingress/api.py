@@ -11,8 +11,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from ingress.results import Status
-from schemas.models import LLMError, LLMRequest, LLMResponse, RequestId
+from llmstream.ingress.results import Status
+from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, RequestId
 
 # The model's bound; the configured `max_batch` (default 100) is checked by the handler.
 MAX_BATCH_LIMIT = 10_000

@@ -38,8 +38,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import llmstream
-from ingress import openai_compat
-from ingress.api import (
+from llmstream.core.connections import kafka_producer_options
+from llmstream.ingress import openai_compat
+from llmstream.ingress.api import (
     BODY_TAGS,
     Admitted,
     Failure,
@@ -49,16 +50,15 @@ from ingress.api import (
     SubmittedBatch,
     SubmittedRequest,
 )
-from ingress.auth import ApiKeys, Identity
-from ingress.errors import ApiError, install_error_handlers, validation_error
-from ingress.metrics import IngressMetrics
-from ingress.publish import Admission, Event, Publisher
-from ingress.ratelimit import RateLimiter
-from ingress.results import RequestLedger, ResponseListener
-from ingress.settings import IngressSettings
-from llmstream.connections import kafka_producer_options
-from schemas.codec import WireFormat, encode
-from schemas.models import LLMError, LLMRequest, LLMResponse
+from llmstream.ingress.auth import ApiKeys, Identity
+from llmstream.ingress.errors import ApiError, install_error_handlers, validation_error
+from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.publish import Admission, Event, Publisher
+from llmstream.ingress.ratelimit import RateLimiter
+from llmstream.ingress.results import RequestLedger, ResponseListener
+from llmstream.ingress.settings import IngressSettings
+from llmstream.schemas.codec import WireFormat, encode
+from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ingress.errors import ApiError
+from llmstream.ingress.errors import ApiError
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="llmstream"'}
 

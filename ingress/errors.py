@@ -21,7 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from llmstream.errors import LLMStreamError
+from llmstream.core.errors import LLMStreamError
 
 _MAX_MESSAGE = 300
 _MAX_FIELD = 200

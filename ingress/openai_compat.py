@@ -28,8 +28,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from ingress.errors import ApiError, validation_error
-from schemas.models import (
+from llmstream.ingress.errors import ApiError, validation_error
+from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
     MAX_STOP_SEQUENCES,

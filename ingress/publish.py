@@ -19,8 +19,8 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from ingress.metrics import IngressMetrics
-from ingress.results import RequestLedger, Status, Stored
+from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.results import RequestLedger, Status, Stored
 
 log = logging.getLogger(__name__)
 

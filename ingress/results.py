@@ -30,10 +30,10 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
-from ingress.settings import IngressSettings
-from llmstream.connections import kafka_client_options
-from schemas.codec import DecodeError, decode
-from schemas.models import LLMError, LLMResponse
+from llmstream.core.connections import kafka_client_options
+from llmstream.ingress.settings import IngressSettings
+from llmstream.schemas.codec import DecodeError, decode
+from llmstream.schemas.models import LLMError, LLMResponse
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from llmstream.settings import ServiceSettings
+from llmstream.core.settings import ServiceSettings
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 

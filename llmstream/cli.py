@@ -11,15 +11,15 @@ from pathlib import Path
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from processors.settings import WorkerSettings
-    from processors.worker import Worker
+    from llmstream.processors.settings import WorkerSettings
+    from llmstream.processors.worker import Worker
 
     Worker(WorkerSettings()).run()
     return 0
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from processors.simulator import SimulatorSettings, serve_simulator
+    from llmstream.devtools.simulator import SimulatorSettings, serve_simulator
 
     overrides = {
         name: value
@@ -37,8 +37,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _ingress(args: argparse.Namespace) -> int:
-    from ingress.app import serve
-    from ingress.settings import IngressSettings
+    from llmstream.ingress.app import serve
+    from llmstream.ingress.settings import IngressSettings
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     serve(IngressSettings(**overrides))
@@ -49,8 +49,8 @@ def _replay(args: argparse.Namespace) -> int:
     from aiokafka.errors import KafkaError
     from redis.exceptions import RedisError
 
+    from llmstream.core.settings import ServiceSettings
     from llmstream.replay import ReplayError, replay, selection_from
-    from llmstream.settings import ServiceSettings
 
     try:
         selection = selection_from(
@@ -113,13 +113,13 @@ def _healthcheck(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from llmstream.bench import bench_options, run_bench
+    from llmstream.devtools.bench import bench_options, run_bench
 
     return run_bench(bench_options(args))
 
 
 def _bench_traffic(args: argparse.Namespace) -> int:
-    from llmstream.traffic_bench import SCENARIOS, run_traffic_bench
+    from llmstream.devtools.traffic_bench import SCENARIOS, run_traffic_bench
 
     scenarios = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
     if not set(scenarios) <= set(SCENARIOS):
@@ -128,7 +128,7 @@ def _bench_traffic(args: argparse.Namespace) -> int:
 
 
 def _dev(args: argparse.Namespace) -> int:
-    from llmstream.dev import run_dev
+    from llmstream.devtools.dev import run_dev
 
     return run_dev(requests=args.requests, partitions=args.partitions)
 

@@ -32,11 +32,11 @@ from typing import TextIO
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from llmstream.connections import kafka_client_options, kafka_producer_options
-from llmstream.errors import LLMStreamError
-from llmstream.settings import ServiceSettings
-from schemas.codec import DecodeError, decode, encode
-from schemas.models import LLMError
+from llmstream.core.connections import kafka_client_options, kafka_producer_options
+from llmstream.core.errors import LLMStreamError
+from llmstream.core.settings import ServiceSettings
+from llmstream.schemas.codec import DecodeError, decode, encode
+from llmstream.schemas.models import LLMError
 
 # Records are stamped by their producer's clock; allow that much skew against ours when
 # deciding where to start (--since) and where the topic ended when the scan began.

@@ -21,8 +21,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from processors.providers import Completion
-from schemas.models import LLMRequest
+from llmstream.processors.providers import Completion
+from llmstream.schemas.models import LLMRequest
 
 __all__ = ["ResponseCache", "cache_key_material"]
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from processors.adaptive import lua_factor
-from processors.providers import ProviderError
+from llmstream.processors.adaptive import lua_factor
+from llmstream.processors.providers import ProviderError
 
 __all__ = ["Admission", "CircuitBreakers", "CircuitParams", "is_outage"]
 

@@ -29,7 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from llmstream.errors import LLMStreamError
+from llmstream.core.errors import LLMStreamError
 
 
 class ClaimUnavailable(LLMStreamError):

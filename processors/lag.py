@@ -22,8 +22,8 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 from prometheus_client import Gauge
 
-from llmstream.connections import kafka_client_options
-from processors.settings import WorkerSettings
+from llmstream.core.connections import kafka_client_options
+from llmstream.processors.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
-from processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
-from processors.metrics import WorkerMetrics
-from processors.providers import Completion, ProviderError, ProviderRouter
-from processors.retry import RetryPolicy, call_with_retries
-from processors.settings import WorkerSettings
-from processors.traffic import TrafficControl, TrafficProgress
-from schemas.codec import DecodeError, WireFormat, decode, decode_request, encode
-from schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
+from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
+from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
+from llmstream.processors.retry import RetryPolicy, call_with_retries
+from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.traffic import TrafficControl, TrafficProgress
+from llmstream.schemas.codec import DecodeError, WireFormat, decode, decode_request, encode
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmstream.settings import load_object_file
+from llmstream.core.settings import load_object_file
 
 __all__ = ["BUILTIN_PRICES", "Price", "PriceTable", "load_prices_file"]
 

@@ -40,9 +40,9 @@ import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from processors.adaptive import AdaptiveControl, lua_factor
-from processors.backpressure import Stay
-from schemas.models import LLMRequest
+from llmstream.processors.adaptive import AdaptiveControl, lua_factor
+from llmstream.processors.backpressure import Stay
+from llmstream.schemas.models import LLMRequest
 
 __all__ = ["Bucket", "Grant", "Lane", "RateLimit", "RateLimiter", "estimate_tokens"]
 

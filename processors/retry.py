@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
-from processors.providers import ErrorType, ProviderError
+from llmstream.processors.providers import ErrorType, ProviderError
 
 __all__ = ["RetriesExhausted", "RetryPolicy", "call_with_retries", "wall_clock_ms"]
 

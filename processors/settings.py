@@ -9,9 +9,9 @@ from pathlib import Path
 
 from pydantic import Field
 
-from llmstream.settings import ServiceSettings
-from processors.pricing import Price
-from processors.ratelimit import RateLimit
+from llmstream.core.settings import ServiceSettings
+from llmstream.processors.pricing import Price
+from llmstream.processors.ratelimit import RateLimit
 
 
 def _default_worker_id() -> str:

@@ -5,7 +5,7 @@ rate limits, adaptive rate on 429, retries and cost.
 the settle. For one request:
 
 1. **Cache.** With ``cache: true`` (or ``LLMSTREAM_CACHE_TEMPERATURE_ZERO`` and temperature 0), an
-   identical earlier answer is returned without a call (:mod:`processors.cache`).
+   identical earlier answer is returned without a call (:mod:`llmstream.processors.cache`).
 2. **Candidates.** The request's model, then its ``fallbacks`` (or the configured defaults for its
    model, ``LLMSTREAM_FALLBACKS``), in order. The next one is tried when a model fails with
    anything but ``invalid_request`` (the request itself is wrong) or ``expired``, or when its
@@ -38,17 +38,17 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from processors.adaptive import AdaptiveControl, AdaptiveParams
-from processors.backpressure import Stay, WaitingRoom
-from processors.cache import ResponseCache
-from processors.circuit import Admission, CircuitBreakers, CircuitParams, is_outage
-from processors.metrics import TrafficMetrics, WorkerMetrics
-from processors.pricing import PriceTable, load_prices_file
-from processors.providers import Completion, Provider, ProviderError, ProviderRouter
-from processors.ratelimit import Grant, RateLimiter, estimate_tokens
-from processors.retry import RetriesExhausted, RetryPolicy
-from processors.settings import WorkerSettings
-from schemas.models import LLMRequest
+from llmstream.processors.adaptive import AdaptiveControl, AdaptiveParams
+from llmstream.processors.backpressure import Stay, WaitingRoom
+from llmstream.processors.cache import ResponseCache
+from llmstream.processors.circuit import Admission, CircuitBreakers, CircuitParams, is_outage
+from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
+from llmstream.processors.pricing import PriceTable, load_prices_file
+from llmstream.processors.providers import Completion, Provider, ProviderError, ProviderRouter
+from llmstream.processors.ratelimit import Grant, RateLimiter, estimate_tokens
+from llmstream.processors.retry import RetriesExhausted, RetryPolicy
+from llmstream.processors.settings import WorkerSettings
+from llmstream.schemas.models import LLMRequest
 
 __all__ = ["TrafficControl", "TrafficProgress"]
 

@@ -27,16 +27,16 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from faust.types import ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from llmstream.connections import faust_options
-from processors.acks import OrderedAcks, Ticket
-from processors.dedup import ClaimUnavailable, DedupStore
-from processors.lag import ConsumerLag
-from processors.metrics import WorkerMetrics
-from processors.pipeline import Output, RequestProcessor, Source
-from processors.providers import create_http_client
-from processors.providers.settings import ProviderSettings, build_router
-from processors.settings import WorkerSettings
-from processors.traffic import TrafficControl
+from llmstream.core.connections import faust_options
+from llmstream.processors.acks import OrderedAcks, Ticket
+from llmstream.processors.dedup import ClaimUnavailable, DedupStore
+from llmstream.processors.lag import ConsumerLag
+from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.pipeline import Output, RequestProcessor, Source
+from llmstream.processors.providers import create_http_client
+from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
 

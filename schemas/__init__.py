@@ -1,6 +1,6 @@
 """The event contract: Avro schemas (the source of truth), pydantic models and the one codec."""
 
-from schemas.codec import (
+from llmstream.schemas.codec import (
     DecodeError,
     WireFormat,
     decode,
@@ -10,7 +10,7 @@ from schemas.codec import (
     fingerprint_for,
     schema_for,
 )
-from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
 
 __all__ = [
     "ChatMessage",
@@ -27,3 +27,8 @@ __all__ = [
     "fingerprint_for",
     "schema_for",
 ]
+
+if __name__ != "llmstream.schemas":  # pragma: no cover - a packaging mistake, caught at import
+    # The repository keeps this folder at its top level, but it installs as llmstream.schemas:
+    # importing it under its folder name would load a second copy of every module in it.
+    raise ImportError(f"import llmstream.schemas, not {__name__}")

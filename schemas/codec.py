@@ -23,8 +23,7 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel, ValidationError
 
-from llmstream.errors import LLMStreamError
-from schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,8 +36,11 @@ _MAX_PATH_PART = 64
 _MAX_DETAIL = 200
 
 
-class DecodeError(LLMStreamError):
+class DecodeError(ValueError):
     """Bytes that are not a valid event.
+
+    A ``ValueError`` rather than a subclass of the project's root error: the contract depends on
+    nothing else in llmstream, so a producer can use it alone.
 
     ``kind`` is ``"undecodable"`` when the bytes are not JSON or Avro for the schema, or not an
     object, and ``"invalid_request"`` when they parse but fail validation. ``field`` is the dotted
@@ -74,7 +76,7 @@ class _Schema:
 
 
 def _load_schemas() -> dict[type[BaseModel], _Schema]:
-    package = files("schemas")
+    package = files("llmstream.schemas")
     named: dict[str, Any] = {}
     schemas: dict[type[BaseModel], _Schema] = {}
     # LLMError refers to llmstream.LLMRequest by name, so the request schema is parsed first and

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from llmstream.embedded import EmbeddedServices, create_topics
-from llmstream.settings import ServiceSettings
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import EmbeddedServices, create_topics
 
 
 @dataclass(frozen=True)

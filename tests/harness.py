@@ -20,10 +20,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
-from llmstream.embedded import ManagedProcess, free_port
-from llmstream.settings import ServiceSettings
-from schemas.codec import decode, encode
-from schemas.models import ChatMessage, LLMRequest
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import ManagedProcess, free_port
+from llmstream.schemas.codec import decode, encode
+from llmstream.schemas.models import ChatMessage, LLMRequest
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from processors.acks import OrderedAcks
+from llmstream.processors.acks import OrderedAcks
 
 
 def test_out_of_order_finishes_are_acked_in_offset_order() -> None:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from llmstream.bench import (
+from llmstream.devtools.bench import (
     BenchOptions,
     Figures,
     arrival_bursts,

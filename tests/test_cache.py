@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from processors.cache import ResponseCache
-from processors.pricing import Price, PriceTable, load_prices_file
-from processors.providers import Completion
+from llmstream.processors.cache import ResponseCache
+from llmstream.processors.pricing import Price, PriceTable, load_prices_file
+from llmstream.processors.providers import Completion
 from tests.harness import request
 
 ANSWER = Completion("echo: hi", "stop", 1, 2, 3, "openai", "gpt-4o-mini")

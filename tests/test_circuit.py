@@ -7,8 +7,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from processors.circuit import Admission, CircuitBreakers, CircuitParams, is_outage
-from processors.providers import ErrorType, ProviderError
+from llmstream.processors.circuit import Admission, CircuitBreakers, CircuitParams, is_outage
+from llmstream.processors.providers import ErrorType, ProviderError
 
 pytestmark = pytest.mark.integration
 

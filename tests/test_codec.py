@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-import schemas
-from schemas import (
+import llmstream.schemas as schemas
+from llmstream.schemas import (
     ChatMessage,
     DecodeError,
     LLMError,
@@ -31,7 +31,7 @@ from schemas import (
     detect_format,
     encode,
 )
-from schemas.codec import fingerprint_for, schema_for
+from llmstream.schemas.codec import fingerprint_for, schema_for
 
 FUZZ = settings(
     max_examples=300,
@@ -197,7 +197,7 @@ def test_json_nested_request_is_an_object() -> None:
 
 
 def load_avsc(filename: str) -> Any:
-    return json.loads(files("schemas").joinpath(filename).read_text(encoding="utf-8"))
+    return json.loads(files("llmstream.schemas").joinpath(filename).read_text(encoding="utf-8"))
 
 
 @ALL_EVENTS

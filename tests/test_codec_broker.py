@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from llmstream.settings import ServiceSettings
-from schemas.codec import WireFormat, decode, decode_request, detect_format, encode
-from schemas.models import LLMError, LLMMetric, LLMResponse
+from llmstream.core.settings import ServiceSettings
+from llmstream.schemas.codec import WireFormat, decode, decode_request, detect_format, encode
+from llmstream.schemas.models import LLMError, LLMMetric, LLMResponse
 from tests.harness import produce, read_raw, request
 
 pytestmark = pytest.mark.integration

@@ -21,10 +21,10 @@ from aiokafka.errors import KafkaError
 from faust.types.auth import AuthProtocol, SASLMechanism
 from pydantic import ValidationError
 
-from llmstream.connections import faust_options, kafka_client_options, kafka_producer_options
-from llmstream.settings import ServiceSettings
-from processors.settings import WorkerSettings
-from processors.worker import create_faust_app
+from llmstream.core.connections import faust_options, kafka_client_options, kafka_producer_options
+from llmstream.core.settings import ServiceSettings
+from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.worker import create_faust_app
 from tests.conftest import Services
 
 CA = Path(certifi.where())

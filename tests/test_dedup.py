@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from processors.dedup import ClaimStatus, ClaimUnavailable, DedupStore
+from llmstream.processors.dedup import ClaimStatus, ClaimUnavailable, DedupStore
 from tests.conftest import Services
 
 
@@ -101,7 +101,7 @@ async def test_a_worker_whose_own_lease_lapsed_claims_nothing(
 
 
 async def test_unreachable_redis_fails_closed(unique: str) -> None:
-    from llmstream.embedded import free_port
+    from llmstream.devtools.embedded import free_port
 
     client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")
     store = _store(client, f"t-{unique}:", "worker-x")

@@ -34,12 +34,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import AliasChoices
 from pydantic_settings import BaseSettings
 
-from ingress.app import create_app
-from ingress.settings import IngressSettings
-from llmstream.settings import ServiceSettings, redact_url
-from processors.providers.settings import ProviderSettings
-from processors.settings import WorkerSettings
-from processors.simulator import SimulatorServer, SimulatorSettings
+from llmstream.core.settings import ServiceSettings, redact_url
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.ingress.app import create_app
+from llmstream.ingress.settings import IngressSettings
+from llmstream.processors.providers.settings import ProviderSettings
+from llmstream.processors.settings import WorkerSettings
 from tests.harness import WorkerProcess, serve_app, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,12 +13,12 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from ingress.app import create_app
-from ingress.settings import IngressSettings
-from llmstream.embedded import free_port
-from llmstream.settings import ServiceSettings
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMRequest, LLMResponse
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import free_port
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.ingress.app import create_app
+from llmstream.ingress.settings import IngressSettings
+from llmstream.schemas.models import LLMRequest, LLMResponse
 from tests.harness import WorkerProcess, read_raw, read_topic, serve_app, worker_env
 
 pytestmark = pytest.mark.integration

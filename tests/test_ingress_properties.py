@@ -17,10 +17,10 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
-from ingress.app import create_app
-from ingress.settings import IngressSettings
-from llmstream.embedded import ManagedProcess, create_topics, free_port
-from llmstream.settings import ServiceSettings
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import ManagedProcess, create_topics, free_port
+from llmstream.ingress.app import create_app
+from llmstream.ingress.settings import IngressSettings
 from tests.conftest import Services
 from tests.harness import WorkerProcess, serve_app, worker_env
 

@@ -6,10 +6,10 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client import CollectorRegistry
 
-from llmstream.settings import ServiceSettings
-from processors.lag import ConsumerLag
-from processors.metrics import WorkerMetrics
-from processors.settings import WorkerSettings
+from llmstream.core.settings import ServiceSettings
+from llmstream.processors.lag import ConsumerLag
+from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.settings import WorkerSettings
 
 pytestmark = pytest.mark.integration
 

@@ -23,18 +23,18 @@ import pytest_asyncio
 from httpx_aiohttp import HttpxAiohttpClient
 from pydantic import SecretStr, ValidationError
 
-import processors.providers as providers_module
-from processors.providers import (
+import llmstream.processors.providers as providers_module
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.processors.providers import (
     Completion,
     ProviderError,
     ProviderRouter,
     create_http_client,
 )
-from processors.providers.anthropic import AnthropicMessages
-from processors.providers.openai import OpenAICompatible
-from processors.providers.settings import ProviderSettings, build_router
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMRequest
+from llmstream.processors.providers.anthropic import AnthropicMessages
+from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.schemas.models import LLMRequest
 
 PAYLOADS = Path(__file__).parent / "payloads"
 OPENAI_KEY = "sk-test-OPENAI-4f9bb533cc24deadbeef"

@@ -8,9 +8,9 @@ import itertools
 import pytest
 import redis.asyncio as aioredis
 
-from processors.adaptive import AdaptiveControl, AdaptiveParams
-from processors.backpressure import WaitingRoom
-from processors.ratelimit import Grant, Lane, RateLimit, RateLimiter, estimate_tokens
+from llmstream.processors.adaptive import AdaptiveControl, AdaptiveParams
+from llmstream.processors.backpressure import WaitingRoom
+from llmstream.processors.ratelimit import Grant, Lane, RateLimit, RateLimiter, estimate_tokens
 from tests.conftest import Services
 from tests.harness import request
 

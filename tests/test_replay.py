@@ -13,10 +13,10 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.replay import ReplayError, Selection, parse_time, replay
-from llmstream.settings import ServiceSettings
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMError, LLMResponse
+from llmstream.schemas.models import LLMError, LLMResponse
 from tests.harness import WorkerProcess, produce, read_raw, read_topic, request, request_events
 from tests.harness import worker_env as make_worker_env
 

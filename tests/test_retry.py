@@ -18,12 +18,17 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from processors.providers import Completion, ProviderError, create_http_client, parse_retry_after
-from processors.providers.anthropic import AnthropicMessages
-from processors.providers.openai import OpenAICompatible
-from processors.retry import RetriesExhausted, RetryPolicy, call_with_retries
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMRequest
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.processors.providers import (
+    Completion,
+    ProviderError,
+    create_http_client,
+    parse_retry_after,
+)
+from llmstream.processors.providers.anthropic import AnthropicMessages
+from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.retry import RetriesExhausted, RetryPolicy, call_with_retries
+from llmstream.schemas.models import LLMRequest
 
 
 def failure(status: int, retry_after: float | None = None) -> ProviderError:

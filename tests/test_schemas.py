@@ -16,7 +16,7 @@ import pytest
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
-from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
 
 SCHEMA_FILES = {
     LLMRequest: "llm_request.avsc",
@@ -29,7 +29,7 @@ INT_RANGE = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
 
 
 def load_avsc(filename: str) -> Any:
-    return json.loads(files("schemas").joinpath(filename).read_text(encoding="utf-8"))
+    return json.loads(files("llmstream.schemas").joinpath(filename).read_text(encoding="utf-8"))
 
 
 def named_records() -> dict[str, dict[str, Any]]:

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from llmstream.embedded import EmbeddedServices, create_topics
+from llmstream.devtools.embedded import EmbeddedServices, create_topics
 from tests.conftest import Services
 
 
@@ -60,7 +60,7 @@ def test_children_die_when_the_parent_is_killed(tmp_path: Path) -> None:
     # A parent that starts the services, prints their pids and is then SIGKILLed.
     script = (
         "import os, sys, time\n"
-        "from llmstream.embedded import EmbeddedServices\n"
+        "from llmstream.devtools.embedded import EmbeddedServices\n"
         "s = EmbeddedServices(log_dir=__import__('pathlib').Path(sys.argv[1])).start()\n"
         "print(' '.join(str(p.process.pid) for p in s._processes), flush=True)\n"
         "time.sleep(60)\n"

@@ -14,7 +14,7 @@ import pytest
 import pytest_asyncio
 from pydantic import SecretStr
 
-from processors.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 
 OPENAI_BODY = {
     "model": "gpt-4o-mini",

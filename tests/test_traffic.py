@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import pytest
 
-from llmstream.settings import ServiceSettings
-from llmstream.traffic_bench import Rig, run_adaptive, run_circuit, run_goodput, scrape
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMMetric, LLMResponse
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.traffic_bench import Rig, run_adaptive, run_circuit, run_goodput, scrape
+from llmstream.schemas.models import LLMMetric, LLMResponse
 from tests.conftest import Services
 from tests.harness import WorkerProcess, produce, read_topic, request, request_events, worker_env
 
@@ -176,7 +176,7 @@ async def _stats(simulator: SimulatorServer) -> dict[str, Any]:
 
 
 def test_bench_reports_goodput_against_the_limit() -> None:
-    from llmstream.bench import BenchOptions, Figures, build_table
+    from llmstream.devtools.bench import BenchOptions, Figures, build_table
 
     s5 = Figures(
         {

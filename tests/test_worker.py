@@ -11,10 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmstream.settings import ServiceSettings
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.codec import encode
-from schemas.models import LLMError, LLMMetric, LLMResponse
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.schemas.codec import encode
+from llmstream.schemas.models import LLMError, LLMMetric, LLMResponse
 from tests.harness import (
     WorkerProcess,
     produce,

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from llmstream.embedded import EmbeddedServices
-from llmstream.settings import ServiceSettings
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.models import LLMMetric, LLMResponse
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import EmbeddedServices
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.schemas.models import LLMMetric, LLMResponse
 from tests.conftest import Services
 from tests.harness import WorkerProcess, produce, read_topic, request, request_events, worker_env
 

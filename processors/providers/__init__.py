@@ -4,7 +4,7 @@ Wire formats live in one module per API family (`openai.py`, `anthropic.py`); th
 read in `settings.py`, which also builds the router. Adapters receive one shared HTTP client
 (`create_http_client`) and never build their own.
 
-Failures are :class:`ProviderError` (see `llmstream.errors` for the tree); it carries what the
+Failures are :class:`ProviderError` (see `llmstream.core.errors` for the tree); it carries what the
 retry policy needs: ``retryable``, ``retry_after`` and the status code.
 """
 
@@ -21,8 +21,8 @@ from typing import Literal, Protocol
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
-from llmstream.errors import LLMStreamError
-from schemas.models import LLMRequest
+from llmstream.core.errors import LLMStreamError
+from llmstream.schemas.models import LLMRequest
 
 __all__ = [
     "Completion",

@@ -24,7 +24,7 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
-from processors.providers import (
+from llmstream.processors.providers import (
     Completion,
     ErrorType,
     ProviderError,
@@ -36,7 +36,7 @@ from processors.providers import (
     status_error,
     transport_error,
 )
-from schemas.models import LLMRequest
+from llmstream.schemas.models import LLMRequest
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicMessages"]
 

@@ -14,7 +14,7 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
-from processors.providers import (
+from llmstream.processors.providers import (
     Completion,
     ProviderError,
     endpoint_label,
@@ -25,7 +25,7 @@ from processors.providers import (
     status_error,
     transport_error,
 )
-from schemas.models import LLMRequest
+from llmstream.schemas.models import LLMRequest
 
 __all__ = ["OpenAICompatible"]
 

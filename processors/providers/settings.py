@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from llmstream.settings import load_object_file
-from processors.providers import Provider, ProviderRouter
-from processors.providers.anthropic import AnthropicMessages
-from processors.providers.openai import OpenAICompatible
+from llmstream.core.settings import load_object_file
+from llmstream.processors.providers import Provider, ProviderRouter
+from llmstream.processors.providers.anthropic import AnthropicMessages
+from llmstream.processors.providers.openai import OpenAICompatible
 
 __all__ = ["BUILTIN_PROVIDERS", "EndpointConfig", "ProviderSettings", "build_router"]
 

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstream.errors import LLMStreamError
+from llmstream.core.errors import LLMStreamError
 
 DEFAULT_TOPICS = ("llm-requests", "llm-responses", "llm-metrics", "llm-errors")
 _PR_SET_PDEATHSIG = 1

@@ -20,15 +20,15 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from llmstream.embedded import (
+from llmstream.devtools.embedded import (
     DEFAULT_TOPICS,
     EmbeddedServices,
     ManagedProcess,
     create_topics,
     free_port,
 )
-from schemas.codec import decode, encode
-from schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.codec import decode, encode
+from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
 
 
 def _sample_requests(count: int) -> list[tuple[bytes, bytes]]:

@@ -37,10 +37,10 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmstream.embedded import EmbeddedServices, ManagedProcess, create_topics, free_port
-from processors.simulator import SimulatorServer, SimulatorSettings
-from schemas.codec import decode, encode
-from schemas.models import ChatMessage, LLMError, LLMRequest, LLMResponse
+from llmstream.devtools.embedded import EmbeddedServices, ManagedProcess, create_topics, free_port
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.schemas.codec import decode, encode
+from llmstream.schemas.models import ChatMessage, LLMError, LLMRequest, LLMResponse
 
 __all__ = [
     "AdaptiveResult",

@@ -49,9 +49,9 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmstream.embedded import EmbeddedServices, create_topics, free_port
-from schemas.codec import encode
-from schemas.models import ChatMessage, LLMRequest
+from llmstream.devtools.embedded import EmbeddedServices, create_topics, free_port
+from llmstream.schemas.codec import encode
+from llmstream.schemas.models import ChatMessage, LLMRequest
 
 ALL_SCENARIOS = (1, 2, 3, 4, 5)
 MODEL = "openai/gpt-4o-mini"
@@ -739,7 +739,7 @@ async def bare_loop(rig: Rig) -> Figures:
         [
             sys.executable,
             "-m",
-            "llmstream.bench",
+            "llmstream.devtools.bench",
             "bare-loop",
             f"{rig.simulator_url}/v1/chat/completions",
             str(options.requests),
@@ -1217,7 +1217,7 @@ def build_table(results: dict[str, Figures], options: BenchOptions) -> Table:
         t.add(name, "lost requests", _n(s4["lost"]), "0", _exact(s4["lost"], 0))
     s5 = results.get("s5")
     if s5 is not None:
-        from llmstream.traffic_bench import bench_rows
+        from llmstream.devtools.traffic_bench import bench_rows
 
         for figure, measured, target, met in bench_rows(s5.values):
             t.add("5 traffic control", figure, measured, target, "met" if met else "**missed**")
@@ -1270,8 +1270,8 @@ async def _run_scenarios(rig: Rig) -> dict[str, Figures]:
         results["s4"] = await drain_backlog(rig, "s4", 2)
         _say(f"scenario 4: {results['s4']['rps']:,.0f} requests/s")
     if 5 in options.scenarios:
-        from llmstream.traffic_bench import Rig as TrafficRig
-        from llmstream.traffic_bench import bench_figures
+        from llmstream.devtools.traffic_bench import Rig as TrafficRig
+        from llmstream.devtools.traffic_bench import bench_figures
 
         _say("scenario 5: traffic control at a rate limit (time x10)")
         traffic_rig = TrafficRig(

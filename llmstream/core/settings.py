@@ -6,7 +6,7 @@ ecosystem's own variables (``KAFKA_BOOTSTRAP_SERVERS``, ``REDIS_URL``); everythi
 ``LLMSTREAM_*``.
 
 Secured clusters: Kafka's security is ``LLMSTREAM_KAFKA_*`` (see :class:`ServiceSettings`, turned
-into client options by :mod:`llmstream.connections`); Redis's is in its URL, as redis-py reads it
+into client options by :mod:`connections`); Redis's is in its URL, as redis-py reads it
 (``rediss://user:password@host:6380/0?ssl_ca_certs=/etc/ca.pem``). Neither password is ever shown:
 they are ``SecretStr``, and the Redis URL is redacted in ``repr`` (:func:`redact_url`).
 """
@@ -23,7 +23,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.codec import WireFormat
+from llmstream.schemas.codec import WireFormat
 
 KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiokafka.helpers import create_ssl_context
 
-from llmstream.settings import ServiceSettings
+from llmstream.core.settings import ServiceSettings
 
 
 def kafka_ssl_context(settings: ServiceSettings) -> ssl.SSLContext | None:
@@ -67,7 +67,7 @@ def faust_options(settings: ServiceSettings) -> dict[str, Any]:
     """A ``faust.App``'s broker settings: brokers, credentials, acks and compression.
 
     faust 0.15 has no setting for the idempotent producer (it turns it on only inside
-    transactions): :func:`processors.worker.create_faust_app` adds it.
+    transactions): :func:`llmstream.processors.worker.create_faust_app` adds it.
     """
     import faust
 

@@ -1,0 +1,21 @@
+"""The project's root exception.
+
+Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
+
+    LLMStreamError
+     ├── processors.providers.ProviderError  a provider call failed (carries status, retryable,
+     │                                       retry_after)
+     ├── processors.dedup.ClaimUnavailable   Redis cannot be reached: fail closed
+     ├── ingress.errors.ApiError             an HTTP answer other than success (status, OpenAI
+     │                                       error body, headers such as Retry-After)
+     ├── replay.ReplayError                  a replay that cannot run as asked
+     └── devtools.embedded.ServiceStartError an embedded broker or Redis did not come up
+
+(Module paths are under ``llmstream.``.) The event contract is the one exception:
+``llmstream.schemas.DecodeError`` derives from ``ValueError``, because the contract imports
+nothing else from llmstream and can be used on its own by producers.
+"""
+
+
+class LLMStreamError(Exception):
+    """Base class of every error llmstream raises on purpose."""

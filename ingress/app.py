@@ -38,6 +38,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import llmstream
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.connections import kafka_producer_options
 from llmstream.ingress import openai_compat
 from llmstream.ingress.api import (
@@ -84,10 +85,6 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     429: {"description": "Rate limited; see Retry-After"},
     503: {"description": "Kafka or Redis unavailable; retry"},
 }
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass
@@ -258,7 +255,7 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
             fields = [f"requests.{i}" for i in range(len(items))]
         else:
             items, fields = [body], [""]
-        now = _now_ms()
+        now = wall_clock_ms()
         requests = [
             _admit(
                 item,
@@ -343,7 +340,7 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
         """OpenAI's Chat Completions, through Kafka: answered when the outcome arrives."""
         request_id = idempotency_key or f"chatcmpl-{uuid.uuid4().hex}"
         request = openai_compat.to_llm_request(
-            body, request_id=request_id, client_id=identity.client_id, now_ms=_now_ms()
+            body, request_id=request_id, client_id=identity.client_id, now_ms=wall_clock_ms()
         )
         event = _event(request, "", settings)
         # The request is past the point of no return once published: the SDK must not send it

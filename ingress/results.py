@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.connections import kafka_client_options
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import DecodeError, decode
@@ -140,7 +140,7 @@ class RequestLedger:
         """Record each ``(request ID, content digest)`` as queued unless the ID exists; returns
         the reservation token with what was found."""
         token = uuid.uuid4().hex
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = wall_clock_ms()
         replies = await self._reserve(
             keys=[self.key(request_id) for request_id, _ in requests],
             args=[

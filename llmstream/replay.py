@@ -32,6 +32,7 @@ from typing import TextIO
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.connections import kafka_client_options, kafka_producer_options
 from llmstream.core.errors import LLMStreamError
 from llmstream.core.settings import ServiceSettings
@@ -144,7 +145,7 @@ async def replay(
                 raw = await redis.hget(key, "state")
                 state = _text(raw) if raw is not None else "absent"
             else:
-                state = _text(await reset(keys=[key], args=[_now_ms(), token]))
+                state = _text(await reset(keys=[key], args=[wall_clock_ms(), token]))
             if state not in _PUBLISH:
                 reason = _SKIP_REASONS.get(state, state)
                 report.skip(reason, request.request_id)
@@ -199,7 +200,7 @@ async def scan_errors(
         consumer.assign(partitions)
         # Events written after this are not part of what was asked for (and the topic may never
         # be quiet): a partition is done at its first record stamped later.
-        horizon_ms = _now_ms() + _CLOCK_SKEW_MS
+        horizon_ms = wall_clock_ms() + _CLOCK_SKEW_MS
         active = await _seek(consumer, partitions, selection.since_ms)
         scanned = 0
         newest: dict[str, LLMError] = {}
@@ -255,10 +256,6 @@ async def _seek(
 def _text(value: bytes | str) -> str:
     # The client is built without decode_responses, so replies are bytes; the stubs allow str.
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _line(out: TextIO, action: str, error: LLMError) -> None:

@@ -20,6 +20,7 @@ from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
@@ -53,10 +54,6 @@ class Emitter(Protocol):
     """Sends outputs and returns once the broker acknowledged every one of them."""
 
     async def emit(self, outputs: Sequence[Output]) -> None: ...
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class RequestProcessor:
@@ -93,7 +90,7 @@ class RequestProcessor:
 
     async def process(self, raw: bytes | None, key: bytes | None, source: Source) -> None:
         """Handle one event; returns when its outcomes are on the broker."""
-        picked_up_ms = now_ms()
+        picked_up_ms = wall_clock_ms()
         started = time.perf_counter()
         try:
             request = decode_request(raw or b"")
@@ -232,12 +229,12 @@ class RequestProcessor:
             client_id=request.client_id,
             metadata=request.metadata,
             created_at_ms=request.created_at_ms,
-            completed_at_ms=now_ms(),
+            completed_at_ms=wall_clock_ms(),
         )
         stored = encode(response, WireFormat.JSON)
         if not await self._until_ok(
             lambda: self._dedup.settle(
-                request.request_id, failed=False, payload=stored, now_ms=now_ms()
+                request.request_id, failed=False, payload=stored, now_ms=wall_clock_ms()
             ),
             "store the response",
         ):
@@ -269,7 +266,7 @@ class RequestProcessor:
         stored = encode(error, WireFormat.JSON)
         if not await self._until_ok(
             lambda: self._dedup.settle(
-                request.request_id, failed=True, payload=stored, now_ms=now_ms()
+                request.request_id, failed=True, payload=stored, now_ms=wall_clock_ms()
             ),
             "store the error",
         ):
@@ -287,7 +284,7 @@ class RequestProcessor:
             provider=request.provider,
             client_id=request.client_id,
             worker_id=self._settings.worker_id,
-            occurred_at_ms=now_ms(),
+            occurred_at_ms=wall_clock_ms(),
         )
         outputs = [self._output(self._settings.metrics_topic, request.request_id, metric)]
         if self._settings.reemit_duplicates and claim.state == "completed" and claim.payload:
@@ -348,7 +345,7 @@ class RequestProcessor:
         waited = False
         while True:
             claim = await self._until_ok(
-                lambda: self._dedup.claim(request_id, now_ms()), "claim the request"
+                lambda: self._dedup.claim(request_id, wall_clock_ms()), "claim the request"
             )
             if claim.status is not ClaimStatus.BUSY:
                 return claim
@@ -386,7 +383,7 @@ class RequestProcessor:
                 model=metric.model,
                 client_id=metric.client_id,
                 attempts=metric.attempts,
-                occurred_at_ms=now_ms(),
+                occurred_at_ms=wall_clock_ms(),
             )
             metric = self._error_metric(error, status="error")
             outputs = [
@@ -448,7 +445,7 @@ class RequestProcessor:
             source_topic=source.topic,
             source_partition=source.partition,
             source_offset=source.offset,
-            occurred_at_ms=now_ms(),
+            occurred_at_ms=wall_clock_ms(),
         )
 
     def _provider_error(
@@ -480,7 +477,7 @@ class RequestProcessor:
             total_tokens=response.total_tokens,
             cost_usd=response.cost_usd,
             worker_id=self._settings.worker_id,
-            occurred_at_ms=now_ms(),
+            occurred_at_ms=wall_clock_ms(),
         )
 
     def _error_metric(
@@ -502,7 +499,7 @@ class RequestProcessor:
             attempts=error.attempts,
             error_type=error.error_type,
             worker_id=self._settings.worker_id,
-            occurred_at_ms=now_ms(),
+            occurred_at_ms=wall_clock_ms(),
         )
 
     def _count(self, metric: LLMMetric) -> None:

@@ -19,24 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.providers import ErrorType, ProviderError
 
-__all__ = ["RetriesExhausted", "RetryPolicy", "call_with_retries", "wall_clock_ms"]
+__all__ = ["RetriesExhausted", "RetryPolicy", "call_with_retries"]
 
 T = TypeVar("T")
 
 # 2**62 * any sane base delay is far beyond any cap; stops float overflow on absurd attempts.
 _MAX_EXPONENT = 62
-
-
-def wall_clock_ms() -> int:
-    """Milliseconds since the epoch, the clock ``LLMRequest.deadline_ms`` is written in."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.adaptive import AdaptiveControl, AdaptiveParams
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
@@ -68,10 +68,6 @@ class TrafficProgress:
     cost_usd: float | None = None
     cached: bool = False
     last_error: ProviderError | None = None
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class TrafficControl:
@@ -281,7 +277,7 @@ class TrafficControl:
         # time (latency_ms), as a retry's backoff is, not time waiting for others' budget.
         retrying = False
         while True:
-            if deadline_ms is not None and _now_ms() >= deadline_ms:
+            if deadline_ms is not None and wall_clock_ms() >= deadline_ms:
                 raise self._expired(progress)
             probe = False
             if self.circuits is not None:
@@ -323,7 +319,7 @@ class TrafficControl:
             await stay.resume()
             retrying = False
             progress.attempts += 1
-            sent_at_ms = grant.send_at_ms if grant is not None else float(_now_ms())
+            sent_at_ms = grant.send_at_ms if grant is not None else float(wall_clock_ms())
             decided_at_ms = grant.decided_at_ms if grant is not None else sent_at_ms
             scope = asyncio.timeout(self._deadline_timeout(deadline_ms))
             try:
@@ -371,7 +367,7 @@ class TrafficControl:
                         attempts=progress.attempts,
                     ) from error
                 delay = self._policy.next_delay(counted, error, self._rng)
-                if deadline_ms is not None and _now_ms() + delay * 1000 >= deadline_ms:
+                if deadline_ms is not None and wall_clock_ms() + delay * 1000 >= deadline_ms:
                     raise self._expired(progress) from error
                 self._worker_metrics.retries.labels(name, error.error_type).inc()
                 await asyncio.sleep(delay)
@@ -449,11 +445,11 @@ class TrafficControl:
     def _until_deadline(deadline_ms: int | None) -> float:
         if deadline_ms is None:
             return float("inf")
-        return max(0.0, (deadline_ms - _now_ms()) / 1000)
+        return max(0.0, (deadline_ms - wall_clock_ms()) / 1000)
 
     @staticmethod
     def _deadline_timeout(deadline_ms: int | None) -> float | None:
-        return None if deadline_ms is None else (deadline_ms - _now_ms()) / 1000
+        return None if deadline_ms is None else (deadline_ms - wall_clock_ms()) / 1000
 
     @staticmethod
     def _expired(progress: TrafficProgress) -> RetriesExhausted:

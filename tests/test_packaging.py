@@ -121,9 +121,9 @@ def test_the_wheel_installs_one_import_name(wheel: Path) -> None:
 
 def test_the_installed_wheel_runs_outside_the_repository(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target)]
-        + [str(wheel)],
+        [*install, "--target", str(target), str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,

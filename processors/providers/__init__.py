@@ -1,8 +1,9 @@
 """LLM provider adapters behind one small Protocol, and the router that picks one per request.
 
-Wire formats live in one module per API family (`openai.py`, `anthropic.py`); the environment is
-read in `settings.py`, which also builds the router. Adapters receive one shared HTTP client
-(`create_http_client`) and never build their own.
+Wire formats live in one module per API family (`openai.py`, `anthropic.py`), on the shared
+call and error mapping in `http.py`; the environment is read in `settings.py`, which also builds
+the router. Adapters receive one shared HTTP client (`create_http_client`) and never build their
+own.
 
 Failures are :class:`ProviderError` (see `llmstream.core.errors` for the tree); it carries what the
 retry policy needs: ``retryable``, ``retry_after`` and the status code.
@@ -12,15 +13,14 @@ from __future__ import annotations
 
 import email.utils
 import math
-import time
-import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import httpx
 from httpx_aiohttp import HttpxAiohttpClient
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.errors import LLMStreamError
 from llmstream.schemas.models import LLMRequest
 
@@ -46,8 +46,6 @@ ErrorType = Literal[
 ]
 
 MAX_ERROR_BODY_CHARS = 1024
-_MAX_MESSAGE_DETAIL_CHARS = 300
-_REDACTED = "[REDACTED]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +75,8 @@ class ProviderError(LLMStreamError):
     ``error_type`` is one of :data:`ErrorType`; ``retryable`` says whether the same call may
     succeed later; ``retry_after`` (seconds) is what the server asked for, if it said;
     ``attempts`` is set by the retry loop to the number of calls made. ``body`` is the start of
-    the provider's error body. Secrets the adapter knows are redacted before they get here.
+    the provider's error body and ``headers`` its response headers, names lowercased. Secrets
+    the adapter knows are redacted before they get here.
     """
 
     def __init__(
@@ -90,6 +89,7 @@ class ProviderError(LLMStreamError):
         status_code: int | None = None,
         retry_after: float | None = None,
         body: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -99,6 +99,7 @@ class ProviderError(LLMStreamError):
         self.status_code = status_code
         self.retry_after = retry_after
         self.body = body[:MAX_ERROR_BODY_CHARS] if body is not None else None
+        self.headers = {name.lower(): value for name, value in (headers or {}).items()}
         self.attempts = 0
 
     def __str__(self) -> str:
@@ -208,143 +209,4 @@ def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float
         return None
     if when.tzinfo is None:  # an HTTP-date is always GMT; a zone-less one is read the same way
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-# --- shared by the adapters -----------------------------------------------------------------
-
-
-def request_id_header(request_id: str) -> str:
-    """The request ID as a header value: non-ASCII is percent-encoded, as headers are ASCII."""
-    if request_id.isascii():
-        return request_id
-    return urllib.parse.quote(request_id, safe="".join(chr(c) for c in range(0x20, 0x7F)))
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """``text`` with every secret replaced, so an echoed key never reaches a log or a topic."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, _REDACTED)
-    return text
-
-
-def endpoint_url(base_url: str, path: str) -> httpx.URL:
-    """``path`` appended to the base URL's path; a query string (Azure's api-version) is kept.
-
-    Parsed once here: handing httpx a ready URL saves re-parsing a string on every call.
-    """
-    base = httpx.URL(base_url)
-    return base.copy_with(path=base.path.rstrip("/") + path)
-
-
-def endpoint_label(url: str | httpx.URL) -> str:
-    """Scheme, host, port and path of ``url``: no credentials, no query string."""
-    parsed = httpx.URL(url)
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}"
-
-
-def status_classification(status_code: int) -> tuple[ErrorType, bool]:
-    """``(error_type, retryable)`` from the HTTP status alone; adapters refine it from the body."""
-    if status_code in (401, 403):
-        return "auth_error", False
-    if status_code == 402:  # payment required: an account problem no retry fixes
-        return "provider_error", False
-    if status_code == 404:
-        return "not_found", False
-    if status_code == 408:
-        return "timeout", True
-    if status_code == 409:
-        return "provider_error", True
-    if status_code == 429:
-        return "rate_limited", True
-    if status_code >= 500:
-        return "provider_error", True
-    return "invalid_request", False
-
-
-def transport_error(
-    provider: str, url: httpx.URL, exc: httpx.RequestError, secrets: Iterable[str]
-) -> ProviderError:
-    """Classify a failure below HTTP: timeouts and broken connections are retryable."""
-    where = endpoint_label(url)
-    # The transport's own exception (aiohttp's) names the failure better than httpx's mapping.
-    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-    kind = type(cause).__name__
-    detail = redact(str(cause) or kind, secrets)[:_MAX_MESSAGE_DETAIL_CHARS]
-    # httpx-aiohttp maps every aiohttp ClientConnectionError (refused, reset, server went away)
-    # to httpx.ConnectTimeout; only a TimeoutError underneath is really a timeout.
-    if isinstance(exc, httpx.TimeoutException) and (
-        exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
-    ):
-        return ProviderError(
-            f"{provider}: timed out calling {where} ({kind}: {detail})",
-            provider=provider,
-            error_type="timeout",
-            retryable=True,
-        )
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        # A misconfigured base URL: retrying cannot help.
-        return ProviderError(
-            f"{provider}: cannot call {where}: {detail}",
-            provider=provider,
-            error_type="connection_error",
-            retryable=False,
-        )
-    if isinstance(exc, httpx.TransportError):
-        return ProviderError(
-            f"{provider}: connection to {where} failed ({kind}: {detail})",
-            provider=provider,
-            error_type="connection_error",
-            retryable=True,
-        )
-    # Decoding errors, redirect loops: the server answered something we cannot use.
-    return ProviderError(
-        f"{provider}: unusable response from {where} ({kind}: {detail})",
-        provider=provider,
-        error_type="provider_error",
-        retryable=False,
-    )
-
-
-def status_error(
-    provider: str,
-    response: httpx.Response,
-    *,
-    error_type: ErrorType,
-    retryable: bool,
-    detail: str,
-    secrets: Iterable[str],
-) -> ProviderError:
-    """A ProviderError for a non-2xx answer; the adapter has classified it."""
-    secrets = tuple(secrets)
-    body = redact(response.content[: MAX_ERROR_BODY_CHARS * 4].decode("utf-8", "replace"), secrets)
-    detail = redact(detail, secrets)[:_MAX_MESSAGE_DETAIL_CHARS]
-    message = f"{provider}: HTTP {response.status_code} from {endpoint_label(response.url)}"
-    if detail:
-        message = f"{message}: {detail}"
-    return ProviderError(
-        message,
-        provider=provider,
-        error_type=error_type,
-        retryable=retryable,
-        status_code=response.status_code,
-        retry_after=parse_retry_after(response.headers),
-        body=body,
-    )
-
-
-def malformed_response(
-    provider: str, response: httpx.Response, reason: str, secrets: Iterable[str]
-) -> ProviderError:
-    """A 2xx answer that is not the documented shape (a proxy's HTML page, a truncated body)."""
-    body = response.content[: MAX_ERROR_BODY_CHARS * 4].decode("utf-8", "replace")
-    return ProviderError(
-        f"{provider}: malformed response from {endpoint_label(response.url)}: {reason}",
-        provider=provider,
-        error_type="provider_error",
-        retryable=False,
-        status_code=response.status_code,
-        body=redact(body, secrets),
-    )
+    return max(0.0, when.timestamp() - (wall_clock_ms() / 1000 if now is None else now))

@@ -1,0 +1,258 @@
+"""What every JSON-over-HTTP adapter shares: the call, and turning each failure into ProviderError.
+
+An adapter subclasses :class:`HTTPAdapter` and supplies its wire format only: the endpoint, the
+headers it needs, the request body, and how to read a success body and an error body. Sending
+with the injected client, redacting secrets, classifying statuses and transport failures,
+reading ``retry-after`` and spotting quota-exhausted 429s happen here, once.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+from pydantic import SecretStr
+
+from llmstream.processors.providers import (
+    MAX_ERROR_BODY_CHARS,
+    Completion,
+    ErrorType,
+    ProviderError,
+    parse_retry_after,
+)
+from llmstream.schemas.models import LLMRequest
+
+__all__ = [
+    "ErrorFields",
+    "HTTPAdapter",
+    "endpoint_label",
+    "endpoint_url",
+    "redact",
+    "request_id_header",
+    "status_classification",
+    "text_field",
+]
+
+_MAX_MESSAGE_DETAIL_CHARS = 300
+_REDACTED = "[REDACTED]"
+# Whatever a success body lacks or holds in the wrong type surfaces as one of these.
+_SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFields:
+    """The machine-readable parts of a provider's error body; empty strings when absent."""
+
+    kind: str = ""
+    code: str = ""
+    message: str = ""
+
+
+class HTTPAdapter(ABC):
+    """One provider endpoint reached with a POST of JSON; subclasses own the wire format."""
+
+    # The error body's ``kind`` → ErrorType, where it says more than the status does.
+    error_types: ClassVar[Mapping[str, ErrorType]] = {}
+    # 429 kinds or codes meaning money or quota ran out, not "slow down": a retry cannot
+    # succeed until a person acts.
+    quota_codes: ClassVar[frozenset[str]] = frozenset()
+    # What a success body must hold, for the message when it does not.
+    success_shape: ClassVar[str]
+
+    def __init__(
+        self,
+        name: str,
+        client: httpx.AsyncClient,
+        base_url: str,
+        api_key: SecretStr | None = None,
+        extra_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self._client = client
+        self._url = self.endpoint(base_url)
+        key = api_key.get_secret_value() if api_key is not None else ""
+        extra = dict(extra_headers or {})
+        self._headers = {**extra, "content-type": "application/json", **self.wire_headers(key)}
+        # Extra headers often carry credentials too (Azure's api-key).
+        self._secrets = tuple(value for value in (*extra.values(), key) if value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, url={endpoint_label(self._url)!r})"
+
+    @abstractmethod
+    def endpoint(self, base_url: str) -> httpx.URL:
+        """The URL every call is sent to."""
+
+    @abstractmethod
+    def wire_headers(self, api_key: str) -> dict[str, str]:
+        """Headers the API requires, credentials included when ``api_key`` is not empty."""
+
+    @abstractmethod
+    def request_body(self, request: LLMRequest, model: str) -> dict[str, Any]:
+        """The JSON body; raise ProviderError for a request this API cannot express."""
+
+    @abstractmethod
+    def parse_completion(self, data: Any, requested_model: str) -> Completion:
+        """The Completion in a decoded success body; any lookup error means a malformed body."""
+
+    @abstractmethod
+    def error_fields(self, error: Mapping[str, Any]) -> ErrorFields:
+        """What the ``error`` object of an error body says."""
+
+    async def complete(self, request: LLMRequest, model: str) -> Completion:
+        """Make one call; raise ProviderError on any failure."""
+        content = orjson.dumps(self.request_body(request, model))
+        headers = {**self._headers, "x-client-request-id": request_id_header(request.request_id)}
+        try:
+            response = await self._client.post(self._url, content=content, headers=headers)
+        except httpx.RequestError as exc:
+            raise self._transport_error(exc) from exc
+        if not response.is_success:
+            raise self._status_error(response)
+        try:
+            return self.parse_completion(orjson.loads(response.content), model)
+        except _SHAPE_ERRORS as exc:
+            reason = f"no {self.success_shape} ({type(exc).__name__})"
+            raise self._malformed_response(response, reason) from None
+
+    def _status_error(self, response: httpx.Response) -> ProviderError:
+        """A non-2xx answer: classified by its status, refined by the error body."""
+        error_type, retryable = status_classification(response.status_code)
+        fields = self._read_error_body(response.content)
+        error_type = self.error_types.get(fields.kind, error_type)
+        if response.status_code == 429 and not self.quota_codes.isdisjoint(
+            (fields.kind, fields.code)
+        ):
+            retryable = False
+        label = "/".join(part for part in (fields.kind, fields.code) if part)
+        detail = redact(f"{label}: {fields.message}" if label else fields.message, self._secrets)
+        message = f"{self.name}: HTTP {response.status_code} from {endpoint_label(response.url)}"
+        if detail:
+            message = f"{message}: {detail[:_MAX_MESSAGE_DETAIL_CHARS]}"
+        return ProviderError(
+            message,
+            provider=self.name,
+            error_type=error_type,
+            retryable=retryable,
+            status_code=response.status_code,
+            retry_after=parse_retry_after(response.headers),
+            body=self._body_text(response),
+            headers={key: redact(value, self._secrets) for key, value in response.headers.items()},
+        )
+
+    def _read_error_body(self, content: bytes) -> ErrorFields:
+        try:
+            data = orjson.loads(content)
+        except orjson.JSONDecodeError:
+            return ErrorFields()
+        error = data.get("error") if isinstance(data, dict) else None
+        return self.error_fields(error) if isinstance(error, dict) else ErrorFields()
+
+    def _malformed_response(self, response: httpx.Response, reason: str) -> ProviderError:
+        """A 2xx answer that is not the documented shape (a proxy's HTML page, a truncated body)."""
+        return ProviderError(
+            f"{self.name}: malformed response from {endpoint_label(response.url)}: {reason}",
+            provider=self.name,
+            error_type="provider_error",
+            retryable=False,
+            status_code=response.status_code,
+            body=self._body_text(response),
+        )
+
+    def _body_text(self, response: httpx.Response) -> str:
+        # Decoded from a bounded prefix: a multi-megabyte error page is not worth decoding.
+        prefix = response.content[: MAX_ERROR_BODY_CHARS * 4].decode("utf-8", "replace")
+        return redact(prefix, self._secrets)
+
+    def _transport_error(self, exc: httpx.RequestError) -> ProviderError:
+        """A failure below HTTP: timeouts and broken connections are retryable."""
+        where = endpoint_label(self._url)
+        # The transport's own exception (aiohttp's) names the failure better than httpx's mapping.
+        cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+        kind = type(cause).__name__
+        detail = redact(str(cause) or kind, self._secrets)[:_MAX_MESSAGE_DETAIL_CHARS]
+        error_type: ErrorType
+        # httpx-aiohttp maps every aiohttp ClientConnectionError (refused, reset, server went
+        # away) to httpx.ConnectTimeout; only a TimeoutError underneath is really a timeout.
+        if isinstance(exc, httpx.TimeoutException) and (
+            exc.__cause__ is None or isinstance(exc.__cause__, TimeoutError)
+        ):
+            error_type, retryable, what = "timeout", True, f"timed out calling {where}"
+        elif isinstance(exc, httpx.UnsupportedProtocol):
+            # A misconfigured base URL: retrying cannot help.
+            error_type, retryable, what = "connection_error", False, f"cannot call {where}"
+        elif isinstance(exc, httpx.TransportError):
+            error_type, retryable, what = "connection_error", True, f"connection to {where} failed"
+        else:
+            # Decoding errors, redirect loops: the server answered something we cannot use.
+            error_type, retryable, what = "provider_error", False, f"unusable response from {where}"
+        return ProviderError(
+            f"{self.name}: {what} ({kind}: {detail})",
+            provider=self.name,
+            error_type=error_type,
+            retryable=retryable,
+        )
+
+
+def status_classification(status_code: int) -> tuple[ErrorType, bool]:
+    """``(error_type, retryable)`` from the HTTP status alone; the error body may refine it."""
+    if status_code in (401, 403):
+        return "auth_error", False
+    if status_code == 402:  # payment required: an account problem no retry fixes
+        return "provider_error", False
+    if status_code == 404:
+        return "not_found", False
+    if status_code == 408:
+        return "timeout", True
+    if status_code == 409:
+        return "provider_error", True
+    if status_code == 429:
+        return "rate_limited", True
+    if status_code >= 500:
+        return "provider_error", True
+    return "invalid_request", False
+
+
+def text_field(value: object) -> str:
+    """A string or number from an error body as text; anything else (or nothing) as ``""``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return ""
+
+
+def request_id_header(request_id: str) -> str:
+    """The request ID as a header value: non-ASCII is percent-encoded, as headers are ASCII."""
+    if request_id.isascii():
+        return request_id
+    return urllib.parse.quote(request_id, safe="".join(chr(c) for c in range(0x20, 0x7F)))
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced, so an echoed key never reaches a log or a topic."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, _REDACTED)
+    return text
+
+
+def endpoint_url(base_url: str, path: str) -> httpx.URL:
+    """``path`` appended to the base URL's path; a query string (Azure's api-version) is kept.
+
+    Parsed once here: handing httpx a ready URL saves re-parsing a string on every call.
+    """
+    base = httpx.URL(base_url)
+    return base.copy_with(path=base.path.rstrip("/") + path)
+
+
+def endpoint_label(url: str | httpx.URL) -> str:
+    """Scheme, host, port and path of ``url``: no credentials, no query string."""
+    parsed = httpx.URL(url)
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{parsed.host}{port}{parsed.path}"

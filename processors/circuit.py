@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 from llmstream.processors.adaptive import lua_factor
 from llmstream.processors.providers import ProviderError
 
-__all__ = ["Admission", "CircuitBreakers", "CircuitParams", "is_outage"]
+__all__ = ["CircuitAdmission", "CircuitBreakers", "CircuitParams", "is_outage"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ return 0
 _FORGET_AFTER_S = 600.0  # a closed circuit unused this long leaves the local view
 
 
-class Admission(enum.Enum):
+class CircuitAdmission(enum.Enum):
     CLOSED = "closed"  # call
     PROBE = "probe"  # call, as the one probe of a half-open circuit; report the outcome
     OPEN = "open"  # do not call: wait (or fall back)
@@ -199,17 +199,17 @@ class CircuitBreakers:
         view.used = time.monotonic()
         return view
 
-    async def admit(self, provider: str, model: str) -> tuple[Admission, float]:
+    async def admit(self, provider: str, model: str) -> tuple[CircuitAdmission, float]:
         """May a call go now? ``(OPEN, seconds)`` says how long until it is worth asking again."""
         view = self._view(provider, model)
         if not view.open:
-            return Admission.CLOSED, 0.0
+            return CircuitAdmission.CLOSED, 0.0
         loop = asyncio.get_running_loop()
         remaining = view.reopen_at - loop.time()
         if remaining > 0:
-            return Admission.OPEN, remaining
+            return CircuitAdmission.OPEN, remaining
         if view.probing:
-            return Admission.OPEN, self.params.sync_s
+            return CircuitAdmission.OPEN, self.params.sync_s
         view.probing = True
         try:
             state, remaining_ms = await self._probe(
@@ -219,19 +219,19 @@ class CircuitBreakers:
         except RedisError as exc:
             # The breaker protects the provider; it must not fail requests when Redis does.
             log.warning("circuit %s/%s unreadable (%s); calling", provider, model, exc)
-            return Admission.CLOSED, 0.0
+            return CircuitAdmission.CLOSED, 0.0
         finally:
             view.probing = False
         state = state.decode() if isinstance(state, bytes) else state
         if state == "p":
             # Until the probe reports, the others here wait at most its lease.
             view.reopen_at = loop.time() + self.params.probe_lease_s
-            return Admission.PROBE, 0.0
+            return CircuitAdmission.PROBE, 0.0
         if state == "c":
             self._set(view, False, 0.0)
-            return Admission.CLOSED, 0.0
+            return CircuitAdmission.CLOSED, 0.0
         self._set(view, True, float(remaining_ms))
-        return Admission.OPEN, float(remaining_ms) / 1000
+        return CircuitAdmission.OPEN, float(remaining_ms) / 1000
 
     async def wait(self, provider: str, model: str, at_most_s: float) -> None:
         """Until the circuit's state changes here, or ``at_most_s``."""

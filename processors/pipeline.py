@@ -1,6 +1,7 @@
 """What happens to one event of ``llm-requests``, from raw bytes to the outcomes on the broker.
 
-decode → deadline → claim (dedup) → provider call with retries → store → emit → mark emitted.
+decode → claim (dedup) → deadline → traffic control (cache, limits, circuits, fallbacks and the
+retry loop: :mod:`processors.traffic`) → store → emit → mark emitted.
 
 :meth:`RequestProcessor.process` returns only once the event's outcomes are acknowledged by the
 broker (or the event is a duplicate whose outcome already was), and never raises for bad input,
@@ -24,7 +25,6 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
-from llmstream.processors.retry import RetryPolicy, call_with_retries
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
 from llmstream.schemas.codec import DecodeError, WireFormat, decode, decode_request, encode
@@ -67,23 +67,17 @@ class RequestProcessor:
         router: ProviderRouter,
         emitter: Emitter,
         metrics: WorkerMetrics,
+        traffic: TrafficControl,
         rng: random.Random | None = None,
-        traffic: TrafficControl | None = None,
     ) -> None:
         self._settings = settings
-        # Rate limits, fallbacks, circuits, cache and cost; without it, plain retries.
-        self._traffic = traffic
         self._dedup = dedup
         self._router = router
         self._emitter = emitter
         self._metrics = metrics
+        # Every provider call goes through it: cache, limits, circuits, fallbacks, retries, cost.
+        self._traffic = traffic
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._policy = RetryPolicy(
-            max_attempts=settings.max_attempts,
-            base_delay_s=settings.retry_base_delay_s,
-            max_delay_s=settings.retry_max_delay_s,
-            max_retry_after_s=settings.max_retry_after_s,
-        )
         self._format: WireFormat = settings.output_format
         # Request IDs in flight in this process: a second copy waits on the first locally.
         self._local: dict[str, asyncio.Future[None]] = {}
@@ -156,25 +150,11 @@ class RequestProcessor:
             )
             return
 
-        def on_retry(attempt: int, delay: float, error: ProviderError) -> None:
-            self._metrics.retries.labels(provider.name, error.error_type).inc()
-
         # Time spent waiting for rate budget or an open circuit is neither the provider's
         # latency nor the worker's overhead.
         traffic = TrafficProgress()
         try:
-            if self._traffic is None:
-                completion, attempts = await call_with_retries(
-                    lambda: provider.complete(request, model),
-                    self._policy,
-                    deadline_ms=request.deadline_ms,
-                    rng=self._rng,
-                    on_retry=on_retry,
-                )
-            else:
-                completion, attempts = await self._traffic.complete(
-                    request, provider, model, traffic
-                )
+            completion, attempts = await self._traffic.complete(request, provider, model, traffic)
         except ProviderError as exc:
             provider_s = time.perf_counter() - provider_started - traffic.waited_s
             self._metrics.provider_latency.labels(
@@ -231,15 +211,7 @@ class RequestProcessor:
             created_at_ms=request.created_at_ms,
             completed_at_ms=wall_clock_ms(),
         )
-        stored = encode(response, WireFormat.JSON)
-        if not await self._until_ok(
-            lambda: self._dedup.settle(
-                request.request_id, failed=False, payload=stored, now_ms=wall_clock_ms()
-            ),
-            "store the response",
-        ):
-            self._metrics.dedup.labels("fenced").inc()
-            log.warning("claim on %s was taken over; outcome not emitted here", request.request_id)
+        if not await self._store(request.request_id, response):
             return
         await self._emit_and_mark(request.request_id, response, self._success_metric(response))
         if cached:
@@ -263,14 +235,7 @@ class RequestProcessor:
         queue_ms: int | None = None,
         latency_ms: int | None = None,
     ) -> None:
-        stored = encode(error, WireFormat.JSON)
-        if not await self._until_ok(
-            lambda: self._dedup.settle(
-                request.request_id, failed=True, payload=stored, now_ms=wall_clock_ms()
-            ),
-            "store the error",
-        ):
-            self._metrics.dedup.labels("fenced").inc()
+        if not await self._store(request.request_id, error):
             return
         metric = self._error_metric(error, status=status, queue_ms=queue_ms, latency_ms=latency_ms)
         await self._emit_and_mark(request.request_id, error, metric)
@@ -339,6 +304,22 @@ class RequestProcessor:
         self._count(metric)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    async def _store(self, request_id: str, outcome: LLMResponse | LLMError) -> bool:
+        """Settle the claim with the outcome, before anything is emitted; False when another
+        worker took the claim over (it emits, not this one)."""
+        stored = encode(outcome, WireFormat.JSON)
+        failed = isinstance(outcome, LLMError)
+        settled = await self._until_ok(
+            lambda: self._dedup.settle(
+                request_id, failed=failed, payload=stored, now_ms=wall_clock_ms()
+            ),
+            "store the outcome",
+        )
+        if not settled:
+            self._metrics.dedup.labels("fenced").inc()
+            log.warning("claim on %s was taken over; outcome not emitted here", request_id)
+        return settled
 
     async def _claim(self, request_id: str) -> Claim:
         delay = 0.05

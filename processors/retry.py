@@ -1,23 +1,29 @@
-"""When and how long to wait before calling a provider again.
+"""The one retry loop for provider calls: when to call again, how long to wait, when to stop.
 
 Full-jitter exponential backoff (each wait drawn from ``[0, min(max_delay, base * 2**(n-1))]``)
 spreads hundreds of in-flight retries over time instead of sending them back in waves. A server's
 ``Retry-After`` is a floor, not a suggestion. Only :class:`ProviderError` with ``retryable`` set
 is retried; the adapters decide that (timeouts and broken connections included).
 
+Not every failure spends the request's retry budget: the caller's ``charge`` hook says which
+:class:`Charge` a failure costs (traffic control makes 429s and open circuits free, because they
+say the provider is at capacity or known down, not that the request fails).
+
 What :func:`call_with_retries` raises, always with ``attempts`` set:
 
 - the :class:`ProviderError` itself when it is not retryable;
-- :class:`RetriesExhausted` (a ProviderError) after ``max_attempts`` retryable failures, with the
-  last error's ``error_type``;
+- :class:`RetriesExhausted` (a ProviderError) after ``max_attempts`` budgeted failures, or
+  ``max_rate_limited_attempts`` 429s, with the last error's ``error_type``;
 - :class:`RetriesExhausted` with ``error_type="expired"`` when the request's deadline has passed
   or the next wait would end after it (``last_error`` keeps the failure that came before). An
-  attempt in flight when the deadline arrives is cancelled.
+  attempt in flight when the deadline arrives is cancelled, whatever it was doing (calling, or
+  waiting for rate budget or a circuit).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,7 +32,7 @@ from typing import Literal, TypeVar
 from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.providers import ErrorType, ProviderError
 
-__all__ = ["RetriesExhausted", "RetryPolicy", "call_with_retries"]
+__all__ = ["Charge", "RetriesExhausted", "RetryPolicy", "call_with_retries", "expired"]
 
 T = TypeVar("T")
 
@@ -42,10 +48,12 @@ class RetryPolicy:
     base_delay_s: float = 0.5
     max_delay_s: float = 30.0
     max_retry_after_s: float = 120.0
+    # 429s one request may get (they spend no budget) before it fails.
+    max_rate_limited_attempts: int = 30
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("max_attempts must be at least 1")
+        if min(self.max_attempts, self.max_rate_limited_attempts) < 1:
+            raise ValueError("attempt limits must be at least 1")
         if min(self.base_delay_s, self.max_delay_s, self.max_retry_after_s) < 0:
             raise ValueError("delays must not be negative")
 
@@ -102,6 +110,18 @@ def _error_type(error: ProviderError | None) -> ErrorType:
     return error.error_type if error else "provider_error"
 
 
+class Charge(enum.Enum):
+    """What a failed call costs the request."""
+
+    RETRY = "retry"  # one of its max_attempts, then a backoff wait
+    RATE_LIMITED = "rate_limited"  # one of its max_rate_limited_attempts; the pause is the wait
+    FREE = "free"  # nothing: the next attempt waits for what failed (an open circuit)
+
+
+async def _retry_budget(error: ProviderError) -> Charge:
+    return Charge.RETRY
+
+
 async def call_with_retries(
     fn: Callable[[], Awaitable[T]],
     policy: RetryPolicy,
@@ -111,17 +131,21 @@ async def call_with_retries(
     sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
     now_ms: Callable[[], int] = wall_clock_ms,
     on_retry: Callable[[int, float, ProviderError], object] | None = None,
+    charge: Callable[[ProviderError], Awaitable[Charge]] = _retry_budget,
 ) -> tuple[T, int]:
     """Call ``fn`` until it succeeds; return ``(result, attempts)``.
 
     ``deadline_ms`` is an absolute time on ``now_ms``'s clock (epoch ms, as on the event).
-    ``on_retry(attempt, delay_s, error)`` runs before each wait, e.g. to count retries.
+    ``charge(error)`` runs after every failed call, retryable or not (traffic control reports
+    outages to the circuit there). ``on_retry(attempt, delay_s, error)`` runs before each retry,
+    e.g. to count retries. ``fn`` may raise :class:`RetriesExhausted` itself (it could not call
+    before the deadline); that ends the loop as it is.
     """
     last_error: ProviderError | None = None
-    attempt = 0
+    attempt = spent = limited = 0
     while True:
         if deadline_ms is not None and now_ms() >= deadline_ms:
-            raise _expired(attempt, last_error)
+            raise expired(attempt, last_error)
         attempt += 1
         # An attempt still running at the deadline is cancelled: its answer would be worthless.
         scope = asyncio.timeout(None if deadline_ms is None else (deadline_ms - now_ms()) / 1000)
@@ -129,31 +153,46 @@ async def call_with_retries(
             async with scope:
                 result = await fn()
             return result, attempt
+        except RetriesExhausted:
+            raise
         except ProviderError as error:
             error.attempts = attempt
-            if not error.retryable:
-                raise
             last_error = error
         except TimeoutError:
             if scope.expired():
-                raise _expired(attempt, last_error) from None
+                raise expired(attempt, last_error) from None
             raise
-        if attempt >= policy.max_attempts:
-            raise RetriesExhausted(
-                f"gave up after {attempt} attempts: {last_error}",
-                reason="max_attempts",
-                last_error=last_error,
-                attempts=attempt,
-            ) from last_error
-        delay = policy.next_delay(attempt, last_error, rng)
-        if deadline_ms is not None and now_ms() + delay * 1000 >= deadline_ms:
-            raise _expired(attempt, last_error) from last_error
+        cost = await charge(last_error)
+        delay = 0.0
+        if cost is Charge.RATE_LIMITED:
+            limited += 1
+            if limited >= policy.max_rate_limited_attempts:
+                raise _exhausted(f"still rate limited after {limited} calls", attempt, last_error)
+        elif cost is Charge.RETRY:
+            if not last_error.retryable:
+                raise last_error
+            spent += 1
+            if spent >= policy.max_attempts:
+                raise _exhausted(f"gave up after {spent} attempts", attempt, last_error)
+            delay = policy.next_delay(spent, last_error, rng)
+            if deadline_ms is not None and now_ms() + delay * 1000 >= deadline_ms:
+                raise expired(attempt, last_error) from last_error
         if on_retry is not None:
             on_retry(attempt, delay, last_error)
-        await sleep(delay)
+        if delay:
+            await sleep(delay)
 
 
-def _expired(attempts: int, last_error: ProviderError | None) -> RetriesExhausted:
+def _exhausted(why: str, attempts: int, last_error: ProviderError) -> RetriesExhausted:
+    error = RetriesExhausted(
+        f"{why}: {last_error}", reason="max_attempts", last_error=last_error, attempts=attempts
+    )
+    error.__cause__ = last_error
+    return error
+
+
+def expired(attempts: int, last_error: ProviderError | None) -> RetriesExhausted:
+    """The failure of a request whose deadline passed after ``attempts`` calls."""
     detail = f"; last error: {last_error}" if last_error else ""
     return RetriesExhausted(
         f"deadline passed after {attempts} attempt{'s' if attempts != 1 else ''}{detail}",

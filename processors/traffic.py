@@ -1,8 +1,8 @@
 """Traffic control around one request's provider calls: cache, fallbacks, circuit breaking, shared
 rate limits, adaptive rate on 429, retries and cost.
 
-:meth:`TrafficControl.complete` replaces a bare retry loop in the pipeline, between the claim and
-the settle. For one request:
+:meth:`TrafficControl.complete` is how the pipeline calls a provider, between the claim and the
+settle. For one request:
 
 1. **Cache.** With ``cache: true`` (or ``LLMSTREAM_CACHE_TEMPERATURE_ZERO`` and temperature 0), an
    identical earlier answer is returned without a call (:mod:`llmstream.processors.cache`).
@@ -16,6 +16,8 @@ the settle. For one request:
    (every worker), its rate factor decreases (:mod:`processors.adaptive`), and the request waits
    and calls again. That does not spend its retry budget: a 429 here says the provider is at
    capacity, not that the request fails; ``LLMSTREAM_MAX_RATE_LIMITED_ATTEMPTS`` bounds it.
+   Which failures spend the retry budget is decided in one place, :meth:`TrafficControl._charge`;
+   the loop that applies it is :func:`processors.retry.call_with_retries`, the only one.
 5. **5xx / timeout / broken connection**: reported to the circuit. A failure after which the
    circuit is open spends no retry budget either: the request waits for the circuit or falls
    back, so no request fails for lack of retries while its provider is known to be down. Other
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -41,12 +44,23 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.adaptive import AdaptiveControl, AdaptiveParams
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
-from llmstream.processors.circuit import Admission, CircuitBreakers, CircuitParams, is_outage
+from llmstream.processors.circuit import (
+    CircuitAdmission,
+    CircuitBreakers,
+    CircuitParams,
+    is_outage,
+)
 from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
 from llmstream.processors.pricing import PriceTable, load_prices_file
 from llmstream.processors.providers import Completion, Provider, ProviderError, ProviderRouter
-from llmstream.processors.ratelimit import Grant, RateLimiter, estimate_tokens
-from llmstream.processors.retry import RetriesExhausted, RetryPolicy
+from llmstream.processors.ratelimit import Grant, Lane, RateLimiter, estimate_tokens
+from llmstream.processors.retry import (
+    Charge,
+    RetriesExhausted,
+    RetryPolicy,
+    call_with_retries,
+    expired,
+)
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.models import LLMRequest
 
@@ -70,11 +84,68 @@ class TrafficProgress:
     last_error: ProviderError | None = None
 
 
+class _CircuitOpen(Exception):
+    """The model's circuit is open and the request has a next candidate: fall back."""
+
+
+@dataclass
+class _ModelCalls:
+    """One request's calls to one candidate model, and what the next call needs to know."""
+
+    request: LLMRequest
+    provider: Provider
+    model: str
+    has_next: bool
+    lane: Lane | None
+    tokens: int
+    progress: TrafficProgress
+    stay: Stay
+    probe: bool = False
+    grant: Grant | None = None
+    sent_at_ms: float = 0.0
+    # After this request's own 429, waiting out the pause is its retry's wait: provider time
+    # (latency_ms), as a retry's backoff is, not time waiting for others' budget.
+    retrying: bool = False
+
+
 class TrafficControl:
-    """Traffic control for every request of one worker process."""
+    """Traffic control for every request of one worker process, composed of the parts passed
+    in; :meth:`from_settings` builds a worker's."""
 
     def __init__(
         self,
+        settings: WorkerSettings,
+        *,
+        router: ProviderRouter,
+        metrics: WorkerMetrics,
+        policy: RetryPolicy,
+        room: WaitingRoom,
+        adaptive: AdaptiveControl,
+        limiter: RateLimiter,
+        circuits: CircuitBreakers | None,
+        cache: ResponseCache,
+        prices: PriceTable,
+        rng: random.Random | None = None,
+        now_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self._settings = settings
+        self._router = router
+        self._retries = metrics.retries
+        self.metrics = TrafficMetrics(metrics.registry, model_label=metrics.model_label)
+        self.policy = policy
+        self.room = room
+        self.adaptive = adaptive
+        self.limiter = limiter
+        self.circuits = circuits
+        self.cache = cache
+        self.prices = prices
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._now_ms = now_ms
+        self._providers_seen: set[str] = set()
+
+    @classmethod
+    def from_settings(
+        cls,
         settings: WorkerSettings,
         *,
         redis: aioredis.Redis,
@@ -82,22 +153,14 @@ class TrafficControl:
         metrics: WorkerMetrics,
         worker_token: str,
         rng: random.Random | None = None,
-    ) -> None:
+    ) -> TrafficControl:
+        """A worker's traffic control: every part configured from ``settings``, state in
+        ``redis`` under the settings' key prefix."""
         s = settings
-        self._settings = s
-        self._router = router
-        self._worker_metrics = metrics
-        self.metrics = TrafficMetrics(metrics.registry, model_label=metrics.model_label)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self.room = WaitingRoom(s.max_waiting)
-        provider_rpm = {
-            name: limit.rpm
-            for name, limit in s.rate_limits.items()
-            if "/" not in name and limit.rpm
-        }
-        self.adaptive = AdaptiveControl(
+        prefix = s.redis_key_prefix
+        adaptive = AdaptiveControl(
             redis,
-            key_prefix=s.redis_key_prefix,
+            key_prefix=prefix,
             params=AdaptiveParams(
                 window_s=s.adaptive_window_s,
                 min_factor=s.adaptive_min_factor,
@@ -105,44 +168,53 @@ class TrafficControl:
                 default_pause_s=s.rate_limit_default_pause_s,
                 max_pause_s=s.max_retry_after_s,
             ),
-            provider_rpm=provider_rpm,
+            provider_rpm={
+                name: limit.rpm
+                for name, limit in s.rate_limits.items()
+                if "/" not in name and limit.rpm
+            },
         )
-        self.limiter = RateLimiter(
-            redis,
-            key_prefix=s.redis_key_prefix,
-            limits=s.rate_limits,
-            client_quotas=s.client_quotas,
-            adaptive=self.adaptive,
-            margin=s.rate_limit_margin,
-            horizon_s=s.rate_limit_horizon_s,
-        )
-        self.circuits = (
-            CircuitBreakers(
-                redis,
-                key_prefix=s.redis_key_prefix,
-                worker_token=worker_token,
-                params=CircuitParams(
-                    window_s=s.circuit_window_s,
-                    min_failures=s.circuit_min_failures,
-                    failure_ratio=s.circuit_failure_ratio,
-                    cooldown_s=s.circuit_cooldown_s,
-                    probe_lease_s=s.circuit_probe_lease_s,
-                    sync_s=s.traffic_sync_s,
-                ),
+        circuits = None
+        if s.circuit_breaker:
+            params = CircuitParams(
+                window_s=s.circuit_window_s,
+                min_failures=s.circuit_min_failures,
+                failure_ratio=s.circuit_failure_ratio,
+                cooldown_s=s.circuit_cooldown_s,
+                probe_lease_s=s.circuit_probe_lease_s,
+                sync_s=s.traffic_sync_s,
             )
-            if s.circuit_breaker
-            else None
-        )
-        self.cache = ResponseCache(redis, key_prefix=s.redis_key_prefix, ttl_s=s.cache_ttl_s)
+            circuits = CircuitBreakers(
+                redis, key_prefix=prefix, worker_token=worker_token, params=params
+            )
         prices = load_prices_file(s.prices_file) if s.prices_file else {}
-        self.prices = PriceTable({**prices, **s.prices})
-        self._policy = RetryPolicy(
-            max_attempts=s.max_attempts,
-            base_delay_s=s.retry_base_delay_s,
-            max_delay_s=s.retry_max_delay_s,
-            max_retry_after_s=s.max_retry_after_s,
+        return cls(
+            s,
+            router=router,
+            metrics=metrics,
+            policy=RetryPolicy(
+                max_attempts=s.max_attempts,
+                base_delay_s=s.retry_base_delay_s,
+                max_delay_s=s.retry_max_delay_s,
+                max_retry_after_s=s.max_retry_after_s,
+                max_rate_limited_attempts=s.max_rate_limited_attempts,
+            ),
+            room=WaitingRoom(s.max_waiting),
+            adaptive=adaptive,
+            limiter=RateLimiter(
+                redis,
+                key_prefix=prefix,
+                limits=s.rate_limits,
+                client_quotas=s.client_quotas,
+                adaptive=adaptive,
+                margin=s.rate_limit_margin,
+                horizon_s=s.rate_limit_horizon_s,
+            ),
+            circuits=circuits,
+            cache=ResponseCache(redis, key_prefix=prefix, ttl_s=s.cache_ttl_s),
+            prices=PriceTable({**prices, **s.prices}),
+            rng=rng,
         )
-        self._providers_seen: set[str] = set()
 
     # -- the background sync ----------------------------------------------------------------
 
@@ -205,43 +277,55 @@ class TrafficControl:
                 progress.cached = True
                 progress.cost_usd = 0.0  # no call, nothing paid
                 return hit, 0
+        completion, by_primary = await self._first_answer(request, provider, model, progress, stay)
+        progress.cost_usd = self._cost(request, completion)
+        if cache_key is not None and by_primary:
+            self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
+        return completion, progress.attempts
+
+    async def _first_answer(
+        self,
+        request: LLMRequest,
+        provider: Provider,
+        model: str,
+        progress: TrafficProgress,
+        stay: Stay,
+    ) -> tuple[Completion, bool]:
+        """The answer of the first candidate model that gives one, and whether that was the
+        request's own model."""
         candidates = self._candidates(request, f"{provider.name}/{model}")
-        previous = ""
         for index, (candidate, label) in enumerate(candidates):
-            if previous:
+            if index:
                 self.metrics.fallbacks.labels(
-                    self.metrics.model_label(previous), self.metrics.model_label(label)
+                    self.metrics.model_label(candidates[index - 1][1]),
+                    self.metrics.model_label(label),
                 ).inc()
-            previous = label
-            if index == 0:
-                target, target_model = provider, model
-            else:
-                try:
-                    target, target_model = self._router.resolve(candidate)
-                except ProviderError as exc:
-                    log.warning("fallback %s of %s skipped: %s", label, request.request_id, exc)
-                    progress.last_error = progress.last_error or exc
-                    continue
+            target = (provider, model) if index == 0 else self._resolve(candidate, label, progress)
+            if target is None:
+                continue
             has_next = index < len(candidates) - 1
+            calls = self._model_calls(candidate, *target, has_next, progress, stay)
             try:
-                completion = await self._call_model(
-                    candidate, target, target_model, has_next, progress, stay
-                )
+                return await self._call_model(calls), index == 0
+            except _CircuitOpen:
+                continue
             except ProviderError as exc:
-                progress.last_error = exc
-                if not has_next or exc.error_type in _NO_FALLBACK:
-                    exc.attempts = progress.attempts
-                    raise
+                failure = exc
+                if isinstance(exc, RetriesExhausted) and exc.reason == "deadline":
+                    # Counted over every candidate, not only this one.
+                    failure = expired(progress.attempts, progress.last_error)
+                progress.last_error = failure
+                if not has_next or failure.error_type in _NO_FALLBACK:
+                    failure.attempts = progress.attempts
+                    if failure is exc:
+                        raise
+                    raise failure from exc
                 log.info(
-                    "%s: %s failed (%s); falling back", request.request_id, label, exc.error_type
+                    "%s: %s failed (%s); falling back",
+                    request.request_id,
+                    label,
+                    failure.error_type,
                 )
-                continue
-            if completion is None:  # circuit open: next candidate
-                continue
-            progress.cost_usd = self._charge(request, completion)
-            if cache_key is not None and index == 0:
-                self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
-            return completion, progress.attempts
         error = progress.last_error or ProviderError(
             f"no candidate model of {request.model!r} could be called",
             provider=provider.name,
@@ -251,7 +335,17 @@ class TrafficControl:
         error.attempts = progress.attempts
         raise error
 
-    async def _call_model(
+    def _resolve(
+        self, candidate: LLMRequest, label: str, progress: TrafficProgress
+    ) -> tuple[Provider, str] | None:
+        try:
+            return self._router.resolve(candidate)
+        except ProviderError as exc:
+            log.warning("fallback %s of %s skipped: %s", label, candidate.request_id, exc)
+            progress.last_error = progress.last_error or exc
+            return None
+
+    def _model_calls(
         self,
         request: LLMRequest,
         provider: Provider,
@@ -259,148 +353,151 @@ class TrafficControl:
         has_next: bool,
         progress: TrafficProgress,
         stay: Stay,
-    ) -> Completion | None:
-        """Calls to one model until it answers (the completion), its circuit is open and there
-        is a next candidate (None), or it fails for good (ProviderError)."""
-        loop = asyncio.get_running_loop()
-        settings = self._settings
-        name = provider.name
-        self._providers_seen.add(name)
-        lane = self.limiter.lane(name, model, request.client_id) if self.limiter.enabled else None
+    ) -> _ModelCalls:
+        self._providers_seen.add(provider.name)
+        lane = None
+        if self.limiter.enabled:
+            lane = self.limiter.lane(provider.name, model, request.client_id)
         tokens = 0
         if lane is not None and lane.counts_tokens:
-            tokens = estimate_tokens(request, settings.tpm_default_completion_tokens)
-        deadline_ms = request.deadline_ms
-        counted = 0  # failures that spend the retry budget
-        limited = 0  # 429s answered after the limiter let the call through
-        # After this request's own 429, waiting out the pause is its retry's wait: provider
-        # time (latency_ms), as a retry's backoff is, not time waiting for others' budget.
-        retrying = False
+            tokens = estimate_tokens(request, self._settings.tpm_default_completion_tokens)
+        return _ModelCalls(request, provider, model, has_next, lane, tokens, progress, stay)
+
+    async def _call_model(self, calls: _ModelCalls) -> Completion:
+        """Calls to one model until it answers, or fails for good (ProviderError), or its
+        circuit is open and there is a next candidate (_CircuitOpen)."""
+        name = calls.provider.name
+
+        def on_retry(attempt: int, delay: float, error: ProviderError) -> None:
+            self._retries.labels(name, error.error_type).inc()
+
+        completion, _ = await call_with_retries(
+            lambda: self._attempt(calls),
+            self.policy,
+            deadline_ms=calls.request.deadline_ms,
+            rng=self._rng,
+            now_ms=self._now_ms,
+            on_retry=on_retry,
+            charge=lambda error: self._charge(calls, error),
+        )
+        return completion
+
+    async def _attempt(self, calls: _ModelCalls) -> Completion:
+        """One call, once the circuit, a pause and the rate budget let it go."""
+        await self._admit(calls)
+        await calls.stay.resume()
+        calls.retrying = False
+        calls.progress.attempts += 1
+        grant = calls.grant
+        calls.sent_at_ms = grant.send_at_ms if grant is not None else float(self._now_ms())
+        try:
+            completion = await calls.provider.complete(calls.request, calls.model)
+        except ProviderError as error:
+            calls.progress.last_error = error
+            if grant is not None and grant.tokens:
+                await self.limiter.correct(grant, 0)
+            raise
+        await self._succeeded(calls, completion)
+        return completion
+
+    async def _admit(self, calls: _ModelCalls) -> None:
+        """Wait until the circuit, the provider's pause and the rate budget let a call go."""
+        name, model, progress = calls.provider.name, calls.model, calls.progress
         while True:
-            if deadline_ms is not None and wall_clock_ms() >= deadline_ms:
-                raise self._expired(progress)
-            probe = False
+            calls.probe = False
+            calls.grant = None
             if self.circuits is not None:
                 admission, remaining = await self.circuits.admit(name, model)
-                if admission is Admission.OPEN:
-                    if has_next:
-                        return None
+                if admission is CircuitAdmission.OPEN:
+                    if calls.has_next:
+                        raise _CircuitOpen
                     self.metrics.rate_limited.labels(name, "circuit").inc()
-                    stay.park()
-                    t0 = loop.time()
-                    await self.circuits.wait(
-                        name, model, min(remaining, self._until_deadline(deadline_ms))
-                    )
-                    progress.waited_s += loop.time() - t0
+                    calls.stay.park()
+                    await self._waiting(calls, self.circuits.wait(name, model, remaining), True)
                     continue
-                probe = admission is Admission.PROBE
+                calls.probe = admission is CircuitAdmission.PROBE
             pause = self.adaptive.pause_remaining(name)
-            if pause > 0 and lane is None:  # with a lane, the limiter's script holds the call
+            if calls.lane is None:
+                if pause <= 0:
+                    return
                 self.metrics.rate_limited.labels(name, "pause").inc()
-                stay.park()
-                t0 = loop.time()
-                await asyncio.sleep(min(pause, self._until_deadline(deadline_ms)))
-                if not retrying:
-                    progress.waited_s += loop.time() - t0
+                calls.stay.park()
+                await self._waiting(calls, asyncio.sleep(pause), not calls.retrying)
                 continue
-            grant: Grant | None = None
-            if lane is not None:
-                grant, waited_for = await self.limiter.acquire(
-                    lane, tokens, deadline_ms=deadline_ms, stay=stay
-                )
-                if waited_for is not None:
-                    self.metrics.rate_limited.labels(name, waited_for).inc()
-                if grant is None:
-                    raise self._expired(progress)
-                if not retrying:
-                    progress.waited_s += grant.waited_s
-                if self.adaptive.pause_remaining(name) > 0:
-                    continue  # paused (a 429 elsewhere) while this call waited for its slot
-            await stay.resume()
-            retrying = False
-            progress.attempts += 1
-            sent_at_ms = grant.send_at_ms if grant is not None else float(wall_clock_ms())
-            decided_at_ms = grant.decided_at_ms if grant is not None else sent_at_ms
-            scope = asyncio.timeout(self._deadline_timeout(deadline_ms))
-            try:
-                async with scope:
-                    completion = await provider.complete(request, model)
-            except TimeoutError:
-                if scope.expired():
-                    raise self._expired(progress) from None
-                raise
-            except ProviderError as error:
-                error.attempts = progress.attempts
-                progress.last_error = error
-                if grant is not None and grant.tokens:
-                    await self.limiter.correct(grant, 0)
-                if error.error_type == "rate_limited" and error.retryable:
-                    limited += 1
-                    retrying = True
-                    await self._rate_limited(name, error, sent_at_ms, decided_at_ms)
-                    if limited >= settings.max_rate_limited_attempts:
-                        raise RetriesExhausted(
-                            f"{name}: still rate limited after {limited} calls: {error}",
-                            reason="max_attempts",
-                            last_error=error,
-                            attempts=progress.attempts,
-                        ) from error
-                    continue
-                if self.circuits is not None and is_outage(error):
-                    is_open, event = await self.circuits.record_failure(name, model, probe=probe)
-                    if event:
-                        self.metrics.circuit_transitions.labels(
-                            name, self.metrics.model_label(model), event
-                        ).inc()
-                        log.warning("circuit %s/%s %s after: %s", name, model, event, error)
-                    if is_open:
-                        self._worker_metrics.retries.labels(name, error.error_type).inc()
-                        continue  # wait for the circuit or fall back; no retry budget spent
-                if not error.retryable:
-                    raise
-                counted += 1
-                if counted >= settings.max_attempts:
-                    raise RetriesExhausted(
-                        f"gave up after {counted} attempts: {error}",
-                        reason="max_attempts",
-                        last_error=error,
-                        attempts=progress.attempts,
-                    ) from error
-                delay = self._policy.next_delay(counted, error, self._rng)
-                if deadline_ms is not None and wall_clock_ms() + delay * 1000 >= deadline_ms:
-                    raise self._expired(progress) from error
-                self._worker_metrics.retries.labels(name, error.error_type).inc()
-                await asyncio.sleep(delay)
-                continue
-            if self.circuits is not None:
-                if probe:
-                    await self.circuits.record_probe_success(name, model)
-                    self.metrics.circuit_transitions.labels(
-                        name, self.metrics.model_label(model), "closed"
-                    ).inc()
-                    log.info("circuit %s/%s closed: the probe succeeded", name, model)
-                else:
-                    self.circuits.record_success(name, model)
-            if grant is not None and grant.tokens:
-                await self.limiter.correct(grant, completion.total_tokens)
-            return completion
+            # With a lane, the limiter's script holds the call through a pause.
+            grant, waited_for = await self.limiter.acquire(
+                calls.lane, calls.tokens, deadline_ms=calls.request.deadline_ms, stay=calls.stay
+            )
+            if waited_for is not None:
+                self.metrics.rate_limited.labels(name, waited_for).inc()
+            if grant is None:
+                raise expired(progress.attempts, progress.last_error)
+            if not calls.retrying:
+                progress.waited_s += grant.waited_s
+            if self.adaptive.pause_remaining(name) <= 0:
+                calls.grant = grant
+                return
+            # Paused (a 429 elsewhere) while this call waited for its slot: ask again.
 
-    async def _rate_limited(
-        self, provider: str, error: ProviderError, sent_at_ms: float, decided_at_ms: float
-    ) -> None:
+    async def _waiting(self, calls: _ModelCalls, wait: Awaitable[object], counted: bool) -> None:
+        """Wait; with ``counted``, the time is waiting (not provider time), even if cut short."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await wait
+        finally:
+            if counted:
+                calls.progress.waited_s += loop.time() - started
+
+    async def _charge(self, calls: _ModelCalls, error: ProviderError) -> Charge:
+        """What a failed call costs the request: the one place that decides that a 429 and a
+        failure that leaves the circuit open spend no retry budget."""
+        name, model = calls.provider.name, calls.model
+        if error.error_type == "rate_limited" and error.retryable:
+            calls.retrying = True
+            await self._report_429(calls, error)
+            return Charge.RATE_LIMITED
+        if self.circuits is not None and is_outage(error):
+            is_open, event = await self.circuits.record_failure(name, model, probe=calls.probe)
+            if event:
+                self._count_transition(name, model, event)
+                log.warning("circuit %s/%s %s after: %s", name, model, event, error)
+            if is_open:
+                return Charge.FREE  # wait for the circuit or fall back
+        return Charge.RETRY
+
+    async def _succeeded(self, calls: _ModelCalls, completion: Completion) -> None:
+        name, model = calls.provider.name, calls.model
+        if self.circuits is not None:
+            if calls.probe:
+                await self.circuits.record_probe_success(name, model)
+                self._count_transition(name, model, "closed")
+                log.info("circuit %s/%s closed: the probe succeeded", name, model)
+            else:
+                self.circuits.record_success(name, model)
+        if calls.grant is not None and calls.grant.tokens:
+            await self.limiter.correct(calls.grant, completion.total_tokens)
+
+    def _count_transition(self, provider: str, model: str, transition: str) -> None:
+        self.metrics.circuit_transitions.labels(
+            provider, self.metrics.model_label(model), transition
+        ).inc()
+
+    async def _report_429(self, calls: _ModelCalls, error: ProviderError) -> None:
+        provider = calls.provider.name
         self.metrics.rate_limited.labels(provider, "upstream_429").inc()
-        self._worker_metrics.retries.labels(provider, error.error_type).inc()
+        grant = calls.grant
         try:
             feedback = await self.adaptive.report_429(
                 provider,
-                sent_at_ms=sent_at_ms,
-                decided_at_ms=decided_at_ms,
+                sent_at_ms=calls.sent_at_ms,
+                decided_at_ms=grant.decided_at_ms if grant is not None else calls.sent_at_ms,
                 retry_after_s=error.retry_after,
             )
         except RedisError as exc:
             # Not shared, but still honoured here: wait as the provider asked before calling.
             log.warning("429 from %s not recorded (%s)", provider, exc)
-            await asyncio.sleep(min(error.retry_after or 1.0, self._settings.max_retry_after_s))
+            await asyncio.sleep(min(error.retry_after or 1.0, self.policy.max_retry_after_s))
             return
         self.metrics.adaptive_factor.labels(provider).set(feedback.factor)
         if feedback.decreased:
@@ -426,7 +523,7 @@ class TrafficControl:
                 result.append((request.model_copy(update={"model": name, "provider": None}), name))
         return result
 
-    def _charge(self, request: LLMRequest, completion: Completion) -> float | None:
+    def _cost(self, request: LLMRequest, completion: Completion) -> float | None:
         cost = self.prices.cost(
             completion.provider,
             completion.model,
@@ -440,24 +537,3 @@ class TrafficControl:
                 self.metrics.client_label(request.client_id or ""),
             ).inc(cost)
         return cost
-
-    @staticmethod
-    def _until_deadline(deadline_ms: int | None) -> float:
-        if deadline_ms is None:
-            return float("inf")
-        return max(0.0, (deadline_ms - wall_clock_ms()) / 1000)
-
-    @staticmethod
-    def _deadline_timeout(deadline_ms: int | None) -> float | None:
-        return None if deadline_ms is None else (deadline_ms - wall_clock_ms()) / 1000
-
-    @staticmethod
-    def _expired(progress: TrafficProgress) -> RetriesExhausted:
-        last = progress.last_error
-        detail = f"; last error: {last}" if last else ""
-        return RetriesExhausted(
-            f"deadline passed after {progress.attempts} attempts{detail}",
-            reason="deadline",
-            last_error=last,
-            attempts=progress.attempts,
-        )

@@ -152,7 +152,7 @@ class Worker:
         # CPU than the rest of the HTTP call (measured with `llmstream bench`). Failures are
         # classified and counted by the pipeline instead.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        _DrainingWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
+        _DrainingFaustWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
 
     async def drain(self) -> None:
         """Stop admitting events, let those in flight finish (bounded), commit what is done.
@@ -243,7 +243,7 @@ class Worker:
             result_ttl_s=settings.result_ttl_s,
         )
         router = build_router(self.providers, http)
-        traffic = self._traffic = TrafficControl(
+        traffic = self._traffic = TrafficControl.from_settings(
             settings, redis=redis, router=router, metrics=self.metrics, worker_token=self._token
         )
         processor = RequestProcessor(
@@ -335,7 +335,7 @@ class Worker:
         return runner
 
 
-class _DrainingWorker(faust.Worker):
+class _DrainingFaustWorker(faust.Worker):
     """faust's worker, draining llmstream's in-flight requests before faust shuts down."""
 
     def __init__(self, worker: Worker, *args: Any, **kwargs: Any) -> None:

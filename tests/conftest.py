@@ -18,14 +18,15 @@ import redis.asyncio as aioredis
 
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import EmbeddedServices, create_topics
+from llmstream.devtools.processes import scoped_settings, topic_names
 
 
 @dataclass(frozen=True)
 class Services:
     kafka_bootstrap_servers: str
     redis_url: str
-    # Tansu cannot grant producer IDs (PLATFORM.md): the idempotent producer is on only against
-    # Apache Kafka.
+    # The embedded Tansu broker cannot grant producer IDs, so the idempotent producer is off
+    # against it; Apache Kafka keeps it on.
     idempotent_producer: bool = False
 
 
@@ -61,21 +62,14 @@ def unique() -> str:
 @pytest.fixture
 async def settings(services: Services, unique: str) -> ServiceSettings:
     """Settings naming this test's own topics (created, 4 partitions) and Redis key prefix."""
-    result = ServiceSettings(
-        kafka_bootstrap_servers=services.kafka_bootstrap_servers,
-        redis_url=services.redis_url,
-        redis_key_prefix=f"test-{unique}:",
-        requests_topic=f"{unique}-llm-requests",
-        responses_topic=f"{unique}-llm-responses",
-        metrics_topic=f"{unique}-llm-metrics",
-        errors_topic=f"{unique}-llm-errors",
-        kafka_idempotent_producer=services.idempotent_producer,
-    )
-    await create_topics(
+    result = scoped_settings(
         services.kafka_bootstrap_servers,
-        [result.requests_topic, result.responses_topic, result.metrics_topic, result.errors_topic],
-        partitions=4,
+        services.redis_url,
+        unique,
+        idempotent_producer=services.idempotent_producer,
+        key_prefix=f"test-{unique}:",
     )
+    await create_topics(services.kafka_bootstrap_servers, topic_names(result), partitions=4)
     return result
 
 

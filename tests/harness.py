@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
-import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
 from llmstream.core.settings import ServiceSettings
-from llmstream.devtools.embedded import ManagedProcess, free_port
+from llmstream.devtools.processes import WorkerProcess, free_port
+from llmstream.devtools.processes import worker_env as devtools_worker_env
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import ChatMessage, LLMRequest
+
+__all__ = [
+    "WorkerProcess",
+    "produce",
+    "read_raw",
+    "read_topic",
+    "request",
+    "request_events",
+    "serve_app",
+    "worker_env",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,96 +49,13 @@ def request(
 def worker_env(
     settings: ServiceSettings, simulator_url: str, group: str, **extra: str
 ) -> dict[str, str]:
-    """The environment of a worker process on this test's topics, prefix and simulator."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LLMSTREAM_", "OPENAI_", "ANTHROPIC_"))
-    }
-    env.update(
-        KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
-        REDIS_URL=settings.redis_url,
-        LLMSTREAM_REDIS_KEY_PREFIX=settings.redis_key_prefix,
-        LLMSTREAM_REQUESTS_TOPIC=settings.requests_topic,
-        LLMSTREAM_RESPONSES_TOPIC=settings.responses_topic,
-        LLMSTREAM_METRICS_TOPIC=settings.metrics_topic,
-        LLMSTREAM_ERRORS_TOPIC=settings.errors_topic,
-        LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER=str(settings.kafka_idempotent_producer).lower(),
-        LLMSTREAM_CONSUMER_GROUP=group,
-        LLMSTREAM_SESSION_TIMEOUT_S="6",
-        LLMSTREAM_HEARTBEAT_INTERVAL_S="1",
-        LLMSTREAM_COMMIT_INTERVAL_S="0.5",
-        LLMSTREAM_LEASE_MS="3000",
-        LLMSTREAM_RETRY_BASE_DELAY_S="0.05",
-        LLMSTREAM_RETRY_MAX_DELAY_S="0.5",
-        OPENAI_BASE_URL=f"{simulator_url}/v1",
-        OPENAI_API_KEY="sk-test-not-a-real-key",
-        ANTHROPIC_BASE_URL=simulator_url,
-        ANTHROPIC_API_KEY="sk-ant-test-not-a-real-key",
-    )
-    env.update(extra)
-    return env
+    """The environment of a worker process on this test's topics, prefix and simulator.
 
-
-@dataclass
-class WorkerProcess:
-    """``llmstream worker`` as a child process, ready once its consumer joined the group."""
-
-    env: dict[str, str]
-    log_dir: Path
-    name: str = "worker"
-    port: int = field(default_factory=free_port)
-    managed: ManagedProcess | None = None
-
-    def start(self) -> WorkerProcess:
-        env = {
-            **self.env,
-            "LLMSTREAM_HTTP_PORT": str(self.port),
-            "LLMSTREAM_HTTP_HOST": "127.0.0.1",
-        }
-        self.managed = ManagedProcess(
-            self.name,
-            [sys.executable, "-m", "llmstream.cli", "worker"],
-            self.port,
-            self.log_dir / f"{self.name}-{self.port}.log",
-            env,
-        )
-        self.managed.start(timeout=60)
-        return self
-
-    async def wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient() as client:
-            while time.monotonic() < deadline:
-                try:
-                    if (await client.get(self.url("/ready"))).status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-        raise TimeoutError(f"{self.name} not ready in {timeout} s; log: {self.log()[-3000:]}")
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def log(self) -> str:
-        assert self.managed is not None
-        return self.managed.log_path.read_text(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        assert self.managed and self.managed.process
-        return self.managed.process.pid
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup, no commit, no goodbye; as a crash or an OOM kill."""
-        os.kill(self.pid, signal.SIGKILL)
-        assert self.managed and self.managed.process
-        self.managed.process.wait(10)
-
-    def stop(self) -> None:
-        if self.managed:
-            self.managed.stop(timeout=40)
+    Retries back off from 50 ms to at most 0.5 s, so tests that script provider failures finish
+    quickly; ``extra`` wins.
+    """
+    fast_retries = {"LLMSTREAM_RETRY_BASE_DELAY_S": "0.05", "LLMSTREAM_RETRY_MAX_DELAY_S": "0.5"}
+    return devtools_worker_env(settings, simulator_url, group, extra={**fast_retries, **extra})
 
 
 async def produce(bootstrap: str, topic: str, events: Iterable[tuple[bytes | None, bytes]]) -> int:

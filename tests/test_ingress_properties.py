@@ -17,8 +17,8 @@ from hypothesis import HealthCheck
 from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
-from llmstream.core.settings import ServiceSettings
-from llmstream.devtools.embedded import ManagedProcess, create_topics, free_port
+from llmstream.devtools.embedded import create_topics
+from llmstream.devtools.processes import ChildProcess, free_port, scoped_settings, topic_names
 from llmstream.ingress.app import create_app
 from llmstream.ingress.settings import IngressSettings
 from tests.conftest import Services
@@ -44,30 +44,24 @@ async def ingress_url(
 ) -> AsyncIterator[str]:
     unique = uuid.uuid4().hex[:10]
     log_dir = tmp_path_factory.mktemp("ingress-properties")
-    settings = ServiceSettings(
-        kafka_bootstrap_servers=services.kafka_bootstrap_servers,
-        redis_url=services.redis_url,
-        redis_key_prefix=f"test-{unique}:",
-        requests_topic=f"{unique}-llm-requests",
-        responses_topic=f"{unique}-llm-responses",
-        metrics_topic=f"{unique}-llm-metrics",
-        errors_topic=f"{unique}-llm-errors",
-        kafka_idempotent_producer=services.idempotent_producer,
+    settings = scoped_settings(
+        services.kafka_bootstrap_servers,
+        services.redis_url,
+        unique,
+        idempotent_producer=services.idempotent_producer,
+        key_prefix=f"test-{unique}:",
     )
-    topics = [settings.requests_topic, settings.responses_topic]
-    topics += [settings.metrics_topic, settings.errors_topic]
-    await create_topics(services.kafka_bootstrap_servers, topics, partitions=2)
+    await create_topics(services.kafka_bootstrap_servers, topic_names(settings), partitions=2)
     # The tests below are synchronous (schemathesis calls over HTTP and waits), so everything
     # they reach runs outside this event loop: the simulator and the worker as processes, the
     # ingress in its own thread.
     sim_port = free_port()
-    simulator = ManagedProcess(
+    simulator = ChildProcess(
         "simulator",
         [sys.executable, "-m", "llmstream.cli", "simulate", "--port", str(sim_port)],
-        sim_port,
         Path(log_dir) / "simulator.log",
-    )
-    simulator.start()
+    ).start()
+    simulator.wait_for_port(sim_port)
     env = worker_env(settings, f"http://127.0.0.1:{sim_port}", f"g-{unique}")
     worker = WorkerProcess(env, Path(log_dir)).start()
     ingress = IngressSettings(

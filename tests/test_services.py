@@ -49,7 +49,7 @@ async def test_broker_and_redis_answer(services: Services, unique: str) -> None:
 )
 def test_stop_leaves_no_process_behind() -> None:
     services = EmbeddedServices().start()
-    pids = [p.process.pid for p in services._processes if p.process]
+    pids = services.pids
     assert len(pids) == 2
     services.stop()
     for pid in pids:
@@ -62,7 +62,7 @@ def test_children_die_when_the_parent_is_killed(tmp_path: Path) -> None:
         "import os, sys, time\n"
         "from llmstream.devtools.embedded import EmbeddedServices\n"
         "s = EmbeddedServices(log_dir=__import__('pathlib').Path(sys.argv[1])).start()\n"
-        "print(' '.join(str(p.process.pid) for p in s._processes), flush=True)\n"
+        "print(' '.join(str(pid) for pid in s.pids), flush=True)\n"
         "time.sleep(60)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")}
@@ -93,3 +93,17 @@ def _is_zombie(pid: int) -> bool:
             return f.read().split()[2] == "Z"
     except FileNotFoundError:
         return True
+
+
+def test_production_code_never_imports_development_tooling() -> None:
+    # A fresh interpreter: this test process has long imported llmstream.devtools itself.
+    script = (
+        "import sys\n"
+        "import llmstream.cli, llmstream.ingress.app, llmstream.processors.worker\n"
+        "print(' '.join(m for m in sys.modules if m.startswith('llmstream.devtools')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == []

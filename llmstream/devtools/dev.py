@@ -20,13 +20,9 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from llmstream.devtools.embedded import (
-    DEFAULT_TOPICS,
-    EmbeddedServices,
-    ManagedProcess,
-    create_topics,
-    free_port,
-)
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import DEFAULT_TOPICS, EmbeddedServices, create_topics
+from llmstream.devtools.processes import ChildProcess, free_port, worker_env
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
 
@@ -123,50 +119,38 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
         ingress_port = _INGRESS_PORT if _port_is_free(_INGRESS_PORT) else free_port()
         ingress_url = f"http://127.0.0.1:{ingress_port}"
         sim_url = f"http://127.0.0.1:{sim_port}"
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-            "REDIS_URL": redis_url,
-            "OPENAI_BASE_URL": f"{sim_url}/v1",
-            "OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "sk-simulator"),
-            "ANTHROPIC_BASE_URL": sim_url,
-            "ANTHROPIC_API_KEY": os.environ.get("ANTHROPIC_API_KEY", "sk-ant-simulator"),
-            "LLMSTREAM_HTTP_PORT": str(worker_port),
-            # Kafka's minimum; Tansu holds a group join for half of it.
-            "LLMSTREAM_SESSION_TIMEOUT_S": "6",
-        }
-        if "kafka (tansu)" in services.started:
-            # Tansu cannot grant producer IDs (PLATFORM.md); a real Kafka keeps the default.
-            env["LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER"] = "false"
+        settings = ServiceSettings(
+            kafka_bootstrap_servers=bootstrap,
+            redis_url=redis_url,
+            kafka_idempotent_producer=not services.embedded_broker,
+        )
+        # Everything of this shell's that the worker does not set (log level, ...) still counts.
+        env = {**os.environ, **worker_env(settings, sim_url, None, quick_handover=False)}
+        cli = [python, "-m", "llmstream.cli"]
+        ports = {"simulator": sim_port, "worker": worker_port, "ingress": ingress_port}
         children = [
-            ManagedProcess(
+            ChildProcess(
                 "simulator",
-                [python, "-m", "llmstream.cli", "simulate", "--port", str(sim_port)],
-                sim_port,
+                [*cli, "simulate", "--port", str(sim_port)],
                 log_dir / "simulator.log",
                 env,
             ),
-            ManagedProcess(
+            ChildProcess(
                 "worker",
-                [python, "-m", "llmstream.cli", "worker"],
-                worker_port,
+                [*cli, "worker"],
                 log_dir / "worker.log",
-                env,
+                {**env, "LLMSTREAM_HTTP_PORT": str(worker_port)},
             ),
-            ManagedProcess(
+            ChildProcess(
                 "ingress",
-                [
-                    *(python, "-m", "llmstream.cli", "ingress"),
-                    *("--host", "127.0.0.1", "--port", str(ingress_port)),
-                ],
-                ingress_port,
+                [*cli, "ingress", "--host", "127.0.0.1", "--port", str(ingress_port)],
                 log_dir / "ingress.log",
                 env,
             ),
         ]
         try:
             for child in children:
-                child.start(timeout=60)
+                child.start().wait_for_port(ports[child.name], timeout=60)
             print(
                 "\nllmstream is running:\n"
                 f"  kafka      {bootstrap}   (topics: {', '.join(DEFAULT_TOPICS)})\n"
@@ -189,9 +173,9 @@ def run_dev(requests: int = 5, partitions: int = 4) -> int:
             )
             with contextlib.suppress(KeyboardInterrupt):
                 signal.signal(signal.SIGTERM, signal.default_int_handler)
-                while all(c.process and c.process.poll() is None for c in children):
+                while not any(c.exited for c in children):
                     time.sleep(0.5)
         finally:
             for child in reversed(children):
-                child.stop(timeout=35)
+                child.stop(grace=35)
     return 0

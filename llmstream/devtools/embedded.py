@@ -9,93 +9,27 @@ instead; nothing is started for those.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstream.core.errors import LLMStreamError
+from llmstream.devtools.processes import ChildProcess, ServiceStartError, free_port
+
+__all__ = [
+    "DEFAULT_TOPICS",
+    "EmbeddedServices",
+    "ServiceStartError",
+    "create_topics",
+    "free_port",
+    "redis_server_binary",
+    "tansu_binary",
+]
 
 DEFAULT_TOPICS = ("llm-requests", "llm-responses", "llm-metrics", "llm-errors")
-_PR_SET_PDEATHSIG = 1
-
-
-class ServiceStartError(LLMStreamError):
-    """An embedded broker or Redis did not come up."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel sends SIGTERM when the parent dies,
-    # however it dies, so no broker or Redis outlives a killed test run.
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise ServiceStartError(f"{what} exited with code {process.returncode} at start")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.02)
-    raise ServiceStartError(f"{what} did not listen on 127.0.0.1:{port} within {timeout:.0f} s")
-
-
-@dataclass
-class ManagedProcess:
-    """A child process that is ready once it listens on ``port`` and dies with its parent."""
-
-    name: str
-    args: list[str]
-    port: int
-    log_path: Path
-    env: dict[str, str] | None = None
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
-
-    def start(self, timeout: float = 15.0) -> None:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603 - fixed binaries, arguments built here
-            self.args,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
-        log.close()
-        try:
-            _wait_for_port(self.port, self.process, self.name, timeout)
-        except ServiceStartError:
-            self.stop()
-            raise ServiceStartError(
-                f"{self.name} did not start; its log: {self.log_path}"
-            ) from None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
+_BROKER = "kafka (tansu)"
 
 
 def tansu_binary() -> str:
@@ -157,7 +91,7 @@ class EmbeddedServices:
     kafka_bootstrap_servers: str | None = None
     redis_url: str | None = None
     log_dir: Path | None = None
-    _processes: list[ManagedProcess] = field(default_factory=list, repr=False)
+    _processes: list[ChildProcess] = field(default_factory=list, repr=False)
     # A log folder we made ourselves is removed at stop, unless a start failed (its error
     # message points into it).
     _temporary_logs: bool = field(default=False, repr=False)
@@ -175,6 +109,23 @@ class EmbeddedServices:
         """Names of the services this object started itself."""
         return [p.name for p in self._processes]
 
+    @property
+    def embedded_broker(self) -> bool:
+        """Whether the broker is the embedded Tansu (which cannot grant producer IDs, so
+        producers run without idempotence against it; Apache Kafka keeps it on)."""
+        return _BROKER in self.started
+
+    @property
+    def pids(self) -> list[int]:
+        """Process IDs of the services this object started itself."""
+        return [p.pid for p in self._processes if p.process is not None]
+
+    def _start(self, name: str, args: list[str], port: int, log: str) -> None:
+        assert self.log_dir is not None
+        process = ChildProcess(name, args, self.log_dir / log).start()
+        self._processes.append(process)
+        process.wait_for_port(port)
+
     def start(self) -> EmbeddedServices:
         if self.log_dir is None:
             self.log_dir = Path(tempfile.mkdtemp(prefix="llmstream-services-"))
@@ -185,44 +136,15 @@ class EmbeddedServices:
             if self.kafka_bootstrap_servers is None:
                 port = free_port()
                 url = f"tcp://127.0.0.1:{port}"
-                broker = ManagedProcess(
-                    "kafka (tansu)",
-                    [
-                        tansu_binary(),
-                        "broker",
-                        "--listener-url",
-                        url,
-                        "--advertised-listener-url",
-                        url,
-                    ],
-                    port,
-                    log_dir / "tansu.log",
-                )
-                broker.start()
-                self._processes.append(broker)
+                listen = ["--listener-url", url, "--advertised-listener-url", url]
+                self._start(_BROKER, [tansu_binary(), "broker", *listen], port, "tansu.log")
                 self.kafka_bootstrap_servers = f"127.0.0.1:{port}"
             if self.redis_url is None:
                 port = free_port()
-                server = ManagedProcess(
-                    "redis",
-                    [
-                        redis_server_binary(),
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        str(log_dir),
-                    ],
-                    port,
-                    log_dir / "redis.log",
-                )
-                server.start()
-                self._processes.append(server)
+                args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
+                # No snapshots, no append-only file: nothing outlives the run.
+                args += ["--save", "", "--appendonly", "no", "--dir", str(log_dir)]
+                self._start("redis", args, port, "redis.log")
                 self.redis_url = f"redis://127.0.0.1:{port}/0"
         except BaseException:
             self._temporary_logs = False
@@ -232,7 +154,7 @@ class EmbeddedServices:
 
     def stop(self) -> None:
         for process in reversed(self._processes):
-            process.stop()
+            process.stop(grace=5)
         self._processes.clear()
         if self._temporary_logs and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)

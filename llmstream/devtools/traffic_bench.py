@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -37,7 +36,9 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmstream.devtools.embedded import EmbeddedServices, ManagedProcess, create_topics, free_port
+from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.embedded import EmbeddedServices, create_topics
+from llmstream.devtools.processes import WorkerProcess, scoped_settings, topic_names, worker_env
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import ChatMessage, LLMError, LLMRequest, LLMResponse
@@ -63,7 +64,8 @@ class Rig:
     bootstrap: str
     redis_url: str
     workdir: Path
-    # Tansu cannot grant producer IDs (PLATFORM.md): on only against Apache Kafka.
+    # The embedded Tansu broker cannot grant producer IDs, so the idempotent producer is off
+    # against it; Apache Kafka keeps it on.
     idempotent_producer: bool = False
 
 
@@ -77,65 +79,36 @@ class _Scenario:
     def prefix(self) -> str:
         return f"tb-{self.run_id}-{self.name}"
 
+    @property
+    def settings(self) -> ServiceSettings:
+        rig = self.rig
+        return scoped_settings(
+            rig.bootstrap, rig.redis_url, self.prefix, idempotent_producer=rig.idempotent_producer
+        )
+
     def topic(self, kind: str) -> str:
         return f"{self.prefix}-llm-{kind}"
 
     async def create_topics(self) -> None:
-        names = [self.topic(k) for k in ("requests", "responses", "metrics", "errors")]
-        await create_topics(self.rig.bootstrap, names, partitions=4)
+        await create_topics(self.rig.bootstrap, topic_names(self.settings), partitions=4)
 
     def worker_env(self, openai_url: str, anthropic_url: str, **extra: str) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("LLMSTREAM_", "OPENAI_", "ANTHROPIC_"))
-        }
-        env.update(
-            KAFKA_BOOTSTRAP_SERVERS=self.rig.bootstrap,
-            REDIS_URL=self.rig.redis_url,
-            LLMSTREAM_REDIS_KEY_PREFIX=f"{self.prefix}:",
-            LLMSTREAM_REQUESTS_TOPIC=self.topic("requests"),
-            LLMSTREAM_RESPONSES_TOPIC=self.topic("responses"),
-            LLMSTREAM_METRICS_TOPIC=self.topic("metrics"),
-            LLMSTREAM_ERRORS_TOPIC=self.topic("errors"),
-            LLMSTREAM_CONSUMER_GROUP=f"{self.prefix}-group",
-            LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER=str(self.rig.idempotent_producer).lower(),
-            # Kafka's minimum session timeout; Tansu holds a group join for half of it.
-            LLMSTREAM_SESSION_TIMEOUT_S="6",
-            LLMSTREAM_HEARTBEAT_INTERVAL_S="1",
-            LLMSTREAM_COMMIT_INTERVAL_S="0.5",
-            LLMSTREAM_LEASE_MS="3000",
-            LLMSTREAM_HTTP_HOST="127.0.0.1",
-            OPENAI_BASE_URL=f"{openai_url}/v1",
-            OPENAI_API_KEY="sk-bench-not-a-real-key",
-            ANTHROPIC_BASE_URL=anthropic_url,
-            ANTHROPIC_API_KEY="sk-ant-bench-not-a-real-key",
+        group = f"{self.prefix}-group"
+        return worker_env(
+            self.settings, openai_url, group, anthropic_url=anthropic_url, extra=extra
         )
-        env.update(extra)
-        return env
 
     @contextlib.asynccontextmanager
     async def workers(self, env: dict[str, str], count: int) -> AsyncIterator[list[int]]:
         """``count`` worker processes, ready (joined their group); yields their HTTP ports."""
-        processes: list[ManagedProcess] = []
-        ports: list[int] = []
+        names = [f"{self.name}-worker-{i}" for i in range(count)]
+        workers = [WorkerProcess(env, self.rig.workdir, name) for name in names]
         try:
-            for i in range(count):
-                port = free_port()
-                process = ManagedProcess(
-                    f"{self.name}-worker-{i}",
-                    [sys.executable, "-m", "llmstream.cli", "worker"],
-                    port,
-                    self.rig.workdir / f"{self.prefix}-worker-{i}.log",
-                    {**env, "LLMSTREAM_HTTP_PORT": str(port)},
-                )
-                processes.append(process)
-                ports.append(port)
-            await asyncio.gather(*(asyncio.to_thread(p.start, 60) for p in processes))
-            await asyncio.gather(*(_wait_ready(port) for port in ports))
-            yield ports
+            await asyncio.gather(*(asyncio.to_thread(w.start) for w in workers))
+            await asyncio.gather(*(w.wait_ready() for w in workers))
+            yield [w.port for w in workers]
         finally:
-            await asyncio.gather(*(asyncio.to_thread(p.stop, 40) for p in processes))
+            await asyncio.gather(*(asyncio.to_thread(w.stop) for w in workers))
 
     async def produce(self, requests: Sequence[LLMRequest]) -> None:
         producer = AIOKafkaProducer(bootstrap_servers=self.rig.bootstrap, acks="all", linger_ms=5)
@@ -184,18 +157,6 @@ class _Scenario:
         finally:
             await consumer.stop()
         return responses, errors, sum(n - 1 for n in seen.values())
-
-
-async def _wait_ready(port: int, within_s: float = 60) -> None:
-    deadline = time.monotonic() + within_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with session.get(f"http://127.0.0.1:{port}/ready") as response:
-                    if response.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise TimeoutError(f"worker on port {port} not ready within {within_s:.0f} s")
 
 
 async def scrape(ports: Sequence[int], name: str) -> dict[tuple[tuple[str, str], ...], float]:
@@ -573,7 +534,7 @@ def run_traffic_bench(
             services.kafka_bootstrap_servers,
             services.redis_url,
             workdir,
-            idempotent_producer="kafka (tansu)" not in services.started,
+            idempotent_producer=not services.embedded_broker,
         )
         _say(f"services up; worker logs in {workdir}")
         lines = asyncio.run(_run_all(rig, scenarios, scale, requests))

@@ -9,12 +9,16 @@ import logging
 import sys
 from pathlib import Path
 
+from llmstream.core.errors import LLMStreamError
+
 
 def _worker(args: argparse.Namespace) -> int:
+    from llmstream.core.connections import negotiate_idempotence
     from llmstream.processors.settings import WorkerSettings
     from llmstream.processors.worker import Worker
 
-    Worker(WorkerSettings()).run()
+    settings = asyncio.run(negotiate_idempotence(WorkerSettings()))
+    Worker(settings).run()
     return 0
 
 
@@ -223,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except LLMStreamError as exc:
+        # A setup the command cannot run with (a broker refusing what the settings insist on, a
+        # service that did not start): one line that says what to change, not a traceback.
+        print(f"llmstream {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

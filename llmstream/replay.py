@@ -33,7 +33,11 @@ import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.connections import kafka_client_options, kafka_producer_options
+from llmstream.core.connections import (
+    kafka_client_options,
+    kafka_producer_options,
+    negotiate_idempotence,
+)
 from llmstream.core.errors import LLMStreamError
 from llmstream.core.settings import ServiceSettings
 from llmstream.schemas.codec import DecodeError, decode, encode
@@ -127,8 +131,20 @@ async def replay(
     if not report.selected:
         _summary(report, dry_run, out)
         return report
-    redis = aioredis.Redis.from_url(settings.redis_url)
     producer: AIOKafkaProducer | None = None
+    if not dry_run:
+        # Started before any record is reset to pending, so a broker that cannot be reached
+        # leaves every record as it was.
+        settings = await negotiate_idempotence(settings)
+        producer = AIOKafkaProducer(
+            **kafka_producer_options(settings), client_id="llmstream-replay"
+        )
+        try:
+            await producer.start()
+        except BaseException:
+            await producer.stop()
+            raise
+    redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         reset = redis.register_script(_RESET)
         token = f"replay-{time.time_ns()}"
@@ -154,14 +170,9 @@ async def replay(
             if clear_deadline:
                 request = request.model_copy(update={"deadline_ms": None})
             report.replayed.append(request.request_id)
-            if dry_run:
+            if producer is None:
                 _line(out, "would replay", error)
                 continue
-            if producer is None:
-                producer = AIOKafkaProducer(
-                    **kafka_producer_options(settings), client_id="llmstream-replay"
-                )
-                await producer.start()
             value = encode(request, settings.output_format)
             pending.append(
                 await producer.send(settings.requests_topic, value, key=request.request_id.encode())

@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import certifi
@@ -21,7 +23,13 @@ from aiokafka.errors import KafkaError
 from faust.types.auth import AuthProtocol, SASLMechanism
 from pydantic import ValidationError
 
-from llmstream.core.connections import faust_options, kafka_client_options, kafka_producer_options
+from llmstream.core.connections import (
+    KafkaSetupError,
+    faust_options,
+    kafka_client_options,
+    kafka_producer_options,
+    negotiate_idempotence,
+)
 from llmstream.core.settings import ServiceSettings
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.worker import create_faust_app
@@ -183,3 +191,60 @@ async def test_the_idempotent_producer_is_requested_from_the_broker(
         await asyncio.wait_for(producer.start(), 20)
     with contextlib.suppress(Exception):
         await producer.stop()
+
+
+@pytest.mark.integration
+async def test_an_unset_idempotence_setting_follows_what_the_broker_grants(
+    services: Services, settings: ServiceSettings, caplog: pytest.LogCaptureFixture
+) -> None:
+    unset = settings.model_copy(update={"kafka_idempotent_producer": None})
+    with caplog.at_level("WARNING", logger="llmstream.core.connections"):
+        decided = await negotiate_idempotence(unset)
+    if services.idempotent_producer:
+        assert decided.kafka_idempotent_producer is True
+        assert not caplog.records
+        return
+    # The embedded broker refuses InitProducerId: one line says so, and producers still work.
+    assert decided.kafka_idempotent_producer is False
+    (notice,) = caplog.records
+    assert "without idempotence" in notice.getMessage()
+    assert "\n" not in notice.getMessage() and notice.exc_info is None
+    producer = AIOKafkaProducer(**kafka_producer_options(decided))
+    await producer.start()
+    await producer.stop()
+
+
+@pytest.mark.integration
+async def test_insisting_on_idempotence_fails_in_one_line_naming_the_setting(
+    services: Services, settings: ServiceSettings
+) -> None:
+    if services.idempotent_producer:
+        pytest.skip("needs a broker that refuses InitProducerId (the embedded Tansu broker)")
+    insist = settings.model_copy(update={"kafka_idempotent_producer": True})
+    with pytest.raises(KafkaSetupError, match="LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER") as raised:
+        await negotiate_idempotence(insist)
+    assert "\n" not in str(raised.value)
+    off = settings.model_copy(update={"kafka_idempotent_producer": False})
+    assert await negotiate_idempotence(off) is off  # off means no probe at all
+
+
+@pytest.mark.integration
+def test_a_worker_insisting_on_idempotence_exits_with_one_line(
+    services: Services, settings: ServiceSettings
+) -> None:
+    if services.idempotent_producer:
+        pytest.skip("needs a broker that refuses InitProducerId (the embedded Tansu broker)")
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": settings.kafka_bootstrap_servers,
+        "REDIS_URL": settings.redis_url,
+        "LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER": "true",
+    }
+    run = subprocess.run(
+        [sys.executable, "-m", "llmstream.cli", "worker"], env=env, capture_output=True, timeout=120
+    )
+    assert run.returncode == 2
+    lines = run.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("llmstream worker: ")
+    assert "LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER" in lines[-1]
+    assert "Traceback" not in run.stderr.decode()

@@ -82,9 +82,10 @@ class ServiceSettings(BaseSettings):
     kafka_ssl_keyfile: Path | None = None
     kafka_ssl_keyfile_password: SecretStr | None = None
     # Producers always wait for acks from all in-sync replicas. The idempotent producer keeps a
-    # retried send from being written twice; Tansu (development, tests) cannot grant producer
-    # IDs, so `llmstream dev` and the tests turn it off.
-    kafka_idempotent_producer: bool = True
+    # retried send from being written twice. Unset (the default) means: on where the broker
+    # grants producer IDs (Apache Kafka), off with a one-line notice where it cannot (the embedded
+    # Tansu broker); true insists and refuses to start without it; false turns it off.
+    kafka_idempotent_producer: bool | None = None
     kafka_compression: KafkaCompression = "none"
 
     @field_validator("kafka_security_protocol", "kafka_sasl_mechanism", mode="before")

@@ -27,7 +27,7 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from faust.types import ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from llmstream.core.connections import faust_options
+from llmstream.core.connections import faust_options, idempotence_wanted
 from llmstream.processors.acks import OrderedAcks, Ticket
 from llmstream.processors.dedup import ClaimUnavailable, DedupStore
 from llmstream.processors.lag import ConsumerLag
@@ -90,7 +90,7 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         key_serializer="raw",
         value_serializer="raw",
     )
-    app.idempotent_producer = settings.kafka_idempotent_producer
+    app.idempotent_producer = idempotence_wanted(settings)
     return app
 
 

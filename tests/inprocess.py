@@ -1,0 +1,146 @@
+"""The real pipeline and traffic control inside the test's event loop: real Redis (its own key
+prefix per test), real adapters over loopback HTTP to the provider simulator, and a list in place
+of the broker (the pipeline's ``Emitter``), so every branch runs in milliseconds."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import httpx
+import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, SecretStr
+
+from llmstream.devtools.simulator import SimulatorServer
+from llmstream.processors.dedup import DedupStore
+from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.pipeline import Output, RequestProcessor, Source
+from llmstream.processors.providers import ProviderRouter, create_http_client
+from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.traffic import TrafficControl
+from llmstream.schemas.codec import decode, encode
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
+
+M = TypeVar("M", bound=BaseModel)
+
+SOURCE = Source("llm-requests", 0, 7)
+
+
+class ListEmitter:
+    """The broker's stand-in: keeps every output, in order, as acknowledged at once."""
+
+    def __init__(self) -> None:
+        self.outputs: list[Output] = []
+
+    async def emit(self, outputs: Sequence[Output]) -> None:
+        self.outputs.extend(outputs)
+
+    def events(self, topic: str, model: type[M]) -> list[M]:
+        return [decode(o.value, model) for o in self.outputs if o.topic == topic]
+
+
+@dataclass
+class Rig:
+    """One worker's request path, as the worker builds it, for one test."""
+
+    settings: WorkerSettings
+    processor: RequestProcessor
+    traffic: TrafficControl
+    emitter: ListEmitter
+    dedup: DedupStore
+    metrics: WorkerMetrics
+    sim: SimulatorServer
+    redis: aioredis.Redis
+    router: ProviderRouter
+
+    async def process(self, request: LLMRequest | bytes) -> None:
+        raw = request if isinstance(request, bytes) else encode(request)
+        await self.processor.process(raw, None, SOURCE)
+
+    def responses(self) -> list[LLMResponse]:
+        return self.emitter.events(self.settings.responses_topic, LLMResponse)
+
+    def errors(self) -> list[LLMError]:
+        return self.emitter.events(self.settings.errors_topic, LLMError)
+
+    def metric_statuses(self) -> list[str]:
+        return [m.status for m in self.emitter.events(self.settings.metrics_topic, LLMMetric)]
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def calls(self, request_id: str) -> list[dict[str, Any]]:
+        """The provider calls the simulator saw for ``request_id``, in order."""
+        async with httpx.AsyncClient() as control:
+            answer = await control.get(f"{self.sim.url}/_sim/calls")
+        calls: list[dict[str, Any]] = answer.json()["calls"]
+        return [c for c in calls if c["request_id"] == request_id]
+
+    async def script(self, request_id: str, *responses: dict[str, Any]) -> None:
+        """The simulator's next answers to ``request_id``, whichever API it is called on."""
+        async with httpx.AsyncClient() as control:
+            answer = await control.post(
+                f"{self.sim.url}/_sim/script",
+                json={"request_id": request_id, "responses": responses},
+            )
+            answer.raise_for_status()
+
+
+def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
+    """Settings with this test's own key prefix and topic names, short retry waits."""
+    unique = uuid.uuid4().hex[:10]
+    fields: dict[str, Any] = {
+        "redis_url": redis_url,
+        "redis_key_prefix": f"test-{unique}:",
+        "requests_topic": f"{unique}-llm-requests",
+        "responses_topic": f"{unique}-llm-responses",
+        "metrics_topic": f"{unique}-llm-metrics",
+        "errors_topic": f"{unique}-llm-errors",
+        "worker_id": f"test-worker-{unique}",
+        "retry_base_delay_s": 0.01,
+        "retry_max_delay_s": 0.05,
+        "consumer_lag_interval_s": 0,
+    }
+    fields.update(overrides)
+    return WorkerSettings(**fields)
+
+
+@asynccontextmanager
+async def rig(sim: SimulatorServer, settings: WorkerSettings) -> AsyncIterator[Rig]:
+    """The worker's request path against ``sim`` and the settings' Redis."""
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    http = create_http_client(timeout_s=10.0, max_connections=50)
+    providers = ProviderSettings(
+        openai_base_url=f"{sim.url}/v1",
+        openai_api_key=SecretStr("sk-test-not-a-real-key"),
+        anthropic_base_url=sim.url,
+        anthropic_api_key=SecretStr("sk-ant-test-not-a-real-key"),
+    )
+    router = build_router(providers, http)
+    metrics = WorkerMetrics(CollectorRegistry())
+    token = f"{settings.worker_id}-token"
+    dedup = DedupStore(
+        redis,
+        key_prefix=settings.redis_key_prefix,
+        worker_token=token,
+        lease_ms=settings.lease_ms,
+        result_ttl_s=settings.result_ttl_s,
+    )
+    await dedup.heartbeat()  # a worker's claims need its live heartbeat
+    traffic = TrafficControl.from_settings(
+        settings, redis=redis, router=router, metrics=metrics, worker_token=token
+    )
+    emitter = ListEmitter()
+    processor = RequestProcessor(
+        settings, dedup=dedup, router=router, emitter=emitter, metrics=metrics, traffic=traffic
+    )
+    try:
+        yield Rig(settings, processor, traffic, emitter, dedup, metrics, sim, redis, router)
+    finally:
+        await http.aclose()
+        await redis.aclose()

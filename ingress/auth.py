@@ -2,8 +2,11 @@
 
 Keys are configured as SHA-256 digests mapped to a client identity; the key a caller presents is
 hashed and compared with every configured digest in constant time. The identity, never the key,
-goes into ``client_id`` and the rate limiter. With no keys configured, authentication is off and
-callers are told apart by their address (for the rate limit only).
+goes into ``client_id`` and the client quota. With no keys configured, authentication is off
+and callers are told apart by their address (for the quota only).
+
+:data:`CallerDep` is what every ``/v1`` route depends on: authentication, then the caller's
+quota, in that order, before the body is validated.
 """
 
 from __future__ import annotations
@@ -12,8 +15,15 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Annotated
 
-from llmstream.ingress.errors import ApiError
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from redis.exceptions import RedisError
+
+from llmstream.ingress.errors import ApiError, unavailable
+from llmstream.ingress.parts import MetricsDep, part
+from llmstream.ingress.quota import ClientQuota
 
 _CHALLENGE = {"WWW-Authenticate": 'Bearer realm="llmstream"'}
 
@@ -56,3 +66,36 @@ class ApiKeys:
         if found is None:
             raise ApiError(403, "this API key is not allowed", code="invalid_api_key")
         return Identity(client_id=found, rate_key=f"client:{found}")
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>")
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+async def caller(
+    request: Request,
+    metrics: MetricsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    api_key: Annotated[str | None, Depends(_api_key_header)],
+) -> Identity:
+    """Authenticate (``app.state.api_keys``), then count the call against the caller's quota
+    (``app.state.quota``)."""
+    key = credentials.credentials if credentials is not None else api_key
+    keys = part(request, "api_keys", ApiKeys)
+    try:
+        identity = keys.identify(key, request.client.host if request.client else None)
+    except ApiError as exc:
+        metrics.auth_failures.labels("missing" if exc.status == 401 else "not_allowed").inc()
+        raise
+    quota = part(request, "quota", ClientQuota)
+    try:
+        decision = await quota.acquire(identity.rate_key)
+    except RedisError:
+        raise unavailable("Redis") from None
+    if not decision.allowed:
+        metrics.rate_limited.inc()
+        raise decision.refusal()
+    return identity
+
+
+CallerDep = Annotated[Identity, Depends(caller)]

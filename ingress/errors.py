@@ -77,6 +77,16 @@ class ApiError(LLMStreamError):
         return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
+def unavailable(what: str) -> ApiError:
+    """The 503 for a dependency that did not answer (Kafka, Redis): retry shortly."""
+    return ApiError(
+        503,
+        f"{what} is unavailable; retry shortly",
+        code="unavailable",
+        headers={"Retry-After": "1"},
+    )
+
+
 def field_path(loc: Sequence[str | int], body_tags: Collection[str] = ()) -> str:
     """``("body", "messages", 0, "content")`` → ``"messages.0.content"``.
 

@@ -8,14 +8,18 @@ request's metadata), ``metadata``, ``n`` (1 only) and ``stream`` (false only). A
 as ``tools`` or ``response_format``, is refused with a 400 naming it rather than silently ignored.
 
 Outcomes from ``llm-errors`` map to OpenAI's error body and a status the SDK understands; see
-:func:`error_for`.
+:func:`error_for`. :data:`router` serves ``POST /v1/chat/completions``: it publishes the request
+like ``POST /v1/requests`` does, then waits for its outcome.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Annotated, Any, Literal
 
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,7 +32,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llmstream.core.clock import wall_clock_ms
+from llmstream.ingress.auth import CallerDep
 from llmstream.ingress.errors import ApiError, validation_error
+from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, SettingsDep
+from llmstream.ingress.requests_api import ERROR_RESPONSES, IdempotencyKey
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
@@ -228,7 +236,7 @@ _FINISH_REASONS = {
 def chat_completion(response: LLMResponse) -> ChatCompletion:
     """The ``chat.completion`` object for a response from ``llm-responses``."""
     finish = _FINISH_REASONS.get(response.finish_reason, response.finish_reason) or "stop"
-    created_ms = response.completed_at_ms or time.time_ns() // 1_000_000
+    created_ms = response.completed_at_ms or wall_clock_ms()
     return ChatCompletion(
         id=response.request_id,
         created=created_ms // 1000,
@@ -269,3 +277,67 @@ def error_for(error: LLMError, headers: dict[str, str]) -> ApiError:
         headers=headers,
         extra={"request_id": error.request_id},
     )
+
+
+CHAT_PATH = "/v1/chat/completions"
+
+router = APIRouter(tags=["openai"])
+
+
+@router.post(
+    CHAT_PATH,
+    response_model=ChatCompletion,
+    responses={
+        400: {"description": "Invalid request (OpenAI error format)"},
+        502: {"description": "The provider failed"},
+        504: {"description": "No outcome in time; poll /v1/requests/{request_id}"},
+        **ERROR_RESPONSES,
+    },
+)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    identity: CallerDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    publisher: PublisherDep,
+    listener: ListenerDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JSONResponse:
+    """OpenAI's Chat Completions, through Kafka: answered when the outcome arrives."""
+    request_id = idempotency_key or f"chatcmpl-{uuid.uuid4().hex}"
+    request = to_llm_request(
+        body, request_id=request_id, client_id=identity.client_id, now_ms=wall_clock_ms()
+    )
+    event = publisher.event(request)
+    # The request is past the point of no return once published: the SDK must not send it
+    # again on its own (it would be a new request, and paid for again).
+    final = {"x-request-id": request_id, "x-should-retry": "false"}
+    started = time.perf_counter()
+    async with listener.waiter(request_id) as waiter:
+        [receipt] = await publisher.submit([event], identity.client_id, ["Idempotency-Key"])
+        if receipt.failed:
+            raise ApiError(
+                503,
+                "the request could not be published; retry",
+                code="publish_failed",
+                headers={"x-request-id": request_id, "Retry-After": "1"},
+            )
+        outcome = await waiter.result(settings.chat_timeout_s)
+    waited = time.perf_counter() - started
+    if outcome is None:
+        metrics.wait_time.labels("timeout").observe(waited)
+        raise ApiError(
+            504,
+            f"no outcome within {settings.chat_timeout_s:g} s; the request goes on: "
+            f"poll GET /v1/requests/{request_id}",
+            code="timeout",
+            headers=final,
+            extra={"request_id": request_id},
+        )
+    metrics.outcomes.labels(waiter.source or "").inc()
+    if isinstance(outcome, LLMError):
+        metrics.wait_time.labels("error").observe(waited)
+        raise error_for(outcome, final)
+    metrics.wait_time.labels("completed").observe(waited)
+    completion = chat_completion(outcome)
+    return JSONResponse(completion.model_dump(mode="json"), headers=final)

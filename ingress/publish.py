@@ -1,4 +1,5 @@
-"""Admission of requests to ``llm-requests``: record, publish, and undo what did not make it.
+"""Publishing requests to ``llm-requests`` once per request ID: record, publish, and undo what
+did not make it.
 
 For each request ID: record it as queued in Redis unless it exists (then it is a duplicate and
 nothing is published), publish the new ones with acks from all in-sync replicas, keyed by request
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -19,8 +21,12 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
+from llmstream.ingress.errors import ApiError, unavailable
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.results import RequestLedger, Status, Stored
+from llmstream.ingress.settings import IngressSettings
+from llmstream.schemas.codec import WireFormat, encode
+from llmstream.schemas.models import LLMRequest
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +42,7 @@ class Event:
 
 
 @dataclass(frozen=True, slots=True)
-class Admission:
+class Receipt:
     """What became of one request of a submission."""
 
     request_id: str
@@ -57,22 +63,66 @@ class Publisher:
         self,
         producer: AIOKafkaProducer,
         ledger: RequestLedger,
-        *,
-        topic: str,
-        timeout_s: float,
+        settings: IngressSettings,
         metrics: IngressMetrics,
     ) -> None:
         self._producer = producer
         self._ledger = ledger
-        self._topic = topic
-        self._timeout_s = timeout_s
+        self._settings = settings
         self._metrics = metrics
 
-    async def submit(self, events: Sequence[Event], client: str | None) -> list[Admission]:
-        """Admit ``events``; raises RedisError when the records cannot be made.
+    def event(self, request: LLMRequest, field: str = "") -> Event:
+        """``request`` encoded for the topic; 413 (naming ``field``) when it would not fit."""
+        value = encode(request, self._settings.output_format)
+        limit = self._settings.max_event_bytes
+        if len(value) > limit:
+            name = field or "body"
+            raise ApiError(
+                413,
+                f"{name}: the request is {len(value)} bytes as an event; at most "
+                f"{limit} bytes fit on the topic",
+                param=name,
+                code="event_too_large",
+            )
+        # What was asked, without when: a resubmission with a later created_at_ms is the same.
+        content = encode(request.model_copy(update={"created_at_ms": None}), WireFormat.JSON)
+        return Event(request.request_id, value, hashlib.sha256(content).hexdigest())
 
-        Nothing is published when any ID belongs to another client (see ``conflict``).
+    async def submit(
+        self, events: Sequence[Event], client: str | None, id_fields: Sequence[str]
+    ) -> list[Receipt]:
+        """Publish the events whose IDs are new; one receipt per event, in order.
+
+        Raises ApiError: 409 (naming the ID's field in ``id_fields``) when an ID belongs to
+        another client or to other content, and then nothing is published; 503 when Redis is
+        unavailable. A publication the broker did not acknowledge is a receipt with ``failed``.
         """
+        try:
+            receipts = await self._record_and_publish(events, client)
+        except RedisError:
+            raise unavailable("Redis") from None
+        for receipt, field in zip(receipts, id_fields, strict=True):
+            if receipt.conflict == "client":
+                raise ApiError(
+                    409,
+                    f"{field}: this request ID is used by another client",
+                    param=field,
+                    code="request_id_taken",
+                )
+            if receipt.conflict == "content":
+                raise ApiError(
+                    409,
+                    f"{field}: this request ID was used for a different request; "
+                    "use a new ID for new content",
+                    param=field,
+                    code="request_id_reused",
+                )
+        return receipts
+
+    async def _record_and_publish(
+        self, events: Sequence[Event], client: str | None
+    ) -> list[Receipt]:
+        """Nothing is published when any ID is in conflict (see ``Receipt.conflict``)."""
         token, reservations = await self._ledger.reserve(
             [(e.request_id, e.digest) for e in events], client
         )
@@ -84,7 +134,7 @@ class Publisher:
         if any(conflicts):
             await self._release(token, [e.request_id for e in new])
             return [
-                Admission(r.request_id, conflict=why, existing=r.existing)
+                Receipt(r.request_id, conflict=why, existing=r.existing)
                 for r, why in zip(reservations, conflicts, strict=True)
             ]
         try:
@@ -98,7 +148,7 @@ class Publisher:
             await self._release(token, sorted(failed))
         self._metrics.duplicates.inc(len(events) - len(new))
         return [
-            Admission(
+            Receipt(
                 r.request_id,
                 published=r.publish and r.request_id not in failed,
                 failed=r.request_id in failed,
@@ -112,16 +162,16 @@ class Publisher:
         if not events:
             return set()
         started = time.perf_counter()
+        topic = self._settings.requests_topic
 
         async def send_all() -> list[object]:
             pending = [
-                await self._producer.send(self._topic, e.value, key=e.request_id.encode())
-                for e in events
+                await self._producer.send(topic, e.value, key=e.request_id.encode()) for e in events
             ]
             return list(await asyncio.gather(*pending, return_exceptions=True))
 
         try:
-            results = await asyncio.wait_for(send_all(), self._timeout_s)
+            results = await asyncio.wait_for(send_all(), self._settings.publish_timeout_s)
         except (KafkaError, TimeoutError) as exc:
             log.warning("cannot publish %d requests: %r", len(events), exc)
             self._metrics.publish_failures.inc(len(events))

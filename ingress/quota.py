@@ -1,4 +1,7 @@
-"""Per-client rate limit at the door, shared by every ingress replica through Redis.
+"""The per-client request quota of the HTTP API, shared by every ingress replica through Redis.
+
+Not the provider rate limits the worker keeps (:mod:`processors.ratelimit`): this one counts
+what each client asks of the ingress.
 
 GCRA (the generic cell rate algorithm): one key per client holds its "theoretical arrival time",
 so the state is one number whatever the rate, and one Lua script decides and answers how long to
@@ -12,9 +15,12 @@ one entry per request. This is one script and one round trip on the app's own cl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+
+from llmstream.ingress.errors import ApiError
 
 # KEYS[1] the client's key; ARGV: emission interval (µs), burst tolerance (µs).
 # Returns {allowed (0/1), µs to wait before the next request may pass, requests left now}.
@@ -40,8 +46,21 @@ class Decision:
     retry_after_s: float  # 0 when allowed
     remaining: int
 
+    def refusal(self) -> ApiError:
+        """The 429 for a request the quota refused, saying when to come back."""
+        wait_s = max(self.retry_after_s, 0.001)
+        return ApiError(
+            429,
+            f"rate limit exceeded for this client; retry in {wait_s:.1f} s",
+            code="rate_limit_exceeded",
+            headers={
+                "Retry-After": str(max(1, math.ceil(wait_s))),
+                "retry-after-ms": str(math.ceil(wait_s * 1000)),
+            },
+        )
 
-class RateLimiter:
+
+class ClientQuota:
     """``per_minute`` requests per client on average, ``burst`` at once; 0 turns it off."""
 
     def __init__(

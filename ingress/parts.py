@@ -1,0 +1,56 @@
+"""The parts of the ingress as routes get them: from ``request.app.state``.
+
+:func:`~llmstream.ingress.app.create_app` puts the settings, the metrics and the API keys there
+when it builds the app, and the connected parts (Redis, the producer, the ledger, the publisher,
+the response listener, the client quota) while the app runs. A route asks for what it uses
+(``ledger: LedgerDep``), so a test can serve one router with only those parts on ``app.state``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, TypeVar
+
+from fastapi import Depends, Request
+
+from llmstream.ingress.errors import ApiError
+from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.publish import Publisher
+from llmstream.ingress.results import RequestLedger, ResponseListener
+from llmstream.ingress.settings import IngressSettings
+
+T = TypeVar("T")
+
+
+def part(request: Request, name: str, kind: type[T]) -> T:
+    """``app.state.<name>``; 503 while it is not there (the app is starting or stopping)."""
+    value = getattr(request.app.state, name, None)
+    if not isinstance(value, kind):
+        raise ApiError(503, "the ingress is not running (starting or stopping)")
+    return value
+
+
+def _settings(request: Request) -> IngressSettings:
+    return part(request, "settings", IngressSettings)
+
+
+def _metrics(request: Request) -> IngressMetrics:
+    return part(request, "metrics", IngressMetrics)
+
+
+def _ledger(request: Request) -> RequestLedger:
+    return part(request, "ledger", RequestLedger)
+
+
+def _publisher(request: Request) -> Publisher:
+    return part(request, "publisher", Publisher)
+
+
+def _listener(request: Request) -> ResponseListener:
+    return part(request, "listener", ResponseListener)
+
+
+SettingsDep = Annotated[IngressSettings, Depends(_settings)]
+MetricsDep = Annotated[IngressMetrics, Depends(_metrics)]
+LedgerDep = Annotated[RequestLedger, Depends(_ledger)]
+PublisherDep = Annotated[Publisher, Depends(_publisher)]
+ListenerDep = Annotated[ResponseListener, Depends(_listener)]

@@ -1,0 +1,270 @@
+"""The native requests API: ``POST /v1/requests`` (one or a batch) and ``GET /v1/requests/{id}``.
+
+A submitted request is an :class:`~schemas.models.LLMRequest` whose ``request_id`` may be left
+out (the ingress assigns one); the same limits and messages apply, so the HTTP API rejects exactly
+what a Kafka producer's event would be rejected for.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Path, Response
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from redis.exceptions import RedisError
+
+from llmstream.core.clock import wall_clock_ms
+from llmstream.ingress.auth import CallerDep
+from llmstream.ingress.errors import ApiError, unavailable, validation_error
+from llmstream.ingress.parts import LedgerDep, PublisherDep, SettingsDep
+from llmstream.ingress.results import Status
+from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, RequestId
+
+# The model's bound; the configured `max_batch` (default 100) is checked by the handler.
+MAX_BATCH_LIMIT = 10_000
+
+
+class SubmittedRequest(LLMRequest):
+    """One request as a client submits it: ``request_id`` is optional."""
+
+    request_id: RequestId | None = None  # type: ignore[assignment]
+
+
+class SubmittedBatch(BaseModel):
+    """Several requests in one call; each is published as its own event."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    requests: Annotated[list[SubmittedRequest], Field(min_length=1, max_length=MAX_BATCH_LIMIT)]
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "batch" if "requests" in value else "request"
+    return "batch" if isinstance(value, SubmittedBatch) else "request"
+
+
+# Tag names appear in validation errors' `loc`; the handler strips them (see BODY_TAGS).
+Submission = Annotated[
+    Annotated[SubmittedRequest, Tag("request")] | Annotated[SubmittedBatch, Tag("batch")],
+    Discriminator(_kind),
+]
+BODY_TAGS = ("request", "batch")
+
+
+class Admitted(BaseModel):
+    """What became of one submitted request."""
+
+    request_id: str
+    status: Status
+    duplicate: bool = Field(
+        description="true when the ID was known already: nothing was published for it"
+    )
+
+
+class SubmitResponse(BaseModel):
+    """The answer to a submission, one entry per request, in the order submitted."""
+
+    requests: list[Admitted]
+
+
+class Failure(BaseModel):
+    """Why a request failed (from ``llm-errors``), without the request it echoes."""
+
+    error_type: str
+    message: str
+    status_code: int | None = None
+    retryable: bool = False
+    attempts: int = 0
+    provider: str | None = None
+    model: str | None = None
+    occurred_at_ms: int
+
+    @classmethod
+    def of(cls, error: LLMError) -> Failure:
+        return cls(
+            error_type=error.error_type,
+            message=error.message,
+            status_code=error.status_code,
+            retryable=error.retryable,
+            attempts=error.attempts,
+            provider=error.provider,
+            model=error.model,
+            occurred_at_ms=error.occurred_at_ms,
+        )
+
+
+class RequestStatus(BaseModel):
+    """``pending`` (queued or being worked on), ``completed`` or ``failed``."""
+
+    request_id: str
+    status: Status
+    response: LLMResponse | None = None
+    error: Failure | None = None
+
+
+# An Idempotency-Key leaves room for the "-<index>" a batch adds to it.
+MAX_IDEMPOTENCY_KEY = 200
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="Used as the request ID; in a batch, item i without an ID gets '<key>-<i>'.",
+    ),
+]
+
+# The failures every /v1 route may answer with, for the OpenAPI document.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No API key"},
+    403: {"description": "API key not allowed"},
+    413: {"description": "Body or event too large"},
+    429: {"description": "Rate limited; see Retry-After"},
+    503: {"description": "Kafka or Redis unavailable; retry"},
+}
+
+router = APIRouter(tags=["requests"])
+
+
+@router.post(
+    "/v1/requests",
+    status_code=202,
+    response_model=SubmitResponse,
+    responses={
+        200: {"model": SubmitResponse, "description": "Every ID was known: nothing published"},
+        409: {"description": "A request ID belongs to another client or other content"},
+        **ERROR_RESPONSES,
+    },
+)
+async def submit(
+    body: Annotated[Submission, Body()],
+    identity: CallerDep,
+    settings: SettingsDep,
+    publisher: PublisherDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> SubmitResponse:
+    """Publish one request, or a batch, to ``llm-requests``.
+
+    A request without ``request_id`` gets the ``Idempotency-Key`` header, or a new UUID.
+    A request ID that exists already is not published again: its current status is returned.
+    """
+    batch = isinstance(body, SubmittedBatch)
+    if isinstance(body, SubmittedBatch):
+        if len(body.requests) > settings.max_batch:
+            raise ApiError(
+                422,
+                f"requests: at most {settings.max_batch} requests per batch, "
+                f"got {len(body.requests)}",
+                param="requests",
+                code="too_long",
+            )
+        items = list(body.requests)
+        fields = [f"requests.{i}" for i in range(len(items))]
+    else:
+        items, fields = [body], [""]
+    now = wall_clock_ms()
+    requests = [
+        _admit(
+            item,
+            field,
+            request_id=_request_id(item, idempotency_key, index, batch=batch),
+            client_id=identity.client_id,
+            now_ms=now,
+        )
+        for index, (item, field) in enumerate(zip(items, fields, strict=True))
+    ]
+    events = [publisher.event(r, f) for r, f in zip(requests, fields, strict=True)]
+    id_fields = [f"{field}.request_id" if field else "request_id" for field in fields]
+    receipts = await publisher.submit(events, identity.client_id, id_fields)
+    failed = [r for r in receipts if r.failed]
+    if failed:
+        raise ApiError(
+            503,
+            f"{len(failed)} of {len(receipts)} requests could not be published; "
+            "submit them again with the same request IDs (published ones are not sent twice)",
+            code="publish_failed",
+            headers={"Retry-After": "1"},
+            extra={
+                "requests": [
+                    {"request_id": r.request_id, "published": not r.failed} for r in receipts
+                ]
+            },
+        )
+    if not any(r.published for r in receipts):
+        response.status_code = 200
+    return SubmitResponse(
+        requests=[
+            Admitted(request_id=r.request_id, status=r.status, duplicate=not r.published)
+            for r in receipts
+        ]
+    )
+
+
+@router.get(
+    "/v1/requests/{request_id:path}",
+    response_model=RequestStatus,
+    responses={404: {"description": "Unknown request ID"}, **ERROR_RESPONSES},
+)
+async def get_request(
+    request_id: Annotated[str, Path(min_length=1, max_length=256)],
+    identity: CallerDep,
+    ledger: LedgerDep,
+) -> RequestStatus:
+    """Where a request stands: ``pending``, ``completed`` or ``failed``."""
+    try:
+        stored = await ledger.get(request_id)
+    except RedisError:
+        raise unavailable("Redis") from None
+    outcome = stored.outcome() if stored is not None else None
+    owner = stored.client if stored is not None else None
+    if owner is None and outcome is not None:
+        owner = outcome.client_id
+    visible = identity.client_id is None or owner is None or owner == identity.client_id
+    if stored is None or not visible:
+        raise ApiError(404, "no request with this ID", param="request_id", code="not_found")
+    return RequestStatus(
+        request_id=request_id,
+        status=stored.status,
+        response=outcome if isinstance(outcome, LLMResponse) else None,
+        error=Failure.of(outcome) if isinstance(outcome, LLMError) else None,
+    )
+
+
+def _request_id(
+    item: SubmittedRequest, idempotency_key: str | None, index: int, *, batch: bool
+) -> str:
+    if item.request_id is not None:
+        if idempotency_key is not None and not batch and idempotency_key != item.request_id:
+            raise ApiError(
+                422,
+                "Idempotency-Key: differs from the body's request_id; send one or the same",
+                param="Idempotency-Key",
+                code="conflicting_request_id",
+            )
+        return item.request_id
+    if idempotency_key is not None:
+        return f"{idempotency_key}-{index}" if batch else idempotency_key
+    return uuid.uuid4().hex
+
+
+def _admit(
+    item: SubmittedRequest, field: str, *, request_id: str, client_id: str | None, now_ms: int
+) -> LLMRequest:
+    """The contract's request for a submitted one: its ID, its client, its creation time."""
+    data = dict(item)
+    data["request_id"] = request_id
+    if client_id is not None:
+        data["client_id"] = client_id  # the API key's identity, whatever the body said
+    if data["created_at_ms"] is None:
+        data["created_at_ms"] = now_ms
+    try:
+        return LLMRequest.model_validate(data)
+    except ValidationError as exc:  # only the ID can be new here: one derived from the header
+        prefix = tuple(field.split(".")) if field else ()
+        errors = [{**e, "loc": ("body", *prefix, *e["loc"])} for e in exc.errors(include_url=False)]
+        raise validation_error(errors, status=422) from None

@@ -7,8 +7,9 @@ offsets are committed. Sampled every ``consumer_lag_interval_s`` into
 ``llmstream_consumer_lag_messages{topic,partition}``. Every worker reports every partition of the
 group, owned by it or not, so aggregate with ``max by (topic, partition)``, not ``sum``.
 
-Exact on Apache Kafka. Tansu answers ListOffsets "latest" with the newest batch's base offset + 1
-(see PLATFORM.md), so there the lag reads low by up to one producer batch per partition.
+Exact on Apache Kafka. The embedded Tansu broker answers ListOffsets "latest" with the newest
+batch's base offset + 1, not the high watermark, so there the lag reads low by up to one producer
+batch per partition.
 """
 
 from __future__ import annotations

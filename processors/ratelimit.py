@@ -199,7 +199,7 @@ class RateLimiter:
         self._prefix = f"{key_prefix}rl:"
         self._limits = dict(limits)
         self._quotas = dict(client_quotas)
-        self._adaptive = adaptive
+        self.adaptive = adaptive
         self._margin = margin
         self._horizon_s = horizon_s
         self._acquire = redis.register_script(_ACQUIRE)
@@ -273,7 +273,7 @@ class RateLimiter:
                 status, wait_ms, factor, send_at, binding, decided_at = await self._poll(
                     lane, tokens, deadline_ms
                 )
-                self._adaptive.factors[lane.provider] = factor
+                self.adaptive.factors[lane.provider] = factor
                 if status != 0:
                     break
                 stay.park()
@@ -315,14 +315,14 @@ class RateLimiter:
     ) -> tuple[int, float, float, float, int, float]:
         args: list[str] = [
             repr(self._horizon_s * 1000),
-            repr(self._adaptive.params.recovery_per_ms),
-            repr(self._adaptive.params.slot_ms),
+            repr(self.adaptive.params.recovery_per_ms),
+            repr(self.adaptive.params.slot_ms),
             str(deadline_ms or 0),
         ]
         for b in lane.buckets:
             cost = tokens if b.tokens else 1
             args += [repr(b.interval_ms), repr(b.capacity), str(cost), "1" if b.adaptive else "0"]
-        keys = [self._adaptive.key(lane.provider), *(b.key for b in lane.buckets)]
+        keys = [self.adaptive.key(lane.provider), *(b.key for b in lane.buckets)]
         delay = 0.1
         while True:
             try:

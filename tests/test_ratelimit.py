@@ -58,6 +58,17 @@ def lane_of(
     return lane
 
 
+async def granted_in_a_row(
+    redis: aioredis.Redis, prefix: str, rpm: float, calls: int
+) -> tuple[RateLimiter, Lane, list[Grant]]:
+    """``calls`` grants from provider "p" configured at ``rpm`` (burst 100), with the adaptive
+    window time-scaled to 6 s and recovery off."""
+    params = AdaptiveParams(window_s=6.0, recovery_per_min=0.0)
+    rl = limiter(redis, prefix, {"p": RateLimit(rpm=rpm, rpm_burst=100)}, params=params)
+    lane = lane_of(rl)
+    return rl, lane, [await grant(rl, lane) for _ in range(calls)]
+
+
 async def test_requests_are_paced_at_the_limit_across_two_workers(
     services: Services, unique: str
 ) -> None:
@@ -148,14 +159,9 @@ async def test_unlimited_lanes_cost_nothing(redis_client: aioredis.Redis, unique
 async def test_429_pauses_the_provider_and_decreases_to_the_observed_goodput(
     redis_client: aioredis.Redis, unique: str
 ) -> None:
-    # Configured 1,200/min, over a 6 s window (time-scaled): 120 calls per window at most.
-    params = AdaptiveParams(window_s=6.0, recovery_per_min=0.0)
-    rl = limiter(
-        redis_client, f"test-{unique}:", {"p": RateLimit(rpm=6000, rpm_burst=100)}, params=params
-    )
-    adaptive = rl._adaptive
-    lane = lane_of(rl)
-    grants = [await grant(rl, lane) for _ in range(60)]
+    # Configured 6,000/min, over a 6 s window (time-scaled): 600 calls per window at most.
+    rl, lane, grants = await granted_in_a_row(redis_client, f"test-{unique}:", 6000, 60)
+    adaptive = rl.adaptive
     # The provider accepted 59 of them and answered the 60th with 429 and Retry-After 0.3 s.
     feedback = await adaptive.report_429("p", sent_at_ms=grants[-1].send_at_ms, retry_after_s=0.3)
     assert feedback.decreased
@@ -175,31 +181,26 @@ async def test_429_pauses_the_provider_and_decreases_to_the_observed_goodput(
 async def test_decrease_lands_on_the_observed_goodput_when_closer_than_halving(
     redis_client: aioredis.Redis, unique: str
 ) -> None:
-    params = AdaptiveParams(window_s=6.0, recovery_per_min=0.0)
     # Configured 1,000/min = 100 per 6 s window.
-    rl = limiter(
-        redis_client, f"test-{unique}:", {"p": RateLimit(rpm=1000, rpm_burst=100)}, params=params
-    )
-    lane = lane_of(rl)
-    grants = [await grant(rl, lane) for _ in range(71)]
-    feedback = await rl._adaptive.report_429("p", sent_at_ms=grants[-1].send_at_ms, retry_after_s=0)
+    rl, _, grants = await granted_in_a_row(redis_client, f"test-{unique}:", 1000, 71)
+    feedback = await rl.adaptive.report_429("p", sent_at_ms=grants[-1].send_at_ms, retry_after_s=0)
     # 70 accepted in the window: 700/min of 1,000 configured.
     assert feedback.factor == pytest.approx(0.7)
     # Recovery is linear after the pause; here it is off (0/min), so the factor stays.
-    await rl._adaptive.refresh(["p"])
-    assert rl._adaptive.factors["p"] == pytest.approx(0.7)
+    await rl.adaptive.refresh(["p"])
+    assert rl.adaptive.factors["p"] == pytest.approx(0.7)
 
 
 async def test_factor_recovers_gradually(redis_client: aioredis.Redis, unique: str) -> None:
     params = AdaptiveParams(recovery_per_min=60.0)  # +1.0 per second, to see it in a test
     rl = limiter(redis_client, f"test-{unique}:", {"p": RateLimit(rpm=600)}, params=params)
-    await rl._adaptive.report_429("p", sent_at_ms=0, retry_after_s=0)
-    await rl._adaptive.refresh(["p"])
-    low = rl._adaptive.factors["p"]
+    await rl.adaptive.report_429("p", sent_at_ms=0, retry_after_s=0)
+    await rl.adaptive.refresh(["p"])
+    low = rl.adaptive.factors["p"]
     await asyncio.sleep(0.2)
-    await rl._adaptive.refresh(["p"])
+    await rl.adaptive.refresh(["p"])
     assert low == pytest.approx(0.5, abs=0.02)
-    assert rl._adaptive.factors["p"] == pytest.approx(0.7, abs=0.05)
+    assert rl.adaptive.factors["p"] == pytest.approx(0.7, abs=0.05)
 
 
 def test_token_estimate_counts_the_prompt_and_the_completion_budget() -> None:

@@ -205,13 +205,14 @@ def _read_avro(data: bytes, schema: _Schema) -> Any:
             f"truncated Avro single-object header: {len(header)} of {_AVRO_HEADER_SIZE} bytes",
         )
     if header != schema.header:
-        found = int.from_bytes(header[2:], "little")
         other = _BY_HEADER.get(header)
         what = f"an {other.name}" if other else "not a known llmstream schema"
+        # Printed as the bytes on the wire: the fingerprint is little-endian there, and an
+        # integer would invite writing it the wrong way round.
         raise DecodeError(
             "undecodable",
-            f"Avro schema fingerprint {found:#018x} is {what}, expected {schema.name} "
-            f"({schema.fingerprint:#018x})",
+            f"Avro single-object header {header.hex(' ')} is {what}; {schema.name} events start "
+            f"with {schema.header.hex(' ')}",
         )
     buffer = BytesIO(data)
     buffer.seek(_AVRO_HEADER_SIZE)

@@ -374,7 +374,7 @@ def test_avro_of_another_event_names_both() -> None:
     data = encode(EVENTS["response"], WireFormat.AVRO)
     error = decode_error(data)
     assert error.kind == "undecodable"
-    assert "is an LLMResponse, expected LLMRequest" in str(error)
+    assert "is an LLMResponse; LLMRequest events start with c3 01" in str(error)
 
 
 def test_avro_with_an_unknown_fingerprint() -> None:
@@ -382,8 +382,12 @@ def test_avro_with_an_unknown_fingerprint() -> None:
     data[2] ^= 0xFF
     error = decode_error(bytes(data))
     assert error.kind == "undecodable"
-    assert "not a known llmstream schema, expected LLMRequest" in str(error)
-    assert f"{fingerprint_for(LLMRequest):#018x}" in str(error)
+    assert "not a known llmstream schema; LLMRequest events start with" in str(error)
+    # The expected header as the bytes a producer must write: C3 01, then the fingerprint
+    # little-endian, never as a (byte-reversed looking) integer.
+    expected = b"\xc3\x01" + fingerprint_for(LLMRequest).to_bytes(8, "little")
+    assert expected.hex(" ") in str(error)
+    assert bytes(data[:10]).hex(" ") in str(error)
 
 
 def test_truncated_and_padded_avro() -> None:

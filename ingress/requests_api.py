@@ -83,16 +83,7 @@ class Failure(BaseModel):
 
     @classmethod
     def of(cls, error: LLMError) -> Failure:
-        return cls(
-            error_type=error.error_type,
-            message=error.message,
-            status_code=error.status_code,
-            retryable=error.retryable,
-            attempts=error.attempts,
-            provider=error.provider,
-            model=error.model,
-            occurred_at_ms=error.occurred_at_ms,
-        )
+        return cls.model_validate(error, from_attributes=True)
 
 
 class RequestStatus(BaseModel):

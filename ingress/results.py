@@ -21,7 +21,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import redis.asyncio as aioredis
@@ -191,21 +191,15 @@ def _bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
 
+@dataclass(slots=True)
 class Waiter:
     """One client waiting for one request's outcome; see :meth:`ResponseListener.waiter`."""
 
-    def __init__(
-        self,
-        request_id: str,
-        future: asyncio.Future[Outcome],
-        ledger: RequestLedger,
-        poll_s: float,
-    ) -> None:
-        self.request_id = request_id
-        self._future = future
-        self._ledger = ledger
-        self._poll_s = poll_s
-        self.source: Literal["topic", "redis"] | None = None  # where the outcome was found
+    request_id: str
+    _future: asyncio.Future[Outcome]
+    _ledger: RequestLedger
+    _poll_s: float
+    source: Literal["topic", "redis"] | None = field(default=None, init=False)  # where found
 
     async def result(self, timeout_s: float) -> Outcome | None:
         """The outcome, or None when ``timeout_s`` passed first."""

@@ -58,14 +58,18 @@ class Stay:
         self._parked = True
 
     async def resume(self) -> None:
-        """Take a slot again (waiting for one if the worker is full)."""
+        """Take a slot again (waiting for one if the worker is full).
+
+        Cancelled while waiting for the slot (the request's deadline, a shutdown), the request
+        stays parked: it holds no slot, and the worker must not release one for it.
+        """
         if not self._parked:
             return
         room = self._room
-        self._parked = False
-        room.waiting -= 1
         assert room._slots is not None
         await room._slots.acquire()
+        self._parked = False
+        room.waiting -= 1
 
     def abandon(self) -> None:
         """The request was cancelled (shutdown) while parked: it leaves without a slot.

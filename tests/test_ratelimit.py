@@ -226,3 +226,22 @@ async def test_a_parked_request_gives_its_slot_back() -> None:
     slots.release()
     await resumed
     assert room.waiting == 0 and slots.locked()
+
+
+async def test_a_request_cancelled_while_taking_its_slot_back_holds_none() -> None:
+    slots = asyncio.Semaphore(1)
+    await slots.acquire()  # the request's own slot
+    room = WaitingRoom(capacity=1)
+    room.bind(slots)
+    stay = room.stay()
+    stay.park()
+    await slots.acquire()  # another event took the slot it gave back
+    resuming = asyncio.create_task(stay.resume())
+    await asyncio.sleep(0.01)
+    resuming.cancel()  # its deadline passed while it waited for a slot
+    with pytest.raises(asyncio.CancelledError):
+        await resuming
+    # Still parked, holding no slot: the worker must not release one for it.
+    assert stay.parked and room.waiting == 1
+    stay.abandon()
+    assert room.waiting == 0 and slots.locked()

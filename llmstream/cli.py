@@ -7,8 +7,10 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from llmstream import __version__
 from llmstream.core.errors import LLMStreamError
 
 
@@ -137,10 +139,61 @@ def _dev(args: argparse.Namespace) -> int:
     return run_dev(requests=args.requests, partitions=args.partitions)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose help ends with the environment variables its command reads.
+
+    They are listed only when help is asked for: importing every settings class on each run
+    would slow `llmstream healthcheck`, which a container runs every few seconds.
+    """
+
+    environment: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.environment is None:
+            return text
+        return f"{text}\nenvironment variables (default):\n{self.environment()}\n"
+
+
+def _worker_environment() -> str:
+    from llmstream.core.settings import environment_help
+    from llmstream.processors.providers.settings import ProviderSettings
+    from llmstream.processors.settings import WorkerSettings
+
+    return environment_help(WorkerSettings, ProviderSettings)
+
+
+def _ingress_environment() -> str:
+    from llmstream.core.settings import environment_help
+    from llmstream.ingress.settings import IngressSettings
+
+    return environment_help(IngressSettings)
+
+
+def _replay_environment() -> str:
+    from llmstream.core.settings import ServiceSettings, environment_help
+
+    return environment_help(ServiceSettings)
+
+
+def _simulate_environment() -> str:
+    from llmstream.core.settings import environment_help
+    from llmstream.devtools.simulator import SimulatorSettings
+
+    return environment_help(SimulatorSettings)
+
+
+_ENVIRONMENT: dict[str, Callable[[], str]] = {
+    "worker": _worker_environment,
+    "ingress": _ingress_environment,
+    "replay": _replay_environment,
+    "simulate": _simulate_environment,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="llmstream", description="Kafka-native processor for LLM requests."
-    )
+    parser = _Parser(prog="llmstream", description="Kafka-native processor for LLM requests.")
+    parser.add_argument("--version", action="version", version=f"llmstream {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser(
@@ -149,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     worker.set_defaults(func=_worker)
 
     simulate = commands.add_parser("simulate", help="run the provider simulator (OpenAI/Anthropic)")
-    simulate.add_argument("--host")
-    simulate.add_argument("--port", type=int)
+    simulate.add_argument("--host", help="listen address (LLMSTREAM_SIM_HOST, default 127.0.0.1)")
+    simulate.add_argument("--port", type=int, help="listen port (LLMSTREAM_SIM_PORT, default 8090)")
     simulate.add_argument("--latency-ms", type=float)
     simulate.add_argument("--error-rate", type=float)
     simulate.add_argument("--rpm-limit", type=int)
@@ -159,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ingress = commands.add_parser(
         "ingress", help="HTTP API (and OpenAI-compatible front) that publishes to llm-requests"
     )
-    ingress.add_argument("--host")
-    ingress.add_argument("--port", type=int)
+    ingress.add_argument("--host", help="listen address (LLMSTREAM_HOST, default 0.0.0.0)")
+    ingress.add_argument("--port", type=int, help="listen port (LLMSTREAM_PORT, default 8080)")
     ingress.set_defaults(func=_ingress)
 
     replay = commands.add_parser(
@@ -224,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     dev.add_argument("--requests", type=int, default=5, help="sample requests to produce")
     dev.add_argument("--partitions", type=int, default=4)
     dev.set_defaults(func=_dev)
+
+    for name, command in commands.choices.items():
+        command.environment = _ENVIRONMENT.get(name)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")

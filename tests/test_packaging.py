@@ -152,6 +152,28 @@ def test_the_installed_wheel_runs_outside_the_repository(wheel: Path, tmp_path: 
             timeout=120,
         )
         assert helped.returncode == 0, (command, helped.stderr.decode())
+        if command in {"worker", "ingress", "replay"}:
+            # Each service's help names the variables it reads, with their defaults.
+            assert b"KAFKA_BOOTSTRAP_SERVERS=localhost:9092" in helped.stdout
+    worker_help = subprocess.run(
+        [sys.executable, "-m", "llmstream.cli", "worker", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout.decode()
+    assert "LLMSTREAM_MAX_IN_FLIGHT=500" in worker_help
+    assert "OPENAI_API_KEY=(unset)" in worker_help
+    version = subprocess.run(
+        [sys.executable, "-m", "llmstream.cli", "--version"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    assert version.stdout.decode().strip() == "llmstream 0.1.0"
 
 
 def test_a_bare_folder_import_is_refused() -> None:

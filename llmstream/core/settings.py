@@ -13,6 +13,7 @@ they are ``SecretStr``, and the Redis URL is redacted in ``repr`` (:func:`redact
 
 from __future__ import annotations
 
+import enum
 import json
 import tomllib
 from collections.abc import Iterable
@@ -130,6 +131,42 @@ class ServiceSettings(BaseSettings):
         # A Redis URL may carry a password: never let a printed settings object show it.
         for name, value in super().__repr_args__():
             yield name, redact_url(value) if name == "redis_url" else value
+
+
+def environment_help(*classes: type[BaseSettings]) -> str:
+    """The environment variables ``classes`` read, one per line with its default (for --help).
+
+    Secrets are listed by name only; a default computed at start-up says so.
+    """
+    lines: list[str] = []
+    for cls in classes:
+        prefix = str(cls.model_config.get("env_prefix", ""))
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            if isinstance(alias, str):
+                variable = alias
+            elif isinstance(alias, AliasChoices):
+                variable = next(
+                    (c for c in alias.choices if isinstance(c, str) and c.isupper()),
+                    f"{prefix}{name}".upper(),
+                )
+            else:
+                variable = f"{prefix}{name}".upper()
+            if field.default_factory is not None:
+                built = field.default_factory()  # type: ignore[call-arg]
+                if isinstance(built, dict | list):
+                    default = "(built-in table)" if built else "(none)"
+                else:
+                    default = "(computed at start)"
+            elif field.default is None or field.annotation is SecretStr:
+                default = "(unset)"
+            else:
+                value = field.default
+                default = str(value.value if isinstance(value, enum.Enum) else value)
+            entry = f"  {variable}={default}"
+            if entry not in lines:
+                lines.append(entry)
+    return "\n".join(lines)
 
 
 def load_object_file(path: Path, variable: str, what: str) -> dict[str, Any]:

@@ -25,7 +25,13 @@ import httpx
 from pydantic import SecretStr
 
 from llmstream.processors.providers import Completion, ErrorType, ProviderError
-from llmstream.processors.providers.http import ErrorFields, HTTPAdapter, endpoint_url, text_field
+from llmstream.processors.providers.http import (
+    ErrorFields,
+    HTTPAdapter,
+    endpoint_url,
+    present,
+    text_field,
+)
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicMessages"]
@@ -102,19 +108,17 @@ class AnthropicMessages(HTTPAdapter):
                 error_type="invalid_request",
                 retryable=False,
             )
-        body: dict[str, Any] = {
+        return {
             "model": model,
             "max_tokens": request.max_tokens or self._default_max_tokens,
             "messages": messages,
+            **present(
+                system="\n\n".join(system) if system else None,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                stop_sequences=request.stop or None,
+            ),
         }
-        optional = {
-            "system": "\n\n".join(system) if system else None,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "stop_sequences": list(request.stop) if request.stop else None,
-        }
-        body.update((key, value) for key, value in optional.items() if value is not None)
-        return body
 
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
         text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")

@@ -32,6 +32,7 @@ __all__ = [
     "HTTPAdapter",
     "endpoint_label",
     "endpoint_url",
+    "present",
     "redact",
     "request_id_header",
     "status_classification",
@@ -216,6 +217,11 @@ def status_classification(status_code: int) -> tuple[ErrorType, bool]:
     if status_code >= 500:
         return "provider_error", True
     return "invalid_request", False
+
+
+def present(**fields: Any) -> dict[str, Any]:
+    """The ``fields`` that are set: an optional request field is sent only when given."""
+    return {name: value for name, value in fields.items() if value is not None}
 
 
 def text_field(value: object) -> str:

@@ -13,7 +13,13 @@ from typing import Any
 import httpx
 
 from llmstream.processors.providers import Completion
-from llmstream.processors.providers.http import ErrorFields, HTTPAdapter, endpoint_url, text_field
+from llmstream.processors.providers.http import (
+    ErrorFields,
+    HTTPAdapter,
+    endpoint_url,
+    present,
+    text_field,
+)
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["OpenAICompatible"]
@@ -42,22 +48,22 @@ class OpenAICompatible(HTTPAdapter):
         return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     def request_body(self, request: LLMRequest, model: str) -> dict[str, Any]:
-        """Optional sampling fields are sent only when the request sets them."""
         messages: list[dict[str, str]] = []
         for m in request.messages:
             item = {"role": m.role, "content": m.content}
             if m.name is not None:
                 item["name"] = m.name
             messages.append(item)
-        body: dict[str, Any] = {"model": model, "messages": messages}
-        optional = {
-            "temperature": request.temperature,
-            "max_tokens": request.max_tokens,
-            "top_p": request.top_p,
-            "stop": list(request.stop) if request.stop else None,
+        return {
+            "model": model,
+            "messages": messages,
+            **present(
+                temperature=request.temperature,
+                max_tokens=request.max_tokens,
+                top_p=request.top_p,
+                stop=request.stop or None,
+            ),
         }
-        body.update((key, value) for key, value in optional.items() if value is not None)
-        return body
 
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
         choice = data["choices"][0]

@@ -32,6 +32,7 @@ from llmstream.processors.providers import (
     create_http_client,
 )
 from llmstream.processors.providers.anthropic import AnthropicMessages
+from llmstream.processors.providers.http import HTTPAdapter
 from llmstream.processors.providers.openai import OpenAICompatible
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.schemas.models import LLMRequest
@@ -70,18 +71,17 @@ def replay(name: str, seen: list[httpx.Request] | None = None) -> httpx.AsyncCli
     return httpx.AsyncClient(transport=httpx.MockTransport(handler))
 
 
-def openai_adapter(client: httpx.AsyncClient, key: str | None = OPENAI_KEY) -> OpenAICompatible:
-    return OpenAICompatible(
-        "openai", client, "https://api.openai.com/v1", SecretStr(key) if key else None
-    )
+# wire → (adapter, the real API's base URL, the simulator's base path, a test key)
+WIRES: dict[str, tuple[type[HTTPAdapter], str, str, str]] = {
+    "openai": (OpenAICompatible, "https://api.openai.com/v1", "/v1", OPENAI_KEY),
+    "anthropic": (AnthropicMessages, "https://api.anthropic.com", "", ANTHROPIC_KEY),
+}
 
 
-def anthropic_adapter(
-    client: httpx.AsyncClient, key: str | None = ANTHROPIC_KEY
-) -> AnthropicMessages:
-    return AnthropicMessages(
-        "anthropic", client, "https://api.anthropic.com", SecretStr(key) if key else None
-    )
+def documented(wire: str, client: httpx.AsyncClient) -> HTTPAdapter:
+    """The ``wire`` adapter at the real API's URL with a test key, for replayed payloads."""
+    adapter, base_url, _, key = WIRES[wire]
+    return adapter(wire, client, base_url, SecretStr(key))
 
 
 # --- against the simulator, over loopback ----------------------------------------------------
@@ -115,153 +115,129 @@ async def script(sim: SimulatorServer, request_id: str, *responses: dict[str, An
         answer.raise_for_status()
 
 
-def sim_openai(
-    sim: SimulatorServer, client: httpx.AsyncClient, key: str | None = None
-) -> OpenAICompatible:
-    return OpenAICompatible("openai", client, f"{sim.url}/v1", SecretStr(key) if key else None)
-
-
-def sim_anthropic(
-    sim: SimulatorServer, client: httpx.AsyncClient, key: str | None = None
-) -> AnthropicMessages:
-    return AnthropicMessages("anthropic", client, sim.url, SecretStr(key) if key else None)
-
-
-async def test_openai_success_through_simulator(
-    sim: SimulatorServer, client: httpx.AsyncClient
-) -> None:
-    request = make_request(messages=[{"role": "user", "content": "what is kafka"}])
-
-    completion = await sim_openai(sim, client).complete(request, "gpt-4o-mini")
-
-    assert completion == Completion(
-        content="echo: what is kafka",
-        finish_reason="stop",
-        prompt_tokens=3,
-        completion_tokens=4,
-        total_tokens=7,
-        provider="openai",
-        model="gpt-4o-mini",
-    )
-
-
-async def test_openai_length_finish_through_simulator(
-    sim: SimulatorServer, client: httpx.AsyncClient
-) -> None:
-    request = make_request(max_tokens=2)
-
-    completion = await sim_openai(sim, client).complete(request, "gpt-4o-mini")
-
-    assert (completion.content, completion.finish_reason) == ("echo: hello", "length")
-    assert completion.completion_tokens == 2
-
-
-async def test_anthropic_system_prompt_and_usage_through_simulator(
-    sim: SimulatorServer, client: httpx.AsyncClient
-) -> None:
-    # The simulator rejects a "system" role inside messages with a 400, as Anthropic does, and
-    # counts the top-level system prompt in input_tokens: success with 2 + 3 words proves both.
-    request = make_request(
-        messages=[
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "hello there world"},
-        ]
-    )
-
-    completion = await sim_anthropic(sim, client).complete(request, "claude-sonnet-4-5")
-
-    assert completion == Completion(
-        content="echo: hello there world",
-        finish_reason="stop",
-        prompt_tokens=5,
-        completion_tokens=4,
-        total_tokens=9,
-        provider="anthropic",
-        model="claude-sonnet-4-5",
-    )
+def simulated(
+    wire: str, sim: SimulatorServer, client: httpx.AsyncClient, key: str | None = None
+) -> HTTPAdapter:
+    """The ``wire`` adapter pointed at the simulator."""
+    adapter, _, path, _ = WIRES[wire]
+    return adapter(wire, client, f"{sim.url}{path}", SecretStr(key) if key else None)
 
 
 @pytest.mark.parametrize(
-    ("extra", "content", "finish_reason"),
+    ("wire", "messages", "expected"),
     [
-        ({"max_tokens": 2}, "echo: hello", "length"),  # max_tokens → length
-        ({"stop": ["there"]}, "echo: hello ", "stop"),  # stop_sequence → stop
-        ({}, "echo: hello there world", "stop"),  # end_turn → stop
+        (
+            "openai",
+            [{"role": "user", "content": "what is kafka"}],
+            Completion("echo: what is kafka", "stop", 3, 4, 7, "openai", "gpt-4o-mini"),
+        ),
+        # The simulator rejects a "system" role inside messages with a 400, as Anthropic does,
+        # and counts the top-level system prompt in input_tokens: 2 + 3 words proves both.
+        (
+            "anthropic",
+            [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hello there world"},
+            ],
+            Completion("echo: hello there world", "stop", 5, 4, 9, "anthropic", "claude-4-5"),
+        ),
     ],
 )
-async def test_anthropic_finish_reason_mapping(
+async def test_success_through_simulator(
     sim: SimulatorServer,
     client: httpx.AsyncClient,
+    wire: str,
+    messages: list[dict[str, str]],
+    expected: Completion,
+) -> None:
+    request = make_request(messages=messages)
+
+    completion = await simulated(wire, sim, client).complete(request, expected.model)
+
+    assert completion == expected
+
+
+@pytest.mark.parametrize(
+    ("wire", "extra", "content", "finish_reason"),
+    [
+        ("openai", {"max_tokens": 2}, "echo: hello", "length"),
+        ("openai", {"stop": ["there"]}, "echo: hello ", "stop"),
+        ("anthropic", {"max_tokens": 2}, "echo: hello", "length"),  # max_tokens → length
+        ("anthropic", {"stop": ["there"]}, "echo: hello ", "stop"),  # stop_sequence → stop
+        ("anthropic", {}, "echo: hello there world", "stop"),  # end_turn → stop
+    ],
+)
+async def test_finish_reason_through_simulator(
+    sim: SimulatorServer,
+    client: httpx.AsyncClient,
+    wire: str,
     extra: dict[str, Any],
     content: str,
     finish_reason: str,
 ) -> None:
-    completion = await sim_anthropic(sim, client).complete(make_request(**extra), "claude")
+    completion = await simulated(wire, sim, client).complete(make_request(**extra), "m")
 
     assert (completion.content, completion.finish_reason) == (content, finish_reason)
-
-
-@pytest.mark.parametrize("wire", ["openai", "anthropic"])
-async def test_400_is_not_retryable(
-    sim: SimulatorServer, client: httpx.AsyncClient, wire: str
-) -> None:
-    request = make_request()
-    await script(sim, request.request_id, {"status": 400})
-    adapter = sim_openai(sim, client) if wire == "openai" else sim_anthropic(sim, client)
-
-    with pytest.raises(ProviderError) as caught:
-        await adapter.complete(request, "m")
-
-    error = caught.value
-    assert (error.status_code, error.error_type, error.retryable) == (400, "invalid_request", False)
-    assert error.provider == wire
-    assert error.body is not None and "invalid_request_error" in error.body
-
-
-@pytest.mark.parametrize("wire", ["openai", "anthropic"])
-async def test_429_is_retryable_with_retry_after(
-    sim: SimulatorServer, client: httpx.AsyncClient, wire: str
-) -> None:
-    request = make_request()
-    await script(sim, request.request_id, {"status": 429, "retry_after": 1.5})
-    adapter = sim_openai(sim, client) if wire == "openai" else sim_anthropic(sim, client)
-
-    with pytest.raises(ProviderError) as caught:
-        await adapter.complete(request, "m")
-
-    error = caught.value
-    assert (error.status_code, error.error_type, error.retryable) == (429, "rate_limited", True)
-    # retry-after-ms (1500) is preferred over the whole-second Retry-After (2).
-    assert error.retry_after == 1.5
+    if "max_tokens" in extra:
+        assert completion.completion_tokens == extra["max_tokens"]
 
 
 @pytest.mark.parametrize(
-    ("wire", "status"), [("openai", 500), ("anthropic", 500), ("anthropic", 529)]
+    ("wire", "scripted", "error_type", "retryable", "retry_after", "kind"),
+    [
+        ("openai", {"status": 400}, "invalid_request", False, None, "invalid_request_error"),
+        ("anthropic", {"status": 400}, "invalid_request", False, None, "invalid_request_error"),
+        # retry-after-ms (1500) is preferred over the whole-second Retry-After (2).
+        ("openai", {"status": 429, "retry_after": 1.5}, "rate_limited", True, 1.5, "requests"),
+        (
+            "anthropic",
+            {"status": 429, "retry_after": 1.5},
+            "rate_limited",
+            True,
+            1.5,
+            "rate_limit_error",
+        ),
+        ("openai", {"status": 500}, "provider_error", True, None, "server_error"),
+        ("anthropic", {"status": 500}, "provider_error", True, None, "api_error"),
+        ("anthropic", {"status": 529}, "provider_error", True, None, "overloaded_error"),
+        # Anthropic's error type says more than the status: its 504 is a timeout.
+        ("anthropic", {"status": 504}, "timeout", True, None, "timeout_error"),
+        ("openai", {"status": 504}, "provider_error", True, None, "server_error"),
+    ],
 )
-async def test_server_errors_are_retryable(
-    sim: SimulatorServer, client: httpx.AsyncClient, wire: str, status: int
+async def test_error_statuses_from_simulator_are_classified(
+    sim: SimulatorServer,
+    client: httpx.AsyncClient,
+    wire: str,
+    scripted: dict[str, Any],
+    error_type: str,
+    retryable: bool,
+    retry_after: float | None,
+    kind: str,
 ) -> None:
     request = make_request()
-    await script(sim, request.request_id, {"status": status})
-    adapter = sim_openai(sim, client) if wire == "openai" else sim_anthropic(sim, client)
+    await script(sim, request.request_id, scripted)
 
     with pytest.raises(ProviderError) as caught:
-        await adapter.complete(request, "m")
+        await simulated(wire, sim, client).complete(request, "m")
 
-    assert (caught.value.status_code, caught.value.retryable) == (status, True)
-    assert caught.value.error_type == "provider_error"
+    error = caught.value
+    assert (error.status_code, error.error_type) == (scripted["status"], error_type)
+    assert (error.retryable, error.retry_after, error.provider) == (retryable, retry_after, wire)
+    assert f"HTTP {scripted['status']}" in str(error) and kind in str(error)
+    assert error.body is not None and kind in error.body
 
 
 @pytest.mark.parametrize("wire", ["openai", "anthropic"])
 async def test_wrong_key_is_auth_error_and_right_key_works(
     keyed_sim: SimulatorServer, client: httpx.AsyncClient, wire: str
 ) -> None:
-    make = sim_openai if wire == "openai" else sim_anthropic
     wrong = "wrong-key-SECRET-987654321"
 
     with pytest.raises(ProviderError) as caught:
-        await make(keyed_sim, client, wrong).complete(make_request(), "m")
-    completion = await make(keyed_sim, client, "right-key-123456").complete(make_request(), "m")
+        await simulated(wire, keyed_sim, client, wrong).complete(make_request(), "m")
+    right = simulated(wire, keyed_sim, client, "right-key-123456")
+    completion = await right.complete(make_request(), "m")
 
     error = caught.value
     assert (error.status_code, error.error_type, error.retryable) == (401, "auth_error", False)
@@ -288,7 +264,7 @@ async def test_timeout_is_retryable(sim: SimulatorServer, wire: str) -> None:
     request = make_request()
     await script(sim, request.request_id, {"status": 200, "delay_ms": 3000})
     http = create_http_client(timeout_s=0.2, max_connections=10)
-    adapter = sim_openai(sim, http) if wire == "openai" else sim_anthropic(sim, http)
+    adapter = simulated(wire, sim, http)
     try:
         with pytest.raises(ProviderError) as caught:
             await adapter.complete(request, "m")
@@ -303,8 +279,8 @@ async def test_request_id_reaches_the_provider(
 ) -> None:
     request = make_request()
 
-    await sim_openai(sim, client).complete(request, "m")
-    await sim_anthropic(sim, client).complete(request, "m")
+    await simulated("openai", sim, client).complete(request, "m")
+    await simulated("anthropic", sim, client).complete(request, "m")
 
     async with httpx.AsyncClient() as control:
         stats = (await control.get(f"{sim.url}/_sim/stats")).json()
@@ -316,7 +292,7 @@ async def test_shared_client_carries_hundreds_in_flight() -> None:
     http = create_http_client(timeout_s=10, max_connections=500)
     try:
         async with SimulatorServer(settings) as server:
-            adapter = sim_openai(server, http)
+            adapter = simulated("openai", server, http)
             started = time.perf_counter()
             done = await asyncio.gather(
                 *(adapter.complete(make_request(), "m") for _ in range(300))
@@ -334,34 +310,42 @@ async def test_shared_client_carries_hundreds_in_flight() -> None:
 # --- against the providers' documented payloads -----------------------------------------------
 
 
-async def test_openai_documented_completion() -> None:
-    async with replay("openai_chat_completion.json") as http:
-        completion = await openai_adapter(http).complete(make_request(), "gpt-4.1")
+@pytest.mark.parametrize(
+    ("wire", "name", "expected"),
+    [
+        (
+            "openai",
+            "openai_chat_completion.json",
+            Completion(
+                "Hello! How can I assist you today?",
+                "stop",
+                19,
+                10,
+                29,
+                "openai",
+                "gpt-4.1-2025-04-14",
+            ),
+        ),
+        (
+            "anthropic",
+            "anthropic_message.json",
+            Completion(
+                "Hi! My name is Claude.",
+                "stop",
+                2095,
+                503,
+                2598,
+                "anthropic",
+                "claude-3-7-sonnet-20250219",
+            ),
+        ),
+    ],
+)
+async def test_documented_success_body_is_read(wire: str, name: str, expected: Completion) -> None:
+    async with replay(name) as http:
+        completion = await documented(wire, http).complete(make_request(), "requested")
 
-    assert completion == Completion(
-        content="Hello! How can I assist you today?",
-        finish_reason="stop",
-        prompt_tokens=19,
-        completion_tokens=10,
-        total_tokens=29,
-        provider="openai",
-        model="gpt-4.1-2025-04-14",
-    )
-
-
-async def test_anthropic_documented_message() -> None:
-    async with replay("anthropic_message.json") as http:
-        completion = await anthropic_adapter(http).complete(make_request(), "claude-3-7-sonnet")
-
-    assert completion == Completion(
-        content="Hi! My name is Claude.",
-        finish_reason="stop",
-        prompt_tokens=2095,
-        completion_tokens=503,
-        total_tokens=2598,
-        provider="anthropic",
-        model="claude-3-7-sonnet-20250219",
-    )
+    assert completion == expected
 
 
 async def test_anthropic_joins_text_blocks_and_counts_cache_tokens() -> None:
@@ -386,7 +370,7 @@ async def test_anthropic_joins_text_blocks_and_counts_cache_tokens() -> None:
     }
     transport = httpx.MockTransport(lambda _: httpx.Response(200, json=body))
     async with httpx.AsyncClient(transport=transport) as http:
-        completion = await anthropic_adapter(http).complete(make_request(), "claude")
+        completion = await documented("anthropic", http).complete(make_request(), "claude")
 
     assert completion.content == "Hello, world."
     assert completion.finish_reason == "refusal"  # unknown reasons are kept as they are
@@ -424,9 +408,8 @@ async def test_documented_error_bodies_are_classified(
 ) -> None:
     recorded = payload(name)
     async with replay(name) as http:
-        adapter = openai_adapter(http) if wire == "openai" else anthropic_adapter(http)
         with pytest.raises(ProviderError) as caught:
-            await adapter.complete(make_request(), "m")
+            await documented(wire, http).complete(make_request(), "m")
 
     error = caught.value
     assert error.status_code == recorded["status"]
@@ -439,14 +422,110 @@ async def test_documented_error_bodies_are_classified(
     assert f"HTTP {recorded['status']}" in str(error)
 
 
-async def test_malformed_success_body_is_a_provider_error() -> None:
-    transport = httpx.MockTransport(lambda _: httpx.Response(200, text="<html>gateway</html>"))
-    async with httpx.AsyncClient(transport=transport) as http:
+async def failure(wire: str, answer: Callable[[httpx.Request], httpx.Response]) -> ProviderError:
+    """What the ``wire`` adapter raises when its call is answered by ``answer``."""
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
         with pytest.raises(ProviderError) as caught:
-            await openai_adapter(http).complete(make_request(), "m")
+            await documented(wire, http).complete(make_request(), "m")
+    return caught.value
 
-    assert (caught.value.error_type, caught.value.retryable) == ("provider_error", False)
-    assert caught.value.body == "<html>gateway</html>"
+
+@pytest.mark.parametrize(
+    ("wire", "content"),
+    [
+        ("openai", b"<html>gateway</html>"),
+        ("anthropic", b"<html>gateway</html>"),
+        ("openai", b'{"choices": []}'),
+        ("openai", b'{"choices": [{"message": null}]}'),
+        ("anthropic", b'{"content": "not a list of blocks"}'),
+        ("anthropic", b'{"content": [{"type": "text"}]}'),
+    ],
+)
+async def test_malformed_success_body_is_a_provider_error(wire: str, content: bytes) -> None:
+    error = await failure(wire, lambda _: httpx.Response(200, content=content))
+
+    assert (error.error_type, error.retryable, error.status_code) == ("provider_error", False, 200)
+    assert "malformed response" in str(error)
+    assert error.body == content.decode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "retryable", "label"),
+    [
+        ("insufficient_quota", None, False, "insufficient_quota: no"),
+        ("requests", "billing_hard_limit_reached", False, "requests/billing_hard_limit_reached"),
+        ("tokens", "rate_limit_exceeded", True, "tokens/rate_limit_exceeded: no"),
+        ("tokens", 429, True, "tokens/429: no"),  # OpenRouter's numeric code
+    ],
+)
+async def test_openai_quota_429_is_found_by_type_or_code(
+    kind: str, code: str | int | None, retryable: bool, label: str
+) -> None:
+    body = {"error": {"message": "no", "type": kind, "param": None, "code": code}}
+    error = await failure("openai", lambda _: httpx.Response(429, json=body))
+
+    assert (error.error_type, error.retryable) == ("rate_limited", retryable)
+    assert label in str(error)
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        ("openai", "openai: HTTP 503 from https://api.openai.com/v1/chat/completions"),
+        ("anthropic", "anthropic: HTTP 503 from https://api.anthropic.com/v1/messages"),
+    ],
+)
+async def test_retry_after_header_is_read_whatever_its_case(wire: str, message: str) -> None:
+    answer = httpx.Response(503, headers={"RETRY-AFTER": "7", "X-Request-ID": "r1"}, text="busy")
+    error = await failure(wire, lambda _: answer)
+
+    assert (error.status_code, error.retryable, error.retry_after) == (503, True, 7.0)
+    assert error.headers["retry-after"] == "7" and error.headers["x-request-id"] == "r1"
+    # A body that is not JSON adds nothing to the message; it is kept whole in ``body``.
+    assert (str(error), error.body) == (message, "busy")
+
+
+def raising(exc: Exception) -> Callable[[httpx.Request], httpx.Response]:
+    def answer(request: httpx.Request) -> httpx.Response:
+        raise exc
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("exc", "error_type", "retryable"),
+    [
+        (httpx.ReadTimeout("read timed out"), "timeout", True),
+        (httpx.ConnectError("refused"), "connection_error", True),
+        (httpx.RemoteProtocolError("server hung up"), "connection_error", True),
+        (httpx.UnsupportedProtocol("no ftp"), "connection_error", False),
+        (httpx.TooManyRedirects("loop"), "provider_error", False),
+        (httpx.DecodingError("bad gzip"), "provider_error", False),
+    ],
+)
+async def test_transport_failures_are_classified(
+    exc: httpx.RequestError, error_type: str, retryable: bool
+) -> None:
+    error = await failure("openai", raising(exc))
+
+    assert (error.error_type, error.retryable, error.status_code) == (error_type, retryable, None)
+    assert type(exc).__name__ in str(error)
+
+
+async def test_connect_timeout_over_a_reset_connection_is_a_connection_error() -> None:
+    # httpx-aiohttp reports every aiohttp connection failure as ConnectTimeout; only a
+    # TimeoutError underneath makes it a timeout.
+    reset = httpx.ConnectTimeout("reset")
+    reset.__cause__ = ConnectionResetError("peer reset")
+    timed_out = httpx.ConnectTimeout("slow")
+    timed_out.__cause__ = TimeoutError()
+
+    refused = await failure("openai", raising(reset))
+    slow = await failure("openai", raising(timed_out))
+
+    assert (refused.error_type, refused.retryable) == ("connection_error", True)
+    assert "ConnectionResetError: peer reset" in str(refused)
+    assert (slow.error_type, slow.retryable) == ("timeout", True)
 
 
 async def test_error_body_is_truncated() -> None:
@@ -454,48 +533,13 @@ async def test_error_body_is_truncated() -> None:
     transport = httpx.MockTransport(lambda _: httpx.Response(500, json=huge))
     async with httpx.AsyncClient(transport=transport) as http:
         with pytest.raises(ProviderError) as caught:
-            await openai_adapter(http).complete(make_request(), "m")
+            await documented("openai", http).complete(make_request(), "m")
 
     assert caught.value.body is not None and len(caught.value.body) <= 1024
     assert len(str(caught.value)) < 600
 
 
 # --- what the adapters send -------------------------------------------------------------------
-
-
-async def test_openai_request_body_and_headers() -> None:
-    seen: list[httpx.Request] = []
-    request = make_request(
-        request_id="order-42",
-        messages=[
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "hi", "name": "ann"},
-        ],
-        temperature=0.3,
-        max_tokens=64,
-        top_p=0.9,
-        stop=["\n\n"],
-        metadata={"team": "search"},
-    )
-    async with replay("openai_chat_completion.json", seen) as http:
-        await openai_adapter(http).complete(request, "gpt-4o-mini")
-
-    (sent,) = seen
-    assert (sent.method, str(sent.url)) == ("POST", "https://api.openai.com/v1/chat/completions")
-    assert sent.headers["authorization"] == f"Bearer {OPENAI_KEY}"
-    assert sent.headers["content-type"] == "application/json"
-    assert sent.headers["x-client-request-id"] == "order-42"
-    assert json.loads(sent.content) == {
-        "model": "gpt-4o-mini",
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "hi", "name": "ann"},
-        ],
-        "temperature": 0.3,
-        "max_tokens": 64,
-        "top_p": 0.9,
-        "stop": ["\n\n"],
-    }
 
 
 async def test_openai_sends_optional_fields_only_when_set_and_no_auth_without_key() -> None:
@@ -514,44 +558,75 @@ async def test_openai_sends_optional_fields_only_when_set_and_no_auth_without_ke
     assert completion.provider == "ollama"
 
 
-async def test_anthropic_request_body_and_headers() -> None:
+CONVERSATION = [
+    {"role": "system", "content": "be brief"},
+    {"role": "user", "content": "weather?", "name": "ann"},
+    {"role": "assistant", "content": "calling the tool"},
+    {"role": "tool", "content": "sunny, 21C", "name": "get_weather"},
+    {"role": "system", "content": "answer in French"},
+]
+
+
+@pytest.mark.parametrize(
+    ("wire", "url", "headers", "body"),
+    [
+        (
+            "openai",
+            "https://api.openai.com/v1/chat/completions",
+            {"authorization": f"Bearer {OPENAI_KEY}"},
+            {
+                "model": "the-model",
+                "messages": CONVERSATION,
+                "temperature": 0.5,
+                "max_tokens": 64,
+                "top_p": 0.8,
+                "stop": ["END"],
+            },
+        ),
+        (
+            "anthropic",
+            "https://api.anthropic.com/v1/messages",
+            {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"},
+            {
+                "model": "the-model",
+                "max_tokens": 64,
+                "system": "be brief\n\nanswer in French",
+                "messages": [
+                    {"role": "user", "content": "weather?"},
+                    {"role": "assistant", "content": "calling the tool"},
+                    {"role": "user", "content": "Tool result (get_weather):\nsunny, 21C"},
+                ],
+                "temperature": 0.5,
+                "top_p": 0.8,
+                "stop_sequences": ["END"],
+            },
+        ),
+    ],
+)
+async def test_request_body_and_headers(
+    wire: str, url: str, headers: dict[str, str], body: dict[str, Any]
+) -> None:
     seen: list[httpx.Request] = []
     request = make_request(
-        request_id="order-43",
-        messages=[
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": "calling the tool"},
-            {"role": "tool", "content": "sunny, 21C", "name": "get_weather"},
-            {"role": "system", "content": "answer in French"},
-        ],
+        request_id="order-42",
+        messages=CONVERSATION,
         temperature=0.5,
+        max_tokens=64,
         top_p=0.8,
         stop=["END"],
+        metadata={"team": "search"},
     )
-    async with replay("anthropic_message.json", seen) as http:
-        await anthropic_adapter(http).complete(request, "claude-sonnet-4-5")
+    recorded = "openai_chat_completion.json" if wire == "openai" else "anthropic_message.json"
+    async with replay(recorded, seen) as http:
+        await documented(wire, http).complete(request, "the-model")
 
     (sent,) = seen
-    assert (sent.method, str(sent.url)) == ("POST", "https://api.anthropic.com/v1/messages")
-    assert sent.headers["x-api-key"] == ANTHROPIC_KEY
-    assert sent.headers["anthropic-version"] == "2023-06-01"
-    assert sent.headers["content-type"] == "application/json"
-    assert sent.headers["x-client-request-id"] == "order-43"
-    assert "authorization" not in sent.headers
-    assert json.loads(sent.content) == {
-        "model": "claude-sonnet-4-5",
-        "max_tokens": 4096,
-        "system": "be brief\n\nanswer in French",
-        "messages": [
-            {"role": "user", "content": "weather?"},
-            {"role": "assistant", "content": "calling the tool"},
-            {"role": "user", "content": "Tool result (get_weather):\nsunny, 21C"},
-        ],
-        "temperature": 0.5,
-        "top_p": 0.8,
-        "stop_sequences": ["END"],
-    }
+    assert (sent.method, str(sent.url)) == ("POST", url)
+    expected = {**headers, "content-type": "application/json", "x-client-request-id": "order-42"}
+    assert {name: sent.headers.get(name) for name in expected} == expected
+    # Each API gets its own credential header only.
+    assert {"authorization", "x-api-key"} & sent.headers.keys() <= headers.keys()
+    assert json.loads(sent.content) == body
 
 
 async def test_anthropic_max_tokens_from_request_and_base_url_with_v1() -> None:
@@ -570,7 +645,7 @@ async def test_anthropic_only_system_messages_fail_without_a_call() -> None:
     seen: list[httpx.Request] = []
     async with replay("anthropic_message.json", seen) as http:
         with pytest.raises(ProviderError) as caught:
-            await anthropic_adapter(http).complete(
+            await documented("anthropic", http).complete(
                 make_request(messages=[{"role": "system", "content": "alone"}]), "claude"
             )
 
@@ -581,7 +656,7 @@ async def test_anthropic_only_system_messages_fail_without_a_call() -> None:
 async def test_non_ascii_request_id_is_percent_encoded() -> None:
     seen: list[httpx.Request] = []
     async with replay("openai_chat_completion.json", seen) as http:
-        await openai_adapter(http).complete(make_request(request_id="café-1"), "m")
+        await documented("openai", http).complete(make_request(request_id="café-1"), "m")
 
     assert seen[0].headers["x-client-request-id"] == "caf%C3%A9-1"
 
@@ -594,26 +669,25 @@ def echo_credentials(request: httpx.Request) -> httpx.Response:
     leaked = f"{request.headers.get('authorization')} {request.headers.get('x-api-key')}"
     return httpx.Response(
         401,
+        headers={"X-Echo": leaked},
         json={"type": "error", "error": {"type": "authentication_error", "message": leaked}},
     )
 
 
-@pytest.mark.parametrize(
-    ("make", "key"),
-    [(openai_adapter, OPENAI_KEY), (anthropic_adapter, ANTHROPIC_KEY)],
-)
-async def test_api_key_never_in_provider_error(
-    make: Callable[[httpx.AsyncClient], OpenAICompatible | AnthropicMessages], key: str
-) -> None:
+@pytest.mark.parametrize("wire", WIRES)
+async def test_api_key_never_in_provider_error(wire: str) -> None:
+    key = WIRES[wire][3]
     async with httpx.AsyncClient(transport=httpx.MockTransport(echo_credentials)) as http:
+        adapter = documented(wire, http)
         with pytest.raises(ProviderError) as caught:
-            await make(http).complete(make_request(), "m")
+            await adapter.complete(make_request(), "m")
 
     error = caught.value
     assert error.body is not None and "[REDACTED]" in error.body
-    for text in (str(error), repr(error), error.body, error.message):
+    assert "[REDACTED]" in error.headers["x-echo"]
+    for text in (str(error), repr(error), error.body, error.message, str(error.headers)):
         assert key not in text
-    assert key not in repr(make(http))
+    assert key not in repr(adapter)
 
 
 async def test_extra_header_secrets_never_in_provider_error() -> None:
@@ -895,12 +969,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
 
 
 def test_public_api_is_pinned() -> None:
-    assert sorted(providers_module.__all__) == [
-        "Completion",
-        "ErrorType",
-        "Provider",
-        "ProviderError",
-        "ProviderRouter",
-        "create_http_client",
-        "parse_retry_after",
-    ]
+    # What the worker, the retry policy and the pipeline import; removing one breaks them.
+    pinned = "Completion ErrorType Provider ProviderError ProviderRouter create_http_client"
+    assert set(providers_module.__all__) == {*pinned.split(), "parse_retry_after"}
+    assert all(hasattr(providers_module, name) for name in providers_module.__all__)

@@ -59,7 +59,7 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
                 "no API keys configured (LLMSTREAM_API_KEYS): authentication is OFF; anyone "
                 "who can reach this ingress can submit requests"
             )
-        async with _connected(settings, metrics, app.state):
+        async with connect(settings, metrics, app.state):
             yield
 
     app = FastAPI(
@@ -85,7 +85,7 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
 
 
 @contextlib.asynccontextmanager
-async def _connected(
+async def connect(
     settings: IngressSettings, metrics: IngressMetrics, state: State
 ) -> AsyncIterator[None]:
     """Connect the running parts, put them on ``state`` for the block, then drain and close."""

@@ -36,6 +36,7 @@ import aiohttp
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import EmbeddedServices, create_topics
 from llmstream.devtools.processes import WorkerProcess, scoped_settings, topic_names, worker_env
@@ -179,7 +180,7 @@ def _request(request_id: str, model: str = PRIMARY, **kw: Any) -> LLMRequest:
         request_id=request_id,
         model=model,
         messages=[ChatMessage(role="user", content=f"Tell me one fact about {request_id}.")],
-        created_at_ms=time.time_ns() // 1_000_000,
+        created_at_ms=wall_clock_ms(),
         **kw,
     )
 
@@ -200,24 +201,36 @@ async def _sim_config(sim: SimulatorServer, **config: Any) -> None:
 # --- 1 and 2: goodput at the limit, adaptation to a lower one --------------------------------
 
 
-@dataclass
-class AdaptiveResult:
+@dataclass(kw_only=True)
+class _Outcomes:
+    """What became of a scenario's requests, and how long it took."""
+
+    requests: int
+    completed: int = 0
+    errors: int = 0
+    lost: int = 0
+    seconds: float = 0.0
+
+    def count(self, ids: set[str], responses: dict[str, Any], errors: dict[str, Any]) -> None:
+        self.completed = len(responses)
+        self.errors = len(errors)
+        self.lost = len(ids - responses.keys() - errors.keys())
+
+
+@dataclass(kw_only=True)
+class AdaptiveResult(_Outcomes):
     """Figures of the goodput and adaptive scenarios (rates per minute of real time)."""
 
     scenario: str
     limit_rpm: float
     configured_rpm: float
-    requests: int
-    completed: int = 0
-    errors: int = 0
-    lost: int = 0
     duplicate_outputs: int = 0
     calls: int = 0
     calls_429: int = 0
+    # The same, from the first call plus 30 s (scaled) on: after the limiter has adapted.
     calls_after_warmup: int = 0
     calls_429_after_warmup: int = 0
     goodput_rpm: float = 0.0
-    seconds: float = 0.0
     final_factor: float | None = None
     factor_trace: list[tuple[float, float]] = field(default_factory=list)
 
@@ -277,7 +290,9 @@ async def _limited_run(
     latency_ms: float = 200.0,
 ) -> AdaptiveResult:
     run = _Scenario(rig, scenario)
-    result = AdaptiveResult(scenario, limit_rpm, configured_rpm, requests)
+    result = AdaptiveResult(
+        scenario=scenario, limit_rpm=limit_rpm, configured_rpm=configured_rpm, requests=requests
+    )
     settings = SimulatorSettings(
         host="127.0.0.1",
         port=0,
@@ -324,9 +339,7 @@ async def _limited_run(
             if factors:
                 result.final_factor = round(max(factors.values()), 3)
         stats = await _sim_get(sim, "/_sim/stats")
-    result.completed = len(responses)
-    result.errors = len(errors)
-    result.lost = len(ids - responses.keys() - errors.keys())
+    result.count(ids, responses, errors)
     result.duplicate_outputs = duplicates
     result.calls = stats["calls_total"]
     result.calls_429 = stats["status_counts"].get("429", 0)
@@ -372,22 +385,19 @@ async def run_adaptive(
 # --- 3: an outage behind a circuit breaker ---------------------------------------------------
 
 
-@dataclass
-class CircuitResult:
-    requests: int
+@dataclass(kw_only=True)
+class CircuitResult(_Outcomes):
+    """Figures of the circuit scenario; "during the outage" is defined in :func:`run_circuit`."""
+
     with_fallbacks: int
     outage_s: float
     during_outage_with_fallbacks: int = 0
     answered_by_fallback: int = 0
     during_outage_without_fallbacks: int = 0
     answered_by_primary_after_recovery: int = 0
-    completed: int = 0
-    errors: int = 0
-    lost: int = 0
     primary_503s: int = 0
     circuit_opened: float = 0.0
     circuit_closed: float = 0.0
-    seconds: float = 0.0
     error_types: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -453,7 +463,7 @@ async def run_circuit(
                 await producer.flush()
             finally:
                 await producer.stop()
-            recovered_ms = (time.time() - (time.monotonic() - outage_to)) * 1000
+            recovered_ms = wall_clock_ms() - (time.monotonic() - outage_to) * 1000
             responses, errors, _ = await run.outcomes(set(sent), within_s=120 + outage)
             result.seconds = time.monotonic() - started
             transitions = await scrape(ports, "llmstream_circuit_transitions_total")
@@ -465,10 +475,8 @@ async def run_circuit(
         elif transition == "closed":
             result.circuit_closed += value
     result.with_fallbacks = sum(1 for _, fb in sent.values() if fb)
-    result.completed = len(responses)
-    result.errors = len(errors)
+    result.count(set(sent), responses, errors)
     result.error_types = dict(Counter(e.error_type for e in errors.values()))
-    result.lost = len(set(sent) - responses.keys() - errors.keys())
     result.primary_503s = stats["status_counts"].get("503", 0)
     # "During the outage": produced once the circuit had a second to open, and picked up before
     # recovery (a request picked up after it is rightly answered by the recovered primary).
@@ -540,59 +548,3 @@ def run_traffic_bench(
         lines = asyncio.run(_run_all(rig, scenarios, scale, requests))
     print("\n".join(lines), flush=True)
     return 0
-
-
-# --- scenario 5 of `llmstream bench` ---------------------------------------------------------
-
-BENCH_SCALE = 10.0
-
-
-async def bench_figures(rig: Rig, requests: int = 3000) -> dict[str, Any]:
-    """Goodput and adaptation for ``llmstream bench`` (time x10, so it takes a minute, not
-    ten: ``llmstream bench-traffic`` runs them in real time)."""
-    goodput = await run_goodput(rig, requests=requests, scale=BENCH_SCALE)
-    adaptive = await run_adaptive(rig, requests=requests, scale=BENCH_SCALE)
-    return {
-        "scale": BENCH_SCALE,
-        "limit_rpm": goodput.limit_rpm,
-        "goodput_rpm": goodput.goodput_rpm,
-        "goodput_ratio": goodput.goodput_ratio,
-        "share_429": goodput.share_429,
-        "adaptive_share_429_after_warmup": adaptive.share_429_after_warmup,
-        "adaptive_final_factor": adaptive.final_factor,
-        "lost": goodput.lost + adaptive.lost,
-        "errors": goodput.errors + adaptive.errors,
-        "lines": [goodput.line(BENCH_SCALE), adaptive.line(BENCH_SCALE)],
-    }
-
-
-def bench_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
-    """``(figure, measured, target, met)`` rows of :func:`bench_figures`."""
-    limit = f"{f['limit_rpm']:,.0f}/min (time x{f['scale']:g})"
-    return [
-        (
-            f"goodput at a {limit} limit, 2 workers configured at it",
-            f"{f['goodput_rpm']:,.0f}/min = {f['goodput_ratio'] * 100:.1f}%",
-            "≥ 95% of the limit",
-            f["goodput_ratio"] >= 0.95,
-        ),
-        (
-            "calls answered 429 (same run)",
-            f"{f['share_429'] * 100:.2f}%",
-            "< 1%",
-            f["share_429"] < 0.01,
-        ),
-        (
-            "calls answered 429 after the first 30 s (scaled), workers configured at 2x the limit",
-            f"{f['adaptive_share_429_after_warmup'] * 100:.2f}% (rate factor "
-            f"{f['adaptive_final_factor']})",
-            "< 5%",
-            f["adaptive_share_429_after_warmup"] < 0.05,
-        ),
-        (
-            "lost requests or errors (both runs)",
-            f"{f['lost']} / {f['errors']}",
-            "0 / 0",
-            f["lost"] == 0 and f["errors"] == 0,
-        ),
-    ]

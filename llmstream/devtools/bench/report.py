@@ -11,7 +11,6 @@ from typing import Any
 
 from llmstream.devtools.bench.measure import Figures
 from llmstream.devtools.bench.options import BenchOptions
-from llmstream.devtools.traffic_bench import bench_rows
 
 
 def _n(value: float, digits: int = 0) -> str:
@@ -68,181 +67,190 @@ def _mb(value: float) -> float:
     return value / 1e6
 
 
+def _ms3(f: Figures, what: str) -> str:
+    """``p50 / p95 / p99`` of the ``overhead`` figures, one decimal."""
+    return " / ".join(_n(f[f"{what}_p{q}_ms"], 1) for q in (50, 95, 99))
+
+
+@dataclass
+class _Scenario:
+    """The rows of one scenario: ``add`` and the rows several scenarios print alike."""
+
+    table: Table
+    name: str
+    f: Figures
+
+    def add(self, figure: str, measured: str, target: str = "", status: str = "") -> None:
+        self.table.add(self.name, figure, measured, target, status)
+
+    def peak_rss(self, figure: str) -> None:
+        rss = _mb(self.f["peak_rss_bytes"])
+        self.add(figure, f"{rss:.0f} MB", "< 300 MB", _verdict(rss, 300, False))
+
+    def calls_per_id(self) -> None:
+        per_id = self.f["calls_per_id"]
+        self.add(
+            "provider calls per unique ID", _n(per_id, 3), "1.000", _exact(round(per_id, 6), 1)
+        )
+
+    def lost(self, figure: str = "lost requests") -> None:
+        self.add(figure, _n(self.f["lost"]), "0", _exact(self.f["lost"], 0))
+
+
+def _drain(row: _Scenario, options: BenchOptions) -> None:
+    f = row.f
+    row.add(
+        "completed requests/s (first pick-up to last response sent)",
+        _n(f["rps"]),
+        "≥ 1,500",
+        _verdict(f["rps"], 1500, True),
+    )
+    row.add(
+        "worker CPU s per 1,000 requests (utime+stime, /proc)",
+        _n(f["cpu_s_per_1000"], 3),
+        "≤ 0.600",
+        _verdict(f["cpu_s_per_1000"], 0.6, False),
+    )
+    row.add("worker core busy (CPU s / wall s)", f"{f['worker_busy'] * 100:.0f}%")
+    row.add(f"requests in flight, mean (of {options.in_flight} allowed)", _n(f["mean_in_flight"]))
+    row.peak_rss("worker peak RSS (VmHWM)")
+    row.add(
+        "overhead p50 / p95 / p99 ms (in worker minus provider wait; histogram)",
+        _ms3(f, "overhead"),
+    )
+    row.add(
+        "end-to-end p50 / p99 ms (created_at_ms to response sent; backlog wait incl.)",
+        f"{_n(f['e2e_p50_ms'])} / {_n(f['e2e_p99_ms'])}",
+    )
+    row.calls_per_id()
+    row.lost("lost requests (no response and no error)")
+    row.add("simulator + broker + Redis CPU (share of one core)", f"{f['others_busy'] * 100:.0f}%")
+    row.add("provider time p50 ms as the worker saw it", _n(f["provider_p50_ms"]))
+    row.add(
+        "other load during the run (other processes, kernel networking)",
+        f"{f['foreign_busy'] * 100:.0f}% of one core",
+    )
+
+
+def _bare_loop(row: _Scenario, s1: Figures | None) -> None:
+    f = row.f
+    row.add("requests/s (same N, same in flight, same simulator)", _n(f["rps"]))
+    row.add("CPU s per 1,000 requests", _n(f["cpu_s_per_1000"], 3))
+    row.add("core busy (CPU s / wall s)", f"{f['busy'] * 100:.0f}%")
+    if s1 is not None:
+        rps_ratio = s1["rps"] / f["rps"]
+        cpu_ratio = s1["cpu_s_per_1000"] / f["cpu_s_per_1000"]
+        row.add(
+            "pipeline / bare loop, requests/s",
+            f"{rps_ratio:.2f}",
+            "≥ 0.50",
+            _verdict(rps_ratio, 0.5, True),
+        )
+        row.add("pipeline / bare loop, CPU per request", f"{cpu_ratio:.1f}x")
+    row.calls_per_id()
+
+
+def _steady(row: _Scenario) -> None:
+    f = row.f
+    row.add("offered requests/s (50% of scenario 1)", _n(f["offered_rps"]))
+    row.add(
+        "requests reach the worker in bursts of (median) every (median) ms",
+        f"{_n(f['burst_size'])} every {_n(f['burst_interval_ms'])}",
+    )
+    row.add(
+        "overhead p50 / p95 / p99 ms (histogram)",
+        _ms3(f, "overhead"),
+        "p99 ≤ 20",
+        _verdict(f["overhead_p99_ms"], 20, False),
+    )
+    thirds = f["thirds"]
+    row.add(
+        "overhead p99 ms by third of the window (flat?)",
+        " / ".join(_n(x["p99_ms"], 1) for x in thirds),
+    )
+    row.add(
+        "consumer lag, mean by third (produced minus group's committed offsets)",
+        " / ".join(_n(x["lag_mean"]) for x in thirds),
+    )
+    row.add("consumer lag, max", _n(f["lag_max"]))
+    row.add(
+        "end-to-end p50 / p99 ms (created_at_ms to response sent)",
+        f"{_n(f['e2e_p50_ms'])} / {_n(f['e2e_p99_ms'])}",
+    )
+    row.add("worker CPU s per 1,000 requests", _n(f["cpu_s_per_1000"], 3))
+    row.peak_rss("worker peak RSS")
+    row.calls_per_id()
+    row.lost()
+
+
+def _scale_out(row: _Scenario, s1: Figures | None) -> None:
+    f = row.f
+    row.add(
+        "completed requests/s (2 workers, one per CPU, sharing with the services)", _n(f["rps"])
+    )
+    if s1 is not None:
+        row.add("speed-up over scenario 1", f"{f['rps'] / s1['rps']:.2f}x")
+    row.add("workers' CPU s per 1,000 requests", _n(f["cpu_s_per_1000"], 3))
+    row.add(
+        "CPUs busy, each (all processes)",
+        " / ".join(f"{b * 100:.0f}%" for b in f["cpu_busy"].values()),
+    )
+    row.add(
+        "provider time p50 ms as the workers saw it (simulator on the shared CPU)",
+        _n(f["provider_p50_ms"]),
+    )
+    row.add(
+        "of which other load (other processes, kernel networking)",
+        f"{f['foreign_busy'] * 100:.0f}% of one core",
+    )
+    row.calls_per_id()
+    row.lost()
+
+
+def bench_rows(f: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
+    """``(figure, measured, target, met)`` rows of :func:`bench_figures`."""
+    limit = f"{f['limit_rpm']:,.0f}/min (time x{f['scale']:g})"
+    return [
+        (
+            f"goodput at a {limit} limit, 2 workers configured at it",
+            f"{f['goodput_rpm']:,.0f}/min = {f['goodput_ratio'] * 100:.1f}%",
+            "≥ 95% of the limit",
+            f["goodput_ratio"] >= 0.95,
+        ),
+        (
+            "calls answered 429 (same run)",
+            f"{f['share_429'] * 100:.2f}%",
+            "< 1%",
+            f["share_429"] < 0.01,
+        ),
+        (
+            "calls answered 429 after the first 30 s (scaled), workers configured at 2x the limit",
+            f"{f['adaptive_share_429_after_warmup'] * 100:.2f}% (rate factor "
+            f"{f['adaptive_final_factor']})",
+            "< 5%",
+            f["adaptive_share_429_after_warmup"] < 0.05,
+        ),
+        (
+            "lost requests or errors (both runs)",
+            f"{f['lost']} / {f['errors']}",
+            "0 / 0",
+            f["lost"] == 0 and f["errors"] == 0,
+        ),
+    ]
+
+
 def build_table(results: dict[str, Figures], options: BenchOptions) -> Table:
     """The rows for the scenarios in ``results`` (``s1`` ... ``s5``)."""
     t = Table()
-    s1, s2, s3, s4 = (results.get(k) for k in ("s1", "s2", "s3", "s4"))
+    s1, s2, s3, s4, s5 = (results.get(k) for k in ("s1", "s2", "s3", "s4", "s5"))
     if s1 is not None:
-        name = "1 backlog drain, 1 worker"
-        t.add(
-            name,
-            "completed requests/s (first pick-up to last response sent)",
-            _n(s1["rps"]),
-            "≥ 1,500",
-            _verdict(s1["rps"], 1500, True),
-        )
-        t.add(
-            name,
-            "worker CPU s per 1,000 requests (utime+stime, /proc)",
-            _n(s1["cpu_s_per_1000"], 3),
-            "≤ 0.600",
-            _verdict(s1["cpu_s_per_1000"], 0.6, False),
-        )
-        t.add(name, "worker core busy (CPU s / wall s)", f"{s1['worker_busy'] * 100:.0f}%")
-        t.add(
-            name,
-            f"requests in flight, mean (of {options.in_flight} allowed)",
-            _n(s1["mean_in_flight"]),
-        )
-        t.add(
-            name,
-            "worker peak RSS (VmHWM)",
-            f"{_mb(s1['peak_rss_bytes']):.0f} MB",
-            "< 300 MB",
-            _verdict(_mb(s1["peak_rss_bytes"]), 300, False),
-        )
-        t.add(
-            name,
-            "overhead p50 / p95 / p99 ms (in worker minus provider wait; histogram)",
-            f"{_n(s1['overhead_p50_ms'], 1)} / {_n(s1['overhead_p95_ms'], 1)} / "
-            f"{_n(s1['overhead_p99_ms'], 1)}",
-        )
-        t.add(
-            name,
-            "end-to-end p50 / p99 ms (created_at_ms to response sent; backlog wait incl.)",
-            f"{_n(s1['e2e_p50_ms'])} / {_n(s1['e2e_p99_ms'])}",
-        )
-        t.add(
-            name,
-            "provider calls per unique ID",
-            _n(s1["calls_per_id"], 3),
-            "1.000",
-            _exact(round(s1["calls_per_id"], 6), 1.0),
-        )
-        t.add(
-            name,
-            "lost requests (no response and no error)",
-            _n(s1["lost"]),
-            "0",
-            _exact(s1["lost"], 0),
-        )
-        t.add(
-            name,
-            "simulator + broker + Redis CPU (share of one core)",
-            f"{s1['others_busy'] * 100:.0f}%",
-        )
-        t.add(name, "provider time p50 ms as the worker saw it", _n(s1["provider_p50_ms"]))
-        t.add(
-            name,
-            "other load during the run (other processes, kernel networking)",
-            f"{s1['foreign_busy'] * 100:.0f}% of one core",
-        )
+        _drain(_Scenario(t, "1 backlog drain, 1 worker", s1), options)
     if s2 is not None:
-        name = "2 bare loop (aiohttp, same core)"
-        t.add(name, "requests/s (same N, same in flight, same simulator)", _n(s2["rps"]))
-        t.add(name, "CPU s per 1,000 requests", _n(s2["cpu_s_per_1000"], 3))
-        t.add(name, "core busy (CPU s / wall s)", f"{s2['busy'] * 100:.0f}%")
-        if s1 is not None:
-            rps_ratio = s1["rps"] / s2["rps"]
-            cpu_ratio = s1["cpu_s_per_1000"] / s2["cpu_s_per_1000"]
-            t.add(
-                name,
-                "pipeline / bare loop, requests/s",
-                f"{rps_ratio:.2f}",
-                "≥ 0.50",
-                _verdict(rps_ratio, 0.5, True),
-            )
-            t.add(name, "pipeline / bare loop, CPU per request", f"{cpu_ratio:.1f}x")
-        t.add(
-            name,
-            "provider calls per unique ID",
-            _n(s2["calls_per_id"], 3),
-            "1.000",
-            _exact(round(s2["calls_per_id"], 6), 1.0),
-        )
+        _bare_loop(_Scenario(t, "2 bare loop (aiohttp, same core)", s2), s1)
     if s3 is not None:
-        name = f"3 steady load, {options.steady_seconds:.0f} s"
-        t.add(name, "offered requests/s (50% of scenario 1)", _n(s3["offered_rps"]))
-        t.add(
-            name,
-            "requests reach the worker in bursts of (median) every (median) ms",
-            f"{_n(s3['burst_size'])} every {_n(s3['burst_interval_ms'])}",
-        )
-        t.add(
-            name,
-            "overhead p50 / p95 / p99 ms (histogram)",
-            f"{_n(s3['overhead_p50_ms'], 1)} / {_n(s3['overhead_p95_ms'], 1)} / "
-            f"{_n(s3['overhead_p99_ms'], 1)}",
-            "p99 ≤ 20",
-            _verdict(s3["overhead_p99_ms"], 20, False),
-        )
-        thirds = s3["thirds"]
-        t.add(
-            name,
-            "overhead p99 ms by third of the window (flat?)",
-            " / ".join(_n(x["p99_ms"], 1) for x in thirds),
-        )
-        t.add(
-            name,
-            "consumer lag, mean by third (produced minus group's committed offsets)",
-            " / ".join(_n(x["lag_mean"]) for x in thirds),
-        )
-        t.add(name, "consumer lag, max", _n(s3["lag_max"]))
-        t.add(
-            name,
-            "end-to-end p50 / p99 ms (created_at_ms to response sent)",
-            f"{_n(s3['e2e_p50_ms'])} / {_n(s3['e2e_p99_ms'])}",
-        )
-        t.add(name, "worker CPU s per 1,000 requests", _n(s3["cpu_s_per_1000"], 3))
-        t.add(
-            name,
-            "worker peak RSS",
-            f"{_mb(s3['peak_rss_bytes']):.0f} MB",
-            "< 300 MB",
-            _verdict(_mb(s3["peak_rss_bytes"]), 300, False),
-        )
-        t.add(
-            name,
-            "provider calls per unique ID",
-            _n(s3["calls_per_id"], 3),
-            "1.000",
-            _exact(round(s3["calls_per_id"], 6), 1.0),
-        )
-        t.add(name, "lost requests", _n(s3["lost"]), "0", _exact(s3["lost"], 0))
+        _steady(_Scenario(t, f"3 steady load, {options.steady_seconds:.0f} s", s3))
     if s4 is not None:
-        name = "4 scale-out, 2 workers"
-        t.add(
-            name,
-            "completed requests/s (2 workers, one per CPU, sharing with the services)",
-            _n(s4["rps"]),
-        )
-        if s1 is not None:
-            t.add(name, "speed-up over scenario 1", f"{s4['rps'] / s1['rps']:.2f}x")
-        t.add(name, "workers' CPU s per 1,000 requests", _n(s4["cpu_s_per_1000"], 3))
-        t.add(
-            name,
-            "CPUs busy, each (all processes)",
-            " / ".join(f"{b * 100:.0f}%" for b in s4["cpu_busy"].values()),
-        )
-        t.add(
-            name,
-            "provider time p50 ms as the workers saw it (simulator on the shared CPU)",
-            _n(s4["provider_p50_ms"]),
-        )
-        t.add(
-            name,
-            "of which other load (other processes, kernel networking)",
-            f"{s4['foreign_busy'] * 100:.0f}% of one core",
-        )
-        t.add(
-            name,
-            "provider calls per unique ID",
-            _n(s4["calls_per_id"], 3),
-            "1.000",
-            _exact(round(s4["calls_per_id"], 6), 1.0),
-        )
-        t.add(name, "lost requests", _n(s4["lost"]), "0", _exact(s4["lost"], 0))
-    s5 = results.get("s5")
+        _scale_out(_Scenario(t, "4 scale-out, 2 workers", s4), s1)
     if s5 is not None:
         for figure, measured, target, met in bench_rows(s5.values):
             t.add("5 traffic control", figure, measured, target, "met" if met else "**missed**")

@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -52,7 +53,7 @@ from llmstream.devtools.bench.rig import (
 )
 from llmstream.devtools.processes import SESSION_TIMEOUT_S, ChildProcess
 from llmstream.devtools.traffic_bench import Rig as TrafficRig
-from llmstream.devtools.traffic_bench import bench_figures
+from llmstream.devtools.traffic_bench import run_adaptive, run_goodput
 
 
 async def drain_backlog(rig: Rig, scenario: str, worker_count: int) -> Figures:
@@ -298,40 +299,68 @@ async def steady_load(rig: Rig, rate: float) -> Figures:
     return f
 
 
+async def _steady_at_half(rig: Rig, results: dict[str, Figures]) -> Figures:
+    """Scenario 3 at half of scenario 1's throughput (or of what the in-flight limit allows)."""
+    options = rig.options
+    base = (
+        results["s1"]["rps"]
+        if "s1" in results
+        else options.in_flight / (options.latency_ms / 1000) / 2
+    )
+    rate = max(1.0, base / 2)
+    say(f"scenario 3: steady load at {rate:,.0f} requests/s for {options.steady_seconds:.0f} s")
+    return await steady_load(rig, rate)
+
+
+BENCH_SCALE = 10.0
+
+
+async def bench_figures(rig: TrafficRig, requests: int = 3000) -> dict[str, Any]:
+    """Goodput and adaptation for ``llmstream bench`` (time x10, so it takes a minute, not
+    ten: ``llmstream bench-traffic`` runs them in real time)."""
+    goodput = await run_goodput(rig, requests=requests, scale=BENCH_SCALE)
+    adaptive = await run_adaptive(rig, requests=requests, scale=BENCH_SCALE)
+    return {
+        "scale": BENCH_SCALE,
+        "limit_rpm": goodput.limit_rpm,
+        "goodput_rpm": goodput.goodput_rpm,
+        "goodput_ratio": goodput.goodput_ratio,
+        "share_429": goodput.share_429,
+        "adaptive_share_429_after_warmup": adaptive.share_429_after_warmup,
+        "adaptive_final_factor": adaptive.final_factor,
+        "lost": goodput.lost + adaptive.lost,
+        "errors": goodput.errors + adaptive.errors,
+        "lines": [goodput.line(BENCH_SCALE), adaptive.line(BENCH_SCALE)],
+    }
+
+
+async def _traffic_control(rig: Rig) -> Figures:
+    traffic_rig = TrafficRig(
+        rig.bootstrap,
+        rig.redis_url,
+        rig.workdir,
+        idempotent_producer=not rig.services.embedded_broker,
+    )
+    figures = Figures(await bench_figures(traffic_rig))
+    for line in figures["lines"]:
+        say(f"scenario 5: {line}")
+    return figures
+
+
 async def run_scenarios(rig: Rig) -> dict[str, Figures]:
     """The scenarios ``rig.options`` names, in order; their figures by ``s1`` ... ``s5``."""
-    options = rig.options
     results: dict[str, Figures] = {}
-    if 1 in options.scenarios:
-        say("scenario 1: backlog drain, one worker")
-        results["s1"] = await drain_backlog(rig, "s1", 1)
-        say(f"scenario 1: {results['s1']['rps']:,.0f} requests/s")
-    if 2 in options.scenarios:
-        say("scenario 2: the bare loop")
-        results["s2"] = await bare_loop(rig)
-        say(f"scenario 2: {results['s2']['rps']:,.0f} requests/s")
-    if 3 in options.scenarios:
-        base = (
-            results["s1"]["rps"]
-            if "s1" in results
-            else options.in_flight / (options.latency_ms / 1000) / 2
-        )
-        rate = max(1.0, base / 2)
-        say(f"scenario 3: steady load at {rate:,.0f} requests/s for {options.steady_seconds:.0f} s")
-        results["s3"] = await steady_load(rig, rate)
-    if 4 in options.scenarios:
-        say("scenario 4: two workers drain the backlog")
-        results["s4"] = await drain_backlog(rig, "s4", 2)
-        say(f"scenario 4: {results['s4']['rps']:,.0f} requests/s")
-    if 5 in options.scenarios:
-        say("scenario 5: traffic control at a rate limit (time x10)")
-        traffic_rig = TrafficRig(
-            rig.bootstrap,
-            rig.redis_url,
-            rig.workdir,
-            idempotent_producer=not rig.services.embedded_broker,
-        )
-        results["s5"] = Figures(await bench_figures(traffic_rig))
-        for line in results["s5"]["lines"]:
-            say(f"scenario 5: {line}")
+    runs: dict[int, tuple[str, Callable[[], Awaitable[Figures]]]] = {
+        1: ("backlog drain, one worker", lambda: drain_backlog(rig, "s1", 1)),
+        2: ("the bare loop", lambda: bare_loop(rig)),
+        3: ("steady load", lambda: _steady_at_half(rig, results)),
+        4: ("two workers drain the backlog", lambda: drain_backlog(rig, "s4", 2)),
+        5: ("traffic control at a rate limit (time x10)", lambda: _traffic_control(rig)),
+    }
+    for number in rig.options.scenarios:
+        what, run = runs[number]
+        say(f"scenario {number}: {what}")
+        figures = results[f"s{number}"] = await run()
+        if "rps" in figures.values:
+            say(f"scenario {number}: {figures['rps']:,.0f} requests/s")
     return results

@@ -44,13 +44,23 @@ import math
 import random
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmstream.devtools.wire import (
+    Wire,
+    anthropic_message,
+    check_anthropic,
+    check_openai,
+    error_body,
+    openai_completion,
+)
 
 __all__ = [
     "SimulatorServer",
@@ -59,10 +69,8 @@ __all__ = [
     "serve_simulator",
 ]
 
-Wire = Literal["openai", "anthropic"]
+_Body = TypeVar("_Body", bound=BaseModel)
 
-ECHO_PREFIX = "echo: "
-MAX_ECHO_CHARS = 200
 RATE_WINDOW_S = 60.0
 CALL_LOG_SIZE = 100_000
 
@@ -110,15 +118,13 @@ class _Script(BaseModel):
     responses: list[_Step]
 
 
+@dataclass(slots=True)
 class _Call:
     """One provider call, for ``/_sim/calls``."""
 
-    __slots__ = ("api", "request_id", "status")
-
-    def __init__(self, request_id: str, api: Wire) -> None:
-        self.request_id = request_id
-        self.api = api
-        self.status: int | None = None
+    request_id: str
+    api: Wire
+    status: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -127,16 +133,6 @@ class _Call:
             "status": self.status,
             "finished": self.status is not None,
         }
-
-
-@dataclass
-class _Config:
-    latency_ms: float
-    latency_jitter: float
-    error_rate: float
-    rpm_limit: int | None
-    error_status: int = 500
-    rate_window_s: float = RATE_WINDOW_S
 
 
 class _State:
@@ -151,15 +147,8 @@ class _State:
         self.reset()
 
     def reset(self) -> None:
-        s = self.settings
-        self.config = _Config(
-            s.latency_ms,
-            s.latency_jitter,
-            s.error_rate,
-            s.rpm_limit,
-            s.error_status,
-            s.rate_window_s,
-        )
+        # What /_sim/config changes: a copy, so a reset goes back to the settings.
+        self.config = self.settings.model_copy()
         self.calls_total = 0
         self.completed_total = 0
         self.calls: deque[_Call] = deque(maxlen=CALL_LOG_SIZE)
@@ -175,8 +164,11 @@ class _State:
             "in_flight": self.in_flight,
             "calls_by_request_id": self.calls_by_request_id,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
-            "config": asdict(self.config),
+            "config": self.config_json(),
         }
+
+    def config_json(self) -> dict[str, Any]:
+        return self.config.model_dump(include=set(_ConfigUpdate.model_fields))
 
     def rate_limited(self) -> float | None:
         """Seconds until a slot frees, when the last minute is full; else take a slot."""
@@ -208,8 +200,8 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     """The simulator as an aiohttp application (run it with :class:`SimulatorServer`)."""
     app = web.Application()
     app[_STATE] = _State(settings)
-    app.router.add_post("/v1/chat/completions", _openai)
-    app.router.add_post("/v1/messages", _anthropic)
+    app.router.add_post("/v1/chat/completions", partial(_handle, wire="openai"))
+    app.router.add_post("/v1/messages", partial(_handle, wire="anthropic"))
     app.router.add_get("/_sim/stats", _stats)
     app.router.add_get("/_sim/calls", _calls)
     app.router.add_post("/_sim/reset", _reset)
@@ -270,23 +262,11 @@ class SimulatorServer:
 
 async def serve_simulator(settings: SimulatorSettings) -> None:
     """Serve until cancelled (for ``llmstream simulate``)."""
-    server = SimulatorServer(settings)
-    await server.start()
-    try:
+    async with SimulatorServer(settings):
         await asyncio.Event().wait()
-    finally:
-        await server.stop()
 
 
 # --- the two wire formats ------------------------------------------------------------------
-
-
-async def _openai(request: web.Request) -> web.Response:
-    return await _handle(request, "openai")
-
-
-async def _anthropic(request: web.Request) -> web.Response:
-    return await _handle(request, "anthropic")
 
 
 async def _handle(request: web.Request, wire: Wire) -> web.Response:
@@ -351,200 +331,15 @@ def _answer(state: _State, wire: Wire, request: web.Request, raw: bytes) -> web.
     except orjson.JSONDecodeError:
         return _error(state, wire, 400, message="the request body is not valid JSON")
     problem = (
-        _check_openai(body)
+        check_openai(body)
         if wire == "openai"
-        else _check_anthropic(body, request.headers.get("anthropic-version"))
+        else check_anthropic(body, request.headers.get("anthropic-version"))
     )
     if problem:
         return _error(state, wire, 400, message=problem)
     if wire == "openai":
-        return _json(state, 200, _openai_completion(state, body))
-    return _json(state, 200, _anthropic_message(state, body))
-
-
-def _check_openai(body: Any) -> str | None:
-    if not isinstance(body, dict):
-        return "the request body must be a JSON object"
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        return "you must provide a model parameter"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty array"
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in (
-            "system",
-            "developer",
-            "user",
-            "assistant",
-            "tool",
-        ):
-            return f"messages[{i}]: invalid role"
-    return _check_common(body, "stop")
-
-
-def _check_anthropic(body: Any, version: str | None) -> str | None:
-    if not version:
-        return "anthropic-version: header is required"
-    if not isinstance(body, dict):
-        return "the request body must be a JSON object"
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        return "model: Field required"
-    max_tokens = body.get("max_tokens")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        return "max_tokens: Field required"
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        return "messages: at least one message is required"
-    for i, m in enumerate(messages):
-        role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("user", "assistant"):
-            return (
-                f'messages.{i}.role: Unexpected role "{role}". The Messages API accepts a '
-                'top-level `system` parameter, not "system" as an input message role.'
-            )
-    if "system" in body and not isinstance(body["system"], str | list):
-        return "system: Input should be a valid string"
-    return _check_common(body, "stop_sequences")
-
-
-def _check_common(body: dict[str, Any], stop_field: str) -> str | None:
-    for field in ("temperature", "top_p"):
-        value = body.get(field)
-        if value is not None and (not isinstance(value, int | float) or isinstance(value, bool)):
-            return f"{field}: Input should be a valid number"
-    stop = body.get(stop_field)
-    if stop is not None and not (
-        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
-    ):
-        return f"{stop_field}: Input should be a list of strings"
-    return None
-
-
-def _text(content: Any) -> str:
-    """The text of a message's content: a string, or a list of text-bearing blocks."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(_text(part.get("text", part.get("content"))) for part in content if part)
-    return ""
-
-
-def _tokens(text: str) -> int:
-    return len(text.split())
-
-
-def _reply(body: dict[str, Any], stop: Any) -> tuple[str, Literal["end", "stop", "length"], str]:
-    """``(content, why it ended, the stop sequence hit or "")`` for a request body."""
-    last_user = next(
-        (_text(m.get("content")) for m in reversed(body["messages"]) if m.get("role") == "user"),
-        "",
-    )
-    content = (ECHO_PREFIX + last_user)[:MAX_ECHO_CHARS]
-    ended: Literal["end", "stop", "length"] = "end"
-    hit = ""
-    stops = [stop] if isinstance(stop, str) else stop or []
-    cut = min(((content.find(s), s) for s in stops if s and s in content), default=None)
-    if cut is not None:
-        content, ended, hit = content[: cut[0]], "stop", cut[1]
-    max_tokens = body.get("max_tokens")
-    words = content.split()
-    if isinstance(max_tokens, int) and len(words) > max_tokens:
-        content, ended, hit = " ".join(words[:max_tokens]), "length", ""
-    return content, ended, hit
-
-
-def _openai_completion(state: _State, body: dict[str, Any]) -> dict[str, Any]:
-    content, ended, _ = _reply(body, body.get("stop"))
-    prompt = sum(_tokens(_text(m.get("content"))) for m in body["messages"])
-    completion = _tokens(content)
-    return {
-        "id": f"chatcmpl-sim{next(state.ids):012d}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body["model"],
-        "choices": [
-            {
-                "index": 0,
-                "message": {
-                    "role": "assistant",
-                    "content": content,
-                    "refusal": None,
-                    "annotations": [],
-                },
-                "logprobs": None,
-                "finish_reason": "length" if ended == "length" else "stop",
-            }
-        ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        },
-        "service_tier": "default",
-        "system_fingerprint": "fp_simulator",
-    }
-
-
-def _anthropic_message(state: _State, body: dict[str, Any]) -> dict[str, Any]:
-    content, ended, hit = _reply(body, body.get("stop_sequences"))
-    prompt = _tokens(_text(body.get("system"))) + sum(
-        _tokens(_text(m.get("content"))) for m in body["messages"]
-    )
-    stop_reason = {"end": "end_turn", "stop": "stop_sequence", "length": "max_tokens"}[ended]
-    return {
-        "id": f"msg_sim{next(state.ids):018d}",
-        "type": "message",
-        "role": "assistant",
-        "model": body["model"],
-        "content": [{"type": "text", "text": content}],
-        "stop_reason": stop_reason,
-        "stop_sequence": hit or None,
-        "usage": {
-            "input_tokens": prompt,
-            "cache_creation_input_tokens": 0,
-            "cache_read_input_tokens": 0,
-            "output_tokens": _tokens(content),
-            "service_tier": "standard",
-        },
-    }
-
-
-# --- errors, in each provider's own shape ----------------------------------------------------
-
-_OPENAI_ERRORS: dict[int, tuple[str, str | None, str]] = {
-    400: ("invalid_request_error", None, "Invalid request."),
-    401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
-    403: ("invalid_request_error", "unsupported_country_region_territory", "Forbidden."),
-    404: ("invalid_request_error", "model_not_found", "The model does not exist."),
-    429: (
-        "requests",
-        "rate_limit_exceeded",
-        "Rate limit reached for requests per min (RPM). Please try again later.",
-    ),
-    500: (
-        "server_error",
-        None,
-        "The server had an error while processing your request. Sorry about that!",
-    ),
-}
-_ANTHROPIC_ERRORS: dict[int, tuple[str, str]] = {
-    400: ("invalid_request_error", "Invalid request."),
-    401: ("authentication_error", "invalid x-api-key"),
-    403: ("permission_error", "Your API key does not have permission to use this resource."),
-    404: ("not_found_error", "The requested resource could not be found."),
-    413: ("request_too_large", "Request exceeds the maximum allowed number of bytes."),
-    429: ("rate_limit_error", "Number of requests has exceeded your per-minute rate limit."),
-    500: ("api_error", "Internal server error"),
-    504: ("timeout_error", "Request timed out"),
-    529: ("overloaded_error", "Overloaded"),
-}
+        return _json(state, 200, openai_completion(body, next(state.ids)))
+    return _json(state, 200, anthropic_message(body, next(state.ids)))
 
 
 def _error(
@@ -559,19 +354,7 @@ def _error(
     if retry_after is not None:
         headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
         headers["retry-after-ms"] = str(max(0, math.ceil(retry_after * 1000)))
-    body: dict[str, Any]
-    if wire == "openai":
-        fallback = _OPENAI_ERRORS[500 if status >= 500 else 400]
-        kind, code, text = _OPENAI_ERRORS.get(status, fallback)
-        body = {"error": {"message": message or text, "type": kind, "param": None, "code": code}}
-    else:
-        kind, text = _ANTHROPIC_ERRORS.get(status, _ANTHROPIC_ERRORS[500 if status >= 500 else 400])
-        body = {
-            "type": "error",
-            "error": {"type": kind, "message": message or text},
-            "request_id": f"req_sim{next(state.ids):018d}",
-        }
-    return _json(state, status, body, headers)
+    return _json(state, status, error_body(wire, status, message, next(state.ids)), headers)
 
 
 def _json(
@@ -602,10 +385,7 @@ async def _reset(request: web.Request) -> web.Response:
 
 async def _config(request: web.Request) -> web.Response:
     state = request.app[_STATE]
-    try:
-        update = _ConfigUpdate.model_validate_json(await request.read())
-    except ValidationError as exc:
-        return _control({"error": exc.errors(include_url=False)}, 400)
+    update = await _parse(request, _ConfigUpdate)
     for field in update.model_fields_set:
         value = getattr(update, field)
         if field == "rpm_limit":
@@ -613,20 +393,26 @@ async def _config(request: web.Request) -> web.Response:
         elif value is None:
             continue
         setattr(state.config, field, value)
-    return _control(asdict(state.config))
+    return _control(state.config_json())
 
 
 async def _script(request: web.Request) -> web.Response:
     state = request.app[_STATE]
-    try:
-        script = _Script.model_validate_json(await request.read())
-    except ValidationError as exc:
-        return _control({"error": exc.errors(include_url=False)}, 400)
+    script = await _parse(request, _Script)
     if script.responses:
         state.scripts[script.request_id] = deque(script.responses)
     else:
         state.scripts.pop(script.request_id, None)
     return _control({"request_id": script.request_id, "queued": len(script.responses)})
+
+
+async def _parse(request: web.Request, model: type[_Body]) -> _Body:
+    """The request's JSON body as ``model``; a 400 with pydantic's errors when it is not."""
+    try:
+        return model.model_validate_json(await request.read())
+    except ValidationError as exc:
+        errors = orjson.dumps({"error": exc.errors(include_url=False)}, default=str)
+        raise web.HTTPBadRequest(text=errors.decode(), content_type="application/json") from None
 
 
 def _control(body: Any, status: int = 200) -> web.Response:

@@ -59,16 +59,21 @@ def unique() -> str:
     return uuid.uuid4().hex[:10]
 
 
-@pytest.fixture
-async def settings(services: Services, unique: str) -> ServiceSettings:
-    """Settings naming this test's own topics (created, 4 partitions) and Redis key prefix."""
-    result = scoped_settings(
+def scoped_test_settings(services: Services, unique: str) -> ServiceSettings:
+    """Settings naming topics ``<unique>-llm-*`` and Redis keys under ``test-<unique>:``."""
+    return scoped_settings(
         services.kafka_bootstrap_servers,
         services.redis_url,
         unique,
         idempotent_producer=services.idempotent_producer,
         key_prefix=f"test-{unique}:",
     )
+
+
+@pytest.fixture
+async def settings(services: Services, unique: str) -> ServiceSettings:
+    """Settings naming this test's own topics (created, 4 partitions) and Redis key prefix."""
+    result = scoped_test_settings(services, unique)
     await create_topics(services.kafka_bootstrap_servers, topic_names(result), partitions=4)
     return result
 

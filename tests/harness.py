@@ -14,6 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import WorkerProcess, free_port
 from llmstream.devtools.processes import worker_env as devtools_worker_env
@@ -41,7 +42,7 @@ def request(
         request_id=request_id,
         model=model,
         messages=[ChatMessage(role="user", content=text)],
-        created_at_ms=time.time_ns() // 1_000_000,
+        created_at_ms=wall_clock_ms(),
         **kw,  # type: ignore[arg-type]
     )
 

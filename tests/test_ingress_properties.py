@@ -18,10 +18,10 @@ from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
 from llmstream.devtools.embedded import create_topics
-from llmstream.devtools.processes import ChildProcess, free_port, scoped_settings, topic_names
+from llmstream.devtools.processes import ChildProcess, free_port, topic_names
 from llmstream.ingress.app import create_app
 from llmstream.ingress.settings import IngressSettings
-from tests.conftest import Services
+from tests.conftest import Services, scoped_test_settings
 from tests.harness import WorkerProcess, serve_app, worker_env
 
 pytestmark = [
@@ -44,13 +44,7 @@ async def ingress_url(
 ) -> AsyncIterator[str]:
     unique = uuid.uuid4().hex[:10]
     log_dir = tmp_path_factory.mktemp("ingress-properties")
-    settings = scoped_settings(
-        services.kafka_bootstrap_servers,
-        services.redis_url,
-        unique,
-        idempotent_producer=services.idempotent_producer,
-        key_prefix=f"test-{unique}:",
-    )
+    settings = scoped_test_settings(services, unique)
     await create_topics(services.kafka_bootstrap_servers, topic_names(settings), partitions=2)
     # The tests below are synchronous (schemathesis calls over HTTP and waits), so everything
     # they reach runs outside this event loop: the simulator and the worker as processes, the

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import DEFAULT_TOPICS, EmbeddedServices, create_topics
 from llmstream.devtools.processes import ChildProcess, free_port, worker_env
@@ -40,7 +41,7 @@ def _sample_requests(count: int) -> list[tuple[bytes, bytes]]:
                 ChatMessage(role="user", content=f"Say something about the number {i}."),
             ],
             metadata={"demo": "make run"},
-            created_at_ms=time.time_ns() // 1_000_000,
+            created_at_ms=wall_clock_ms(),
         )
         events.append((request.request_id.encode(), encode(request)))
     events.append(events[0])  # the same request ID again: deduplicated, not paid twice

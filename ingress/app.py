@@ -16,6 +16,7 @@ client's quota, in that order, before its body is validated (ingress.auth). Erro
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
@@ -31,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import llmstream
-from llmstream.core.connections import kafka_producer_options
+from llmstream.core.connections import kafka_producer_options, negotiate_idempotence
 from llmstream.ingress import openai_compat, operations, requests_api
 from llmstream.ingress.auth import ApiKeys
 from llmstream.ingress.errors import ApiError, install_error_handlers
@@ -211,6 +212,9 @@ class CountRequests(_HttpMiddleware):
 
 def serve(settings: IngressSettings) -> None:
     """Run the ingress with uvicorn until SIGINT/SIGTERM, then drain and flush."""
+    # Decided before uvicorn starts, so a cluster refusing what the settings insist on ends the
+    # command with one line, not a failed lifespan's traceback.
+    settings = asyncio.run(negotiate_idempotence(settings))
     config = uvicorn.Config(
         create_app(settings),
         host=settings.host,

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import EmbeddedServices, create_topics
 from llmstream.devtools.processes import scoped_settings, topic_names
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,17 @@ async def redis_client(services: Services) -> AsyncIterator[aioredis.Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def simulator_latency_ms() -> float:
+    """The provider simulator's latency; a test module overrides this fixture to change it."""
+    return 20.0
+
+
+@pytest.fixture
+async def simulator(simulator_latency_ms: float) -> AsyncIterator[SimulatorServer]:
+    """The provider simulator, serving in the test's event loop on a free loopback port."""
+    settings = SimulatorSettings(host="127.0.0.1", port=0, latency_ms=simulator_latency_ms)
+    async with SimulatorServer(settings) as server:
+        yield server

@@ -7,8 +7,9 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
@@ -18,6 +19,7 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import WorkerProcess, free_port
 from llmstream.devtools.processes import worker_env as devtools_worker_env
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import ChatMessage, LLMRequest
 
@@ -29,6 +31,7 @@ __all__ = [
     "request",
     "request_events",
     "serve_app",
+    "simulator_call",
     "worker_env",
 ]
 
@@ -124,6 +127,16 @@ async def read_raw(bootstrap: str, topic: str, expected: int, timeout: float = 3
     finally:
         await consumer.stop()
     return values
+
+
+async def simulator_call(
+    server: SimulatorServer, method: str, path: str, json: object = None
+) -> Any:
+    """One call to the simulator's control API (``GET /_sim/stats`` ...), over HTTP."""
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        response = await client.request(method, path, json=json)
+        response.raise_for_status()
+        return response.json()
 
 
 @contextlib.asynccontextmanager

@@ -8,19 +8,25 @@ which runs them at full size.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from llmstream.core.settings import ServiceSettings
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.devtools.traffic_bench import Rig, run_adaptive, run_circuit, run_goodput, scrape
 from llmstream.schemas.models import LLMMetric, LLMResponse
 from tests.conftest import Services
-from tests.harness import WorkerProcess, produce, read_topic, request, request_events, worker_env
+from tests.harness import (
+    WorkerProcess,
+    produce,
+    read_topic,
+    request,
+    request_events,
+    simulator_call,
+    worker_env,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +77,6 @@ async def test_outage_opens_the_circuit_fallbacks_answer_and_the_rest_wait(rig: 
     assert result.answered_by_primary_after_recovery == result.during_outage_without_fallbacks
     # The circuit kept the failing provider from being called for every request.
     assert result.primary_503s < result.during_outage_without_fallbacks
-
-
-@pytest.fixture
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=20)) as s:
-        yield s
 
 
 async def test_cache_cost_and_client_quotas(
@@ -130,7 +130,7 @@ async def test_cache_cost_and_client_quotas(
     finally:
         worker.stop()
     assert len(responses) == 46
-    calls = (await _stats(simulator))["calls_by_request_id"]
+    calls = (await simulator_call(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
     # Cache: one provider call for the question, three answers from the cache.
     for request_id in ("c-1", "c-2", "c-3"):
         hit = responses[request_id]
@@ -168,11 +168,6 @@ async def test_cache_cost_and_client_quotas(
     assert b_done[-1] - b_done[0] >= 850
     assert a_done[-1] < b_done[-1] - 400
     assert 'llmstream_rate_limited_total{provider="openai",scope="client"}' in text
-
-
-async def _stats(simulator: SimulatorServer) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=simulator.url) as client:
-        return (await client.get("/_sim/stats")).json()  # type: ignore[no-any-return]
 
 
 def test_bench_reports_goodput_against_the_limit() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import math
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,33 +21,27 @@ from llmstream.devtools.processes import WorkerProcess
 
 
 @dataclass
-class Timings:
-    """Per response, in ms since the epoch or as durations (what the percentiles come from)."""
-
-    picked_up_ms: list[int] = field(default_factory=list)
-    sent_ms: list[int] = field(default_factory=list)
-    e2e_ms: list[int] = field(default_factory=list)
-    store_ms: list[int] = field(default_factory=list)  # completed_at_ms to the record's timestamp
-    latency_ms: list[int] = field(default_factory=list)  # provider time, retries included
-
-
-@dataclass
 class Outcomes:
-    """What the worker(s) put on the output topics for one scenario."""
+    """What the worker(s) put on the output topics for one scenario.
+
+    ``timings`` holds, per response: ``picked_up_ms`` and ``sent_ms`` (ms since the epoch),
+    ``e2e_ms`` (created to sent), ``store_ms`` (completed_at_ms to the record's timestamp) and
+    ``latency_ms`` (provider time, retries included).
+    """
 
     responses: int = 0
     unique_responses: int = 0
     errors: int = 0
     unique_outcomes: int = 0
     duplicate_outputs: int = 0
-    timings: Timings = field(default_factory=Timings)
+    timings: defaultdict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
 
     def window_s(self) -> float:
         """From the first request picked up to the last response sent."""
-        t = self.timings
-        if not t.picked_up_ms or not t.sent_ms:
+        picked_up, sent = self.timings["picked_up_ms"], self.timings["sent_ms"]
+        if not picked_up or not sent:
             return math.nan
-        return max(1, max(t.sent_ms) - min(t.picked_up_ms)) / 1000
+        return max(1, max(sent) - min(picked_up)) / 1000
 
 
 async def _read_topic(
@@ -101,17 +95,17 @@ async def read_outcomes(settings: ServiceSettings, ids: set[str]) -> Outcomes:
             continue
         created, queue_ms = body.get("created_at_ms"), body.get("queue_ms")
         if created is not None and queue_ms is not None:
-            t.picked_up_ms.append(created + queue_ms)
+            t["picked_up_ms"].append(created + queue_ms)
         # The record's timestamp is when the worker handed the response to its producer, after
         # storing it in Redis; completed_at_ms is stamped just before that.
         completed = body.get("completed_at_ms")
         sent = record.timestamp if record.timestamp and record.timestamp > 0 else completed
         if completed is not None:
-            t.store_ms.append(sent - completed)
-        t.latency_ms.append(body.get("latency_ms", 0))
-        t.sent_ms.append(sent)
+            t["store_ms"].append(sent - completed)
+        t["latency_ms"].append(body.get("latency_ms", 0))
+        t["sent_ms"].append(sent)
         if created is not None:
-            t.e2e_ms.append(sent - created)
+            t["e2e_ms"].append(sent - created)
     error_ids = {orjson.loads(r.value).get("request_id") for r in errors}
     out.unique_responses = len(seen)
     out.duplicate_outputs = sum(n - 1 for n in seen.values())

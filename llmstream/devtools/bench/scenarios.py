@@ -125,15 +125,15 @@ async def drain_backlog(rig: Rig, scenario: str, worker_count: int) -> Figures:
     f["foreign_busy"] = max(0.0, busy - cpu - others - driver) / wall
     f["machine_busy"] = busy / wall
     f["cpu_busy"] = {f"cpu{c}": b / wall for c, b in sorted(per_cpu.items())}
-    f["provider_p50_ms"] = percentile(outcomes.timings.latency_ms, 0.5)
+    f["provider_p50_ms"] = percentile(outcomes.timings["latency_ms"], 0.5)
     f["mean_in_flight"] = mean(in_flight)
-    f["burst_size"], f["burst_interval_ms"] = arrival_bursts(outcomes.timings.picked_up_ms)
+    f["burst_size"], f["burst_interval_ms"] = arrival_bursts(outcomes.timings["picked_up_ms"])
     f["peak_rss_bytes"] = rss
     for q in (0.5, 0.95, 0.99):
         f[f"overhead_p{round(q * 100)}_ms"] = histogram_quantile(overhead, q) * 1000
-    f["e2e_p50_ms"] = percentile(outcomes.timings.e2e_ms, 0.5)
-    f["e2e_p99_ms"] = percentile(outcomes.timings.e2e_ms, 0.99)
-    f["store_p50_ms"] = percentile(outcomes.timings.store_ms, 0.5)
+    f["e2e_p50_ms"] = percentile(outcomes.timings["e2e_ms"], 0.5)
+    f["e2e_p99_ms"] = percentile(outcomes.timings["e2e_ms"], 0.99)
+    f["store_p50_ms"] = percentile(outcomes.timings["store_ms"], 0.5)
     f["calls_per_id"] = calls.per_id
     f["ids_called_twice"] = calls.called_twice
     f["lost"] = options.requests - outcomes.unique_outcomes
@@ -262,7 +262,7 @@ async def steady_load(rig: Rig, rate: float) -> Figures:
     f["requests"] = len(ids)
     f["achieved_offered_rps"] = len(ids) / offered_wall
     f["completed"] = outcomes.unique_responses
-    f["burst_size"], f["burst_interval_ms"] = arrival_bursts(outcomes.timings.picked_up_ms)
+    f["burst_size"], f["burst_interval_ms"] = arrival_bursts(outcomes.timings["picked_up_ms"])
     whole = bucket_delta(final, snapshots[0][1])
     for q in (0.5, 0.95, 0.99):
         f[f"overhead_p{round(q * 100)}_ms"] = histogram_quantile(whole, q) * 1000
@@ -288,9 +288,9 @@ async def steady_load(rig: Rig, rate: float) -> Figures:
     f["worker_busy"] = cpu / wall
     f["others_busy"] = others / wall
     f["peak_rss_bytes"] = rss
-    f["e2e_p50_ms"] = percentile(outcomes.timings.e2e_ms, 0.5)
-    f["e2e_p99_ms"] = percentile(outcomes.timings.e2e_ms, 0.99)
-    f["store_p50_ms"] = percentile(outcomes.timings.store_ms, 0.5)
+    f["e2e_p50_ms"] = percentile(outcomes.timings["e2e_ms"], 0.5)
+    f["e2e_p99_ms"] = percentile(outcomes.timings["e2e_ms"], 0.99)
+    f["store_p50_ms"] = percentile(outcomes.timings["store_ms"], 0.5)
     f["calls_per_id"] = calls.per_id
     f["ids_called_twice"] = calls.called_twice
     f["lost"] = len(ids) - outcomes.unique_outcomes

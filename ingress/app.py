@@ -79,9 +79,9 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
     )
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(CountRequests, metrics=metrics)
-    app.include_router(requests_api.router)
-    app.include_router(openai_compat.router)
-    app.include_router(operations.router)
+    app.include_router(requests_api.routes.router())
+    app.include_router(openai_compat.routes.router())
+    app.include_router(operations.routes.router())
     return app
 
 

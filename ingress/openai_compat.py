@@ -8,7 +8,7 @@ request's metadata), ``metadata``, ``n`` (1 only) and ``stream`` (false only). A
 as ``tools`` or ``response_format``, is refused with a 400 naming it rather than silently ignored.
 
 Outcomes from ``llm-errors`` map to OpenAI's error body and a status the SDK understands; see
-:func:`error_for`. :data:`router` serves ``POST /v1/chat/completions``: it publishes the request
+:func:`error_for`. :data:`routes` serves ``POST /v1/chat/completions``: it publishes the request
 like ``POST /v1/requests`` does, then waits for its outcome.
 """
 
@@ -18,7 +18,6 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import (
     BaseModel,
@@ -35,7 +34,7 @@ from pydantic_core import PydanticCustomError
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
 from llmstream.ingress.errors import ApiError, validation_error
-from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, SettingsDep
+from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, Routes, SettingsDep
 from llmstream.ingress.requests_api import ERROR_RESPONSES, IdempotencyKey
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
@@ -281,10 +280,10 @@ def error_for(error: LLMError, headers: dict[str, str]) -> ApiError:
 
 CHAT_PATH = "/v1/chat/completions"
 
-router = APIRouter(tags=["openai"])
+routes = Routes(tags=["openai"])
 
 
-@router.post(
+@routes.post(
     CHAT_PATH,
     response_model=ChatCompletion,
     responses={

@@ -7,26 +7,26 @@ import asyncio
 import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from fastapi import APIRouter, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from llmstream.ingress.errors import ApiError
-from llmstream.ingress.parts import MetricsDep, SettingsDep, part
+from llmstream.ingress.parts import MetricsDep, Routes, SettingsDep, part
 from llmstream.ingress.results import ResponseListener
 from llmstream.ingress.settings import IngressSettings
 
-router = APIRouter(tags=["operations"])
+routes = Routes(tags=["operations"])
 
 
-@router.get("/health")
+@routes.get("/health")
 async def health() -> dict[str, str]:
     """Alive: the process answers."""
     return {"status": "alive"}
 
 
-@router.get("/ready", responses={503: {"description": "A check failed; `checks` says which"}})
+@routes.get("/ready", responses={503: {"description": "A check failed; `checks` says which"}})
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     """Ready: Kafka and Redis answer, the topics exist and the response listener runs."""
     try:
@@ -51,7 +51,7 @@ async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics", response_class=Response)
+@routes.get("/metrics", response_class=Response)
 async def prometheus(metrics: MetricsDep) -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,9 +8,10 @@ the response listener, the client quota) while the app runs. A route asks for wh
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 
 from llmstream.ingress.errors import ApiError
 from llmstream.ingress.metrics import IngressMetrics
@@ -19,6 +20,39 @@ from llmstream.ingress.results import RequestLedger, ResponseListener
 from llmstream.ingress.settings import IngressSettings
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Routes:
+    """A module's route declarations; :meth:`router` builds a new ``APIRouter`` from them.
+
+    Each app gets routers of its own: FastAPI builds a route's state lazily, on the router, at the
+    first request, and two apps sharing one module-level router (two ingress replicas in one test
+    process, each serving from its own thread) raced on it.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._routes: list[tuple[str, Callable[..., Any], list[str], dict[str, Any]]] = []
+
+    def get(self, path: str, **options: Any) -> Callable[[F], F]:
+        return self._add(path, "GET", options)
+
+    def post(self, path: str, **options: Any) -> Callable[[F], F]:
+        return self._add(path, "POST", options)
+
+    def _add(self, path: str, method: str, options: dict[str, Any]) -> Callable[[F], F]:
+        def register(endpoint: F) -> F:
+            self._routes.append((path, endpoint, [method], options))
+            return endpoint
+
+        return register
+
+    def router(self) -> APIRouter:
+        router = APIRouter(**self._options)
+        for path, endpoint, methods, options in self._routes:
+            router.add_api_route(path, endpoint, methods=methods, **options)
+        return router
 
 
 def part(request: Request, name: str, kind: type[T]) -> T:

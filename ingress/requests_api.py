@@ -10,14 +10,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Path, Response
+from fastapi import Body, Header, Path, Response
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
 from llmstream.ingress.errors import ApiError, unavailable, validation_error
-from llmstream.ingress.parts import LedgerDep, PublisherDep, SettingsDep
+from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep
 from llmstream.ingress.results import Status
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, RequestId
 
@@ -118,10 +118,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"description": "Kafka or Redis unavailable; retry"},
 }
 
-router = APIRouter(tags=["requests"])
+routes = Routes(tags=["requests"])
 
 
-@router.post(
+@routes.post(
     "/v1/requests",
     status_code=202,
     response_model=SubmitResponse,
@@ -196,7 +196,7 @@ async def submit(
     )
 
 
-@router.get(
+@routes.get(
     "/v1/requests/{request_id:path}",
     response_model=RequestStatus,
     responses={404: {"description": "Unknown request ID"}, **ERROR_RESPONSES},

@@ -64,8 +64,8 @@ async def connected(settings: ServiceSettings) -> AsyncIterator[tuple[FastAPI, F
     # only come through the response listener.
     ingress = ingress_settings(settings, result_poll_s=60, chat_timeout_s=30)
     metrics = IngressMetrics(CollectorRegistry())
-    requests_app = one_router(requests_api.router, ingress, metrics)
-    chat_app = one_router(openai_compat.router, ingress, metrics)
+    requests_app = one_router(requests_api.routes.router(), ingress, metrics)
+    chat_app = one_router(openai_compat.routes.router(), ingress, metrics)
     async with connect(ingress, metrics, requests_app.state):
         for name in ("ledger", "publisher", "listener", "quota"):
             setattr(chat_app.state, name, getattr(requests_app.state, name))
@@ -173,7 +173,7 @@ async def test_client_quota_refuses_past_the_burst_with_retry_after(
 ) -> None:
     # The status route needs only Redis: the ledger and the quota, no broker.
     ingress = ingress_settings(settings, api_keys=API_KEYS)
-    app = one_router(requests_api.router, ingress)
+    app = one_router(requests_api.routes.router(), ingress)
     async with client_of(app) as client:
         before = await client.get("/v1/requests/x", headers={"X-API-Key": KEY_A})
         app.state.ledger = RequestLedger(
@@ -206,7 +206,7 @@ async def test_operations_router_is_not_ready_until_its_parts_answer(
     settings: ServiceSettings, unique: str
 ) -> None:
     ingress = ingress_settings(settings)
-    app = one_router(operations.router, ingress)
+    app = one_router(operations.routes.router(), ingress)
     async with client_of(app) as client:
         health = await client.get("/health")
         starting = await client.get("/ready")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
@@ -13,6 +15,30 @@ _OVERHEAD_BUCKETS = (
     *(i / 1000 for i in (17.5, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500)),
 )
 _OTHER = "other"
+_PREFIX = "llmstream_"
+
+
+def _counter(
+    registry: CollectorRegistry, name: str, documentation: str, labels: Sequence[str] = ()
+) -> Counter:
+    return Counter(_PREFIX + name, documentation, labels, registry=registry)
+
+
+def _gauge(
+    registry: CollectorRegistry, name: str, documentation: str, labels: Sequence[str] = ()
+) -> Gauge:
+    return Gauge(_PREFIX + name, documentation, labels, registry=registry)
+
+
+def _histogram(
+    registry: CollectorRegistry,
+    name: str,
+    documentation: str,
+    labels: Sequence[str] = (),
+    *,
+    buckets: Sequence[float],
+) -> Histogram:
+    return Histogram(_PREFIX + name, documentation, labels, buckets=buckets, registry=registry)
 
 
 class BoundedLabel:
@@ -40,83 +66,83 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry, *, max_models: int = 200) -> None:
         self.registry = registry
         self.model_label = BoundedLabel(max_models)
-        self.requests = Counter(
-            "llmstream_requests_total",
+        self.requests = _counter(
+            registry,
+            "requests_total",
             "Request outcomes by status (success, error, duplicate, cache_hit, expired).",
             ["status", "provider", "model"],
-            registry=registry,
         )
-        self.errors = Counter(
-            "llmstream_errors_total",
+        self.errors = _counter(
+            registry,
+            "errors_total",
             "Events sent to llm-errors, by error type.",
             ["error_type"],
-            registry=registry,
         )
-        self.provider_latency = Histogram(
-            "llmstream_provider_latency_seconds",
+        self.provider_latency = _histogram(
+            registry,
+            "provider_latency_seconds",
             "Time spent on the provider for one request, retries and their waits included.",
             ["provider", "model"],
             buckets=_LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.queue_time = Histogram(
-            "llmstream_queue_seconds",
+        self.queue_time = _histogram(
+            registry,
+            "queue_seconds",
             "From the request's created_at_ms to pick-up by a worker.",
             buckets=_LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.overhead = Histogram(
-            "llmstream_worker_overhead_seconds",
+        self.overhead = _histogram(
+            registry,
+            "worker_overhead_seconds",
             "Time in the worker minus time waiting on the provider, per request.",
             buckets=_OVERHEAD_BUCKETS,
-            registry=registry,
         )
-        self.attempts = Histogram(
-            "llmstream_provider_attempts",
+        self.attempts = _histogram(
+            registry,
+            "provider_attempts",
             "Provider attempts per finished request.",
             ["provider"],
             buckets=(1, 2, 3, 4, 5, 7, 10),
-            registry=registry,
         )
-        self.retries = Counter(
-            "llmstream_retries_total",
+        self.retries = _counter(
+            registry,
+            "retries_total",
             "Provider calls retried, by error type.",
             ["provider", "error_type"],
-            registry=registry,
         )
-        self.tokens = Counter(
-            "llmstream_tokens_total",
+        self.tokens = _counter(
+            registry,
+            "tokens_total",
             "Tokens reported by providers.",
             ["provider", "model", "kind"],
-            registry=registry,
         )
-        self.in_flight = Gauge(
-            "llmstream_in_flight_requests",
+        self.in_flight = _gauge(
+            registry,
+            "in_flight_requests",
             "Requests being processed in this worker.",
-            registry=registry,
         )
-        self.dedup = Counter(
-            "llmstream_dedup_total",
+        self.dedup = _counter(
+            registry,
+            "dedup_total",
             "Dedup decisions: claimed, takeover, recovered, duplicate, waited.",
             ["outcome"],
-            registry=registry,
         )
-        self.redis_up = Gauge(
-            "llmstream_redis_up",
+        self.redis_up = _gauge(
+            registry,
+            "redis_up",
             "1 when the last Redis operation succeeded.",
-            registry=registry,
         )
-        self.consumer_lag = Gauge(
-            "llmstream_consumer_lag_messages",
+        self.consumer_lag = _gauge(
+            registry,
+            "consumer_lag_messages",
             "Requests on llm-requests past the group's committed offset, per partition (every "
             "worker reports the whole group: aggregate with max by (topic, partition)).",
             ["topic", "partition"],
-            registry=registry,
         )
-        self.committable = Counter(
-            "llmstream_acked_events_total",
+        self.committable = _counter(
+            registry,
+            "acked_events_total",
             "Events whose offsets were released for commit, in order.",
-            registry=registry,
         )
 
 
@@ -130,53 +156,53 @@ class TrafficMetrics:
         self.model_label = model_label
         # Client IDs come from events too: bounded like models.
         self.client_label = BoundedLabel(max_clients)
-        self.rate_limit_wait = Histogram(
-            "llmstream_rate_limit_wait_seconds",
+        self.rate_limit_wait = _histogram(
+            registry,
+            "rate_limit_wait_seconds",
             "Time a request waited for rate budget, a provider's pause or an open circuit.",
             ["provider"],
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
-            registry=registry,
         )
-        self.rate_limited = Counter(
-            "llmstream_rate_limited_total",
+        self.rate_limited = _counter(
+            registry,
+            "rate_limited_total",
             "Requests that waited for budget, by what made them wait (provider, model, client, "
             "pause), and calls the provider answered 429 (upstream_429).",
             ["provider", "scope"],
-            registry=registry,
         )
-        self.adaptive_factor = Gauge(
-            "llmstream_adaptive_rate_factor",
+        self.adaptive_factor = _gauge(
+            registry,
+            "adaptive_rate_factor",
             "Share of the configured rate a provider is sent at (1 = as configured).",
             ["provider"],
-            registry=registry,
         )
-        self.circuit_open = Gauge(
-            "llmstream_circuit_open",
+        self.circuit_open = _gauge(
+            registry,
+            "circuit_open",
             "1 while the provider/model circuit is open (or half-open), else 0.",
             ["provider", "model"],
-            registry=registry,
         )
-        self.circuit_transitions = Counter(
-            "llmstream_circuit_transitions_total",
+        self.circuit_transitions = _counter(
+            registry,
+            "circuit_transitions_total",
             "Circuits opened (opened, reopened after a failed probe) and closed by this worker.",
             ["provider", "model", "transition"],
-            registry=registry,
         )
-        self.cache = Counter(
-            "llmstream_cache_total",
+        self.cache = _counter(
+            registry,
+            "cache_total",
             "Response cache lookups and stores: hit, miss, store, error.",
             ["outcome"],
-            registry=registry,
         )
-        self.cost = Counter(
-            "llmstream_cost_usd_total",
+        self.cost = _counter(
+            registry,
+            "cost_usd_total",
             "Cost of provider calls in US dollars, from the price table.",
             ["provider", "model", "client"],
-            registry=registry,
         )
-        self.fallbacks = Counter(
-            "llmstream_fallbacks_total",
+        self.fallbacks = _counter(
+            registry,
+            "fallbacks_total",
             "Requests passed from one model to the next of their fallbacks.",
             ["from_model", "to_model"],
-            registry=registry,
         )

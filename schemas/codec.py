@@ -118,7 +118,6 @@ def _has_record(avro_type: Any) -> bool:
 
 _SCHEMAS = _load_schemas()
 _BY_HEADER = {schema.header: schema for schema in _SCHEMAS.values()}
-_REQUEST = _SCHEMAS[LLMRequest]
 
 
 def _schema(model: type[BaseModel]) -> _Schema:
@@ -175,6 +174,7 @@ def decode(data: bytes, model: type[M]) -> M:
     try:
         if data[:2] == _AVRO_MAGIC:
             return model.model_validate(_read_avro(data, schema))
+        # Measured: one pass in pydantic-core is ~1.4x as fast as orjson.loads + model_validate.
         return model.model_validate_json(data)
     except ValidationError as exc:
         raise _from_validation_error(exc) from None
@@ -182,15 +182,7 @@ def decode(data: bytes, model: type[M]) -> M:
 
 def decode_request(data: bytes) -> LLMRequest:
     """:func:`decode` for ``LLMRequest``, the worker's hot path."""
-    if not data:
-        raise _empty()
-    try:
-        if data[:2] == _AVRO_MAGIC:
-            return LLMRequest.model_validate(_read_avro(data, _REQUEST))
-        # Measured: one pass in pydantic-core is ~1.4x as fast as orjson.loads + model_validate.
-        return LLMRequest.model_validate_json(data)
-    except ValidationError as exc:
-        raise _from_validation_error(exc) from None
+    return decode(data, LLMRequest)
 
 
 def _empty() -> DecodeError:

@@ -180,7 +180,7 @@ class BodyLimit(_HttpMiddleware):
     def _too_large(self) -> ApiError:
         return ApiError(
             413,
-            f"body: larger than {self.max_bytes} bytes",
+            f"body: larger than {self.max_bytes:,} bytes, the limit (LLMSTREAM_MAX_BODY_BYTES)",
             param="body",
             code="body_too_large",
         )

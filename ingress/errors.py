@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from llmstream.core.errors import LLMStreamError
+from llmstream.schemas.models import MAX_CONTENT_CHARS
 
 _MAX_MESSAGE = 300
 _MAX_FIELD = 200
@@ -105,17 +106,30 @@ def field_path(loc: Sequence[str | int], body_tags: Collection[str] = ()) -> str
 def validation_error(
     errors: Sequence[Mapping[str, Any]], *, status: int, body_tags: Collection[str] = ()
 ) -> ApiError:
-    """One ApiError naming every invalid field of a pydantic/FastAPI validation failure."""
+    """One ApiError naming every invalid field of a pydantic/FastAPI validation failure.
+
+    A message content over the contract's limit makes it a 413 saying the length and the limit,
+    whatever else is wrong: the body is too large to be accepted in any form.
+    """
     fields = []
     for error in errors:
         # A JSON syntax error's loc ends in a character position, not a field.
         loc = () if error.get("type") == "json_invalid" else error.get("loc", ())
         name = field_path(loc, body_tags) or "body"
         fields.append({"field": name, "message": _message(error), "type": error.get("type")})
+        if _content_too_long(error, loc):
+            chars = len(error["input"])
+            fields[-1]["message"] = f"{chars:,} characters; the limit is {MAX_CONTENT_CHARS:,}"
+            fields[-1]["type"] = "content_too_long"
     if not fields:
         fields.append({"field": "body", "message": "invalid request", "type": "invalid"})
+    too_long = [f for f in fields if f["type"] == "content_too_long"]
+    if too_long:
+        status = 413
+        fields = too_long + [f for f in fields if f["type"] != "content_too_long"]
     first = fields[0]
-    message = f"{first['field']}: {first['message']}"
+    sep = " is " if first["type"] == "content_too_long" else ": "
+    message = f"{first['field']}{sep}{first['message']}"
     if len(fields) > 1:
         message += f" (and {len(fields) - 1} more invalid fields)"
     return ApiError(
@@ -124,6 +138,44 @@ def validation_error(
         param=first["field"],
         code=str(first["type"]),
         extra={"fields": fields[:50]},
+    )
+
+
+def _content_too_long(error: Mapping[str, Any], loc: Sequence[str | int]) -> bool:
+    """A message's content over MAX_CONTENT_CHARS (``...messages.<i>.content``)."""
+    return (
+        error.get("type") in ("string_too_long", "too_long")
+        and len(loc) >= 3
+        and loc[-1] == "content"
+        and loc[-3] == "messages"
+        and isinstance(error.get("input"), str)
+        and len(error["input"]) > MAX_CONTENT_CHARS
+    )
+
+
+def unsupported_media_type(content_type: str | None) -> ApiError | None:
+    """The 415 for a body sent without ``Content-Type: application/json``; None when it was."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    ):
+        return None
+    problem = "the header is missing" if not media else "must be application/json"
+    return ApiError(
+        415,
+        f"Content-Type: {problem}; send the body as JSON with 'Content-Type: application/json'",
+        param="Content-Type",
+        code="unsupported_media_type",
+    )
+
+
+def _whole_body_invalid(error: Mapping[str, Any], body_tags: Collection[str]) -> bool:
+    loc = error.get("loc", ())
+    return (
+        bool(loc)
+        and loc[0] == "body"
+        and error.get("type") not in ("missing", "json_invalid")
+        and not field_path(loc, body_tags)
     )
 
 
@@ -155,8 +207,15 @@ def install_error_handlers(
 
     async def invalid(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        errors = exc.errors()
+        # FastAPI reads the body as JSON only when the Content-Type says so; otherwise the body
+        # arrives as bytes and fails as a whole ("a valid dictionary"), which names no header.
+        if any(_whole_body_invalid(e, body_tags) for e in errors):
+            refusal = unsupported_media_type(request.headers.get("content-type"))
+            if refusal is not None:
+                return refusal.response()
         status = validation_status.get(request.url.path, 422)
-        return validation_error(exc.errors(), status=status, body_tags=body_tags).response()
+        return validation_error(errors, status=status, body_tags=body_tags).response()
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
         # The server logs it with its traceback (Starlette re-raises after this answer).

@@ -35,7 +35,7 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
 from llmstream.ingress.errors import ApiError, validation_error
 from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, Routes, SettingsDep
-from llmstream.ingress.requests_api import ERROR_RESPONSES, IdempotencyKey
+from llmstream.ingress.requests_api import ERROR_RESPONSES, JSON_BODY_RESPONSES, IdempotencyKey
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
@@ -291,6 +291,7 @@ routes = Routes(tags=["openai"])
         502: {"description": "The provider failed"},
         504: {"description": "No outcome in time; poll /v1/requests/{request_id}"},
         **ERROR_RESPONSES,
+        **JSON_BODY_RESPONSES,
     },
 )
 async def chat_completions(

@@ -19,7 +19,13 @@ from llmstream.ingress.auth import CallerDep
 from llmstream.ingress.errors import ApiError, unavailable, validation_error
 from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep
 from llmstream.ingress.results import Status
-from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, RequestId
+from llmstream.schemas.models import (
+    MAX_CONTENT_CHARS,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    RequestId,
+)
 
 # The model's bound; the configured `max_batch` (default 100) is checked by the handler.
 MAX_BATCH_LIMIT = 10_000
@@ -113,9 +119,17 @@ IdempotencyKey = Annotated[
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"description": "No API key"},
     403: {"description": "API key not allowed"},
-    413: {"description": "Body or event too large"},
+    413: {
+        "description": "Body or event too large, or a message's content over "
+        f"{MAX_CONTENT_CHARS:,} characters"
+    },
     429: {"description": "Rate limited; see Retry-After"},
     503: {"description": "Kafka or Redis unavailable; retry"},
+}
+
+# What a route that reads a JSON body may answer besides.
+JSON_BODY_RESPONSES: dict[int | str, dict[str, Any]] = {
+    415: {"description": "The body was not sent with 'Content-Type: application/json'"},
 }
 
 routes = Routes(tags=["requests"])
@@ -129,6 +143,7 @@ routes = Routes(tags=["requests"])
         200: {"model": SubmitResponse, "description": "Every ID was known: nothing published"},
         409: {"description": "A request ID belongs to another client or other content"},
         **ERROR_RESPONSES,
+        **JSON_BODY_RESPONSES,
     },
 )
 async def submit(

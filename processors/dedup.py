@@ -12,6 +12,12 @@ Ownership is a lease: each worker process keeps ``{prefix}worker:{token}`` alive
 has lapsed is taken over, so a crashed worker is noticed within one lease (seconds), while a live
 worker's claim holds however long its provider call runs.
 
+An event rejected before it could be claimed (not a valid request) but whose request ID could be
+read leaves ``{prefix}rejected:{id}`` instead (:meth:`DedupStore.record_rejection`): a hash of
+``error`` (the LLMError JSON, without the raw payload) and ``field`` (the first invalid field), so
+the ingress can say why. It is a key of its own, so it never overwrites a real request's record,
+and the claim never reads it: a later valid request with the same ID is processed as new.
+
 The provider's answer is stored (:meth:`DedupStore.settle`) *before* anything is emitted. A worker
 that dies between the call and the emit leaves a stored, un-emitted outcome; whoever takes over
 emits that outcome and never calls the provider again. Every decision is one Lua script, so two
@@ -284,6 +290,20 @@ class DedupStore:
 
     def key(self, request_id: str) -> str:
         return f"{self._prefix}req:{request_id}"
+
+    def rejected_key(self, request_id: str) -> str:
+        return f"{self._prefix}rejected:{request_id}"
+
+    async def record_rejection(self, request_id: str, *, error: bytes, field: str | None) -> None:
+        """Keep why the event with ``request_id`` was rejected, for the result TTL."""
+        key = self.rejected_key(request_id)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, mapping={"error": error, "field": field or ""})
+                pipe.expire(key, int(self._ttl))
+                await pipe.execute()
+        except RedisError as exc:
+            raise ClaimUnavailable(f"cannot record a rejected event: {exc}") from exc
 
     async def heartbeat(self) -> None:
         """Renew this worker's lease; every claim it holds stays live while this is called."""

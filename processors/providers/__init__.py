@@ -43,6 +43,10 @@ ErrorType = Literal[
     "connection_error",
     "not_found",
     "expired",
+    # The request names a built-in provider this deployment has no configuration for.
+    "provider_not_configured",
+    # No answer within LLMSTREAM_MAX_QUEUE_S for a request without its own deadline.
+    "provider_unavailable",
 ]
 
 MAX_ERROR_BODY_CHARS = 1024
@@ -125,22 +129,36 @@ class ProviderRouter:
        ``openrouter/meta-llama/llama-3-8b`` → ``openrouter``, ``meta-llama/llama-3-8b``.
 
     Endpoints come from configuration only; nothing in the event can point a call elsewhere.
+    ``unconfigured`` names the providers the router knows of but has no configuration for, each
+    with the variable to set: a request for one fails at once (``provider_not_configured``),
+    and nothing is ever sent to it.
     """
 
-    def __init__(self, providers: Mapping[str, Provider]) -> None:
+    def __init__(
+        self, providers: Mapping[str, Provider], unconfigured: Mapping[str, str] | None = None
+    ) -> None:
         self._providers = dict(providers)
+        self._unconfigured = {
+            name: hint for name, hint in (unconfigured or {}).items() if name not in providers
+        }
 
     @property
     def names(self) -> list[str]:
         """The configured provider names, sorted."""
         return sorted(self._providers)
 
+    @property
+    def unconfigured(self) -> dict[str, str]:
+        """Known but unconfigured providers, each with the variable that would configure it."""
+        return dict(self._unconfigured)
+
     def get(self, name: str) -> Provider | None:
         """The provider called ``name``, if configured."""
         return self._providers.get(name)
 
     def resolve(self, request: LLMRequest) -> tuple[Provider, str]:
-        """Pick the provider and the model name to send it; unknown provider → ProviderError."""
+        """Pick the provider and the model name to send it; an unknown or unconfigured
+        provider → ProviderError (not retryable)."""
         if request.provider is not None:
             name = request.provider
             model = request.model.removeprefix(f"{name}/")
@@ -153,10 +171,17 @@ class ProviderRouter:
                     f"'<provider>/{request.model}' or set the request's provider field",
                 )
         provider = self._providers.get(name)
-        if provider is None:
+        if provider is None and name not in self._unconfigured:
             raise self._unknown(name, f"unknown provider {name!r} for model {request.model!r}")
         if not model:
             raise self._unknown(name, f"model {request.model!r} has no model name after {name!r}")
+        if provider is None:
+            raise ProviderError(
+                f"{name} is not configured: set {self._unconfigured[name]}",
+                provider=name,
+                error_type="provider_not_configured",
+                retryable=False,
+            )
         return provider, model
 
     def _unknown(self, name: str | None, message: str) -> ProviderError:

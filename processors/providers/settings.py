@@ -10,13 +10,23 @@ same shape)::
               "api_key": "...", "headers": {"X-Team": "search"}}}
 
 An entry in ``LLMSTREAM_PROVIDERS`` replaces a file entry of the same name; neither may reuse a
-built-in name. Keys are ``SecretStr`` and extra headers are left out of the repr, since they
-often carry credentials too. Constructor arguments override the environment.
+built-in name.
+
+A built-in provider is registered only when it is configured, so no request can make a worker
+call an endpoint nobody set up: ``openai`` with ``OPENAI_API_KEY`` or a changed
+``OPENAI_BASE_URL`` (a local server often needs no key), ``anthropic`` with
+``ANTHROPIC_API_KEY`` or a changed ``ANTHROPIC_BASE_URL``, ``openrouter`` with
+``OPENROUTER_API_KEY``, ``ollama`` with ``OLLAMA_HOST``. Extra endpoints are configured by
+definition. A request for an unconfigured built-in fails at once with the variable to set.
+
+Keys are ``SecretStr`` and extra headers are left out of the repr, since they often carry
+credentials too. Constructor arguments override the environment.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +43,8 @@ from llmstream.processors.providers.openai import OpenAICompatible
 __all__ = ["BUILTIN_PROVIDERS", "EndpointConfig", "ProviderSettings", "build_router"]
 
 BUILTIN_PROVIDERS = ("anthropic", "ollama", "openai", "openrouter")
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+ANTHROPIC_BASE_URL = "https://api.anthropic.com"
 # A name is the prefix of "<name>/<model>", so it cannot hold a slash.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
@@ -66,12 +78,13 @@ class ProviderSettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     openai_api_key: SecretStr | None = None
-    openai_base_url: str = "https://api.openai.com/v1"
+    openai_base_url: str = OPENAI_BASE_URL
     anthropic_api_key: SecretStr | None = None
-    anthropic_base_url: str = "https://api.anthropic.com"
+    anthropic_base_url: str = ANTHROPIC_BASE_URL
     openrouter_api_key: SecretStr | None = None
     openrouter_base_url: str = "https://openrouter.ai/api/v1"
-    ollama_host: str = "http://localhost:11434"
+    # No default: Ollama is called only where someone said it runs.
+    ollama_host: str | None = None
 
     providers: dict[str, EndpointConfig] = Field(
         default_factory=dict, validation_alias="LLMSTREAM_PROVIDERS"
@@ -113,8 +126,21 @@ class ProviderSettings(BaseSettings):
 
     @field_validator("openai_base_url", "anthropic_base_url", "openrouter_base_url", "ollama_host")
     @classmethod
-    def _valid_url(cls, value: str) -> str:
-        return _check_base_url(value)
+    def _valid_url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_base_url(value)
+
+    def unconfigured(self) -> dict[str, str]:
+        """The built-in providers without configuration, each with the variable to set."""
+        missing: dict[str, str] = {}
+        if self.openai_api_key is None and self.openai_base_url == OPENAI_BASE_URL:
+            missing["openai"] = "OPENAI_API_KEY (or OPENAI_BASE_URL for a server without keys)"
+        if self.anthropic_api_key is None and self.anthropic_base_url == ANTHROPIC_BASE_URL:
+            missing["anthropic"] = "ANTHROPIC_API_KEY"
+        if self.openrouter_api_key is None:
+            missing["openrouter"] = "OPENROUTER_API_KEY"
+        if self.ollama_host is None:
+            missing["ollama"] = "OLLAMA_HOST"
+        return missing
 
     @model_validator(mode="after")
     def _merge_file(self) -> ProviderSettings:
@@ -154,23 +180,26 @@ def _load_file(path: Path) -> dict[str, EndpointConfig]:
 
 
 def build_router(settings: ProviderSettings, client: httpx.AsyncClient) -> ProviderRouter:
-    """Every configured provider, all sharing ``client``."""
-    providers: dict[str, Provider] = {
-        "openai": OpenAICompatible(
+    """Every configured provider, all sharing ``client``; the unconfigured built-ins are only
+    named, with the variable each needs."""
+    builtin: dict[str, Callable[[], Provider]] = {
+        "openai": lambda: OpenAICompatible(
             "openai", client, settings.openai_base_url, settings.openai_api_key
         ),
-        "anthropic": AnthropicMessages(
+        "anthropic": lambda: AnthropicMessages(
             "anthropic",
             client,
             settings.anthropic_base_url,
             settings.anthropic_api_key,
             default_max_tokens=settings.anthropic_default_max_tokens,
         ),
-        "openrouter": OpenAICompatible(
+        "openrouter": lambda: OpenAICompatible(
             "openrouter", client, settings.openrouter_base_url, settings.openrouter_api_key
         ),
-        "ollama": OpenAICompatible("ollama", client, f"{settings.ollama_host}/v1"),
+        "ollama": lambda: OpenAICompatible("ollama", client, f"{settings.ollama_host}/v1"),
     }
+    missing = settings.unconfigured()
+    providers = {name: build() for name, build in builtin.items() if name not in missing}
     for name, endpoint in settings.providers.items():
         if endpoint.kind == "anthropic":
             providers[name] = AnthropicMessages(
@@ -185,4 +214,4 @@ def build_router(settings: ProviderSettings, client: httpx.AsyncClient) -> Provi
             providers[name] = OpenAICompatible(
                 name, client, endpoint.base_url, endpoint.api_key, endpoint.headers
             )
-    return ProviderRouter(providers)
+    return ProviderRouter(providers, missing)

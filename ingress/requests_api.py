@@ -80,6 +80,9 @@ class Failure(BaseModel):
 
     error_type: str
     message: str
+    field: str | None = Field(
+        None, description="The first invalid field, for an event rejected as invalid"
+    )
     status_code: int | None = None
     retryable: bool = False
     attempts: int = 0
@@ -88,8 +91,8 @@ class Failure(BaseModel):
     occurred_at_ms: int
 
     @classmethod
-    def of(cls, error: LLMError) -> Failure:
-        return cls.model_validate(error, from_attributes=True)
+    def of(cls, error: LLMError, field: str | None = None) -> Failure:
+        return cls.model_validate(error, from_attributes=True).model_copy(update={"field": field})
 
 
 class RequestStatus(BaseModel):
@@ -221,9 +224,16 @@ async def get_request(
     identity: CallerDep,
     ledger: LedgerDep,
 ) -> RequestStatus:
-    """Where a request stands: ``pending``, ``completed`` or ``failed``."""
+    """Where a request stands: ``pending``, ``completed`` or ``failed``.
+
+    An event produced straight to ``llm-requests`` that the worker rejected as invalid answers
+    ``failed`` with why, when authentication is off. With API keys on it answers 404: such an
+    event has no client, and its ID could be anyone's.
+    """
     try:
         stored = await ledger.get(request_id)
+        if stored is None and identity.client_id is None:
+            stored = await ledger.rejection(request_id)
     except RedisError:
         raise unavailable("Redis") from None
     outcome = stored.outcome() if stored is not None else None
@@ -237,7 +247,7 @@ async def get_request(
         request_id=request_id,
         status=stored.status,
         response=outcome if isinstance(outcome, LLMResponse) else None,
-        error=Failure.of(outcome) if isinstance(outcome, LLMError) else None,
+        error=Failure.of(outcome, stored.field) if isinstance(outcome, LLMError) else None,
     )
 
 

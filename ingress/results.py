@@ -5,7 +5,9 @@
 before it publishes, atomically and only if absent, which is what makes a resubmitted ID answer
 with its status instead of being published again. The worker's claim takes a ``queued`` hash like
 a new one. The ingress adds ``client`` (who submitted it, when API keys are on), ``queued_at_ms``
-and ``queued_by`` (the reservation, so only its maker releases it).
+and ``queued_by`` (the reservation, so only its maker releases it). An event the worker rejected
+as invalid leaves ``{prefix}rejected:{id}`` instead (``error``, ``field``; see
+:mod:`processors.dedup`), read by :meth:`RequestLedger.rejection` only when there is no record.
 
 :class:`ResponseListener` is one consumer per replica, in no consumer group, assigned every
 partition of ``llm-responses`` and ``llm-errors`` from their ends: each replica sees every
@@ -91,6 +93,7 @@ class Stored:
     client: str | None  # who submitted it through the ingress, when API keys are on
     payload: bytes | None  # the LLMResponse (completed) or LLMError (failed) JSON
     digest: str | None = None  # of the request's content, when the ingress published it
+    field: str | None = None  # the first invalid field of an event the worker rejected
 
     @property
     def status(self) -> Status:
@@ -126,6 +129,7 @@ class RequestLedger:
     ) -> None:
         self._redis = redis
         self._prefix = f"{key_prefix}req:"
+        self._rejected_prefix = f"{key_prefix}rejected:"
         self._ttl = ttl_s
         self._requeue_ms = int(requeue_after_s * 1000)
         self._reserve = redis.register_script(_RESERVE)
@@ -179,6 +183,15 @@ class RequestLedger:
         text = _text(state)
         payload = response if text == "completed" else error if text == "failed" else None
         return Stored(text, _text(client) if client else None, _bytes(payload))
+
+    async def rejection(self, request_id: str) -> Stored | None:
+        """Why the worker rejected an event with this ID (failed, no client), if it did."""
+        error, field = await self._redis.hmget(
+            self._rejected_prefix + request_id, ["error", "field"]
+        )
+        if error is None:
+            return None
+        return Stored("failed", None, _bytes(error), field=_text(field) if field else None)
 
 
 def _text(value: bytes | str) -> str:

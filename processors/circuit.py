@@ -27,6 +27,7 @@ import contextlib
 import enum
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -35,7 +36,7 @@ from redis.exceptions import RedisError
 from llmstream.processors.adaptive import lua_factor
 from llmstream.processors.providers import ProviderError
 
-__all__ = ["CircuitAdmission", "CircuitBreakers", "CircuitParams", "is_outage"]
+__all__ = ["CircuitAdmission", "CircuitBreakers", "CircuitParams", "OutageWatch", "is_outage"]
 
 log = logging.getLogger(__name__)
 
@@ -314,3 +315,60 @@ class CircuitBreakers:
                 view.reopen_at = reopen_at
         if changed:
             view.notify()
+
+
+@dataclass
+class _Outage:
+    since: float  # the first failure after the last success
+    seen: float  # the latest failure, or wait on the open circuit
+    last_error: str | None = None
+    gave_up: str | None = None  # why a request got no answer within the bound
+
+
+class OutageWatch:
+    """Which ``provider/model`` is down, as this worker sees it, for /ready.
+
+    Down: no successful call here while calls kept failing with outages or were held back by the
+    open circuit, for longer than the bound, or a request got no answer within it
+    (``provider_unavailable``). A model nobody here called or waited for within the bound is
+    forgotten: no evidence either way, and a recovered provider that nobody calls must not keep
+    the worker unready.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._outages: dict[tuple[str, str], _Outage] = {}
+
+    def failed(self, provider: str, model: str, error: ProviderError | None = None) -> None:
+        """An outage failure, or (``error`` None) a call held back by the open circuit."""
+        now = self._clock()
+        outage = self._outages.setdefault((provider, model), _Outage(since=now, seen=now))
+        outage.seen = now
+        if error is not None:
+            outage.last_error = str(error)
+
+    def gave_up(self, provider: str, model: str, why: str) -> None:
+        """A request got no answer from the model within the bound."""
+        self.failed(provider, model)
+        self._outages[(provider, model)].gave_up = why
+
+    def succeeded(self, provider: str, model: str) -> None:
+        self._outages.pop((provider, model), None)
+
+    def down(self, longer_than_s: float) -> dict[str, str]:
+        """``provider/model`` → why, for each down for longer than ``longer_than_s`` (and seen
+        failing within the last ``longer_than_s``)."""
+        now = self._clock()
+        result: dict[str, str] = {}
+        for key, outage in list(self._outages.items()):
+            if now - outage.seen > longer_than_s:
+                del self._outages[key]  # forgotten, not recovered: see the class docstring
+                continue
+            if outage.gave_up is None and now - outage.since <= longer_than_s:
+                continue
+            why = outage.gave_up or (
+                f"no successful call for {now - outage.since:.0f} s; "
+                + (f"last error: {outage.last_error}" if outage.last_error else "circuit open")
+            )
+            result[f"{key[0]}/{key[1]}"] = why
+        return result

@@ -39,6 +39,11 @@ class WorkerSettings(ServiceSettings):
     retry_base_delay_s: float = Field(0.5, gt=0.0)
     retry_max_delay_s: float = Field(30.0, gt=0.0)
     max_retry_after_s: float = Field(120.0, gt=0.0)
+    # A request without its own deadline_ms fails as provider_unavailable when it has no answer
+    # this long after the worker began calling for it (retries, circuit waits, pauses and rate
+    # waits included), so an unreachable provider cannot hold work forever. Also how long a
+    # provider/model may keep failing before /ready answers 503.
+    max_queue_s: float = Field(600.0, gt=0.0)
     # Re-emit the stored response to llm-responses when a completed request ID comes again.
     reemit_duplicates: bool = False
     # The largest output event the producer sends (Kafka's default max.message.bytes is ~1 MB).

@@ -26,7 +26,10 @@ settle. For one request:
 
 Waits (for budget, a pause or a circuit) give the request's in-flight slot back
 (:mod:`processors.backpressure`); they never count as retries, and the request's dedup claim
-stays alive through the worker's heartbeat. The deadline (``deadline_ms``) bounds everything.
+stays alive through the worker's heartbeat. The deadline (``deadline_ms``) bounds everything; a
+request without one gets ``LLMSTREAM_MAX_QUEUE_S`` from when traffic control takes it, and fails as
+``provider_unavailable`` (not ``expired``: that is the client's own deadline) when it passes, so
+an unreachable provider or a circuit that keeps reopening never holds a request forever.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from llmstream.processors.circuit import (
     CircuitAdmission,
     CircuitBreakers,
     CircuitParams,
+    OutageWatch,
     is_outage,
 )
 from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
@@ -69,8 +73,8 @@ __all__ = ["TrafficControl", "TrafficProgress"]
 log = logging.getLogger(__name__)
 
 # Errors after which a fallback is worth trying: everything but a request that is itself wrong,
-# or one whose deadline passed.
-_NO_FALLBACK = ("invalid_request", "expired")
+# or one whose deadline (its own, or LLMSTREAM_MAX_QUEUE_S) passed.
+_NO_FALLBACK = ("invalid_request", "expired", "provider_unavailable")
 
 
 @dataclass
@@ -100,6 +104,8 @@ class _ModelCalls:
     tokens: int
     progress: TrafficProgress
     stay: Stay
+    # The request's deadline_ms, or the LLMSTREAM_MAX_QUEUE_S bound when it has none.
+    deadline_ms: int
     probe: bool = False
     grant: Grant | None = None
     sent_at_ms: float = 0.0
@@ -125,6 +131,7 @@ class TrafficControl:
         circuits: CircuitBreakers | None,
         cache: ResponseCache,
         prices: PriceTable,
+        outages: OutageWatch | None = None,
         rng: random.Random | None = None,
         now_ms: Callable[[], int] = wall_clock_ms,
     ) -> None:
@@ -139,6 +146,8 @@ class TrafficControl:
         self.circuits = circuits
         self.cache = cache
         self.prices = prices
+        # Which provider/models keep failing here (for the worker's /ready).
+        self.outages = outages or OutageWatch()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._now_ms = now_ms
         self._providers_seen: set[str] = set()
@@ -249,8 +258,11 @@ class TrafficControl:
         stay = self.room.stay()
         loop = asyncio.get_running_loop()
         started = loop.time()
+        deadline_ms = request.deadline_ms
+        if deadline_ms is None:
+            deadline_ms = self._now_ms() + int(self._settings.max_queue_s * 1000)
         try:
-            return await self._complete(request, provider, model, progress, stay)
+            return await self._complete(request, provider, model, progress, stay, deadline_ms)
         except asyncio.CancelledError:
             stay.abandon()
             raise
@@ -267,6 +279,7 @@ class TrafficControl:
         model: str,
         progress: TrafficProgress,
         stay: Stay,
+        deadline_ms: int,
     ) -> tuple[Completion, int]:
         cache_key = None
         if request.cache or (self._settings.cache_temperature_zero and request.temperature == 0):
@@ -277,7 +290,9 @@ class TrafficControl:
                 progress.cached = True
                 progress.cost_usd = 0.0  # no call, nothing paid
                 return hit, 0
-        completion, by_primary = await self._first_answer(request, provider, model, progress, stay)
+        completion, by_primary = await self._first_answer(
+            request, provider, model, progress, stay, deadline_ms
+        )
         progress.cost_usd = self._cost(request, completion)
         if cache_key is not None and by_primary:
             self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
@@ -290,6 +305,7 @@ class TrafficControl:
         model: str,
         progress: TrafficProgress,
         stay: Stay,
+        deadline_ms: int,
     ) -> tuple[Completion, bool]:
         """The answer of the first candidate model that gives one, and whether that was the
         request's own model."""
@@ -304,7 +320,7 @@ class TrafficControl:
             if target is None:
                 continue
             has_next = index < len(candidates) - 1
-            calls = self._model_calls(candidate, *target, has_next, progress, stay)
+            calls = self._model_calls(candidate, *target, has_next, progress, stay, deadline_ms)
             try:
                 return await self._call_model(calls), index == 0
             except _CircuitOpen:
@@ -313,7 +329,11 @@ class TrafficControl:
                 failure = exc
                 if isinstance(exc, RetriesExhausted) and exc.reason == "deadline":
                     # Counted over every candidate, not only this one.
-                    failure = expired(progress.attempts, progress.last_error)
+                    if request.deadline_ms is None:
+                        failure = self._unavailable(label, progress)
+                        self.outages.gave_up(calls.provider.name, calls.model, str(failure))
+                    else:
+                        failure = expired(progress.attempts, progress.last_error)
                 progress.last_error = failure
                 if not has_next or failure.error_type in _NO_FALLBACK:
                     failure.attempts = progress.attempts
@@ -335,6 +355,21 @@ class TrafficControl:
         error.attempts = progress.attempts
         raise error
 
+    def _unavailable(self, label: str, progress: TrafficProgress) -> ProviderError:
+        """The failure of a request without a deadline that got no answer within the bound."""
+        last = progress.last_error
+        calls = f"{progress.attempts} call{'s' if progress.attempts != 1 else ''}"
+        detail = f"; last error: {last}" if last else " (none could be made)"
+        return ProviderError(
+            f"no answer from {label} within LLMSTREAM_MAX_QUEUE_S "
+            f"({self._settings.max_queue_s:g} s) after {calls}{detail}",
+            provider=last.provider if last else label.partition("/")[0],
+            error_type="provider_unavailable",
+            # The same request may well succeed once the provider is back (replay it).
+            retryable=True,
+            status_code=last.status_code if last else None,
+        )
+
     def _resolve(
         self, candidate: LLMRequest, label: str, progress: TrafficProgress
     ) -> tuple[Provider, str] | None:
@@ -353,6 +388,7 @@ class TrafficControl:
         has_next: bool,
         progress: TrafficProgress,
         stay: Stay,
+        deadline_ms: int,
     ) -> _ModelCalls:
         self._providers_seen.add(provider.name)
         lane = None
@@ -361,7 +397,9 @@ class TrafficControl:
         tokens = 0
         if lane is not None and lane.counts_tokens:
             tokens = estimate_tokens(request, self._settings.tpm_default_completion_tokens)
-        return _ModelCalls(request, provider, model, has_next, lane, tokens, progress, stay)
+        return _ModelCalls(
+            request, provider, model, has_next, lane, tokens, progress, stay, deadline_ms
+        )
 
     async def _call_model(self, calls: _ModelCalls) -> Completion:
         """Calls to one model until it answers, or fails for good (ProviderError), or its
@@ -374,7 +412,7 @@ class TrafficControl:
         completion, _ = await call_with_retries(
             lambda: self._attempt(calls),
             self.policy,
-            deadline_ms=calls.request.deadline_ms,
+            deadline_ms=calls.deadline_ms,
             rng=self._rng,
             now_ms=self._now_ms,
             on_retry=on_retry,
@@ -409,11 +447,16 @@ class TrafficControl:
             if self.circuits is not None:
                 admission, remaining = await self.circuits.admit(name, model)
                 if admission is CircuitAdmission.OPEN:
+                    self.outages.failed(name, model)
                     if calls.has_next:
                         raise _CircuitOpen
                     self.metrics.rate_limited.labels(name, "circuit").inc()
                     calls.stay.park()
-                    await self._waiting(calls, self.circuits.wait(name, model, remaining), True)
+                    try:
+                        wait = self.circuits.wait(name, model, remaining)
+                        await self._waiting(calls, wait, True)
+                    finally:
+                        self.outages.failed(name, model)  # still waiting: still down
                     continue
                 calls.probe = admission is CircuitAdmission.PROBE
             pause = self.adaptive.pause_remaining(name)
@@ -426,7 +469,7 @@ class TrafficControl:
                 continue
             # With a lane, the limiter's script holds the call through a pause.
             grant, waited_for = await self.limiter.acquire(
-                calls.lane, calls.tokens, deadline_ms=calls.request.deadline_ms, stay=calls.stay
+                calls.lane, calls.tokens, deadline_ms=calls.deadline_ms, stay=calls.stay
             )
             if waited_for is not None:
                 self.metrics.rate_limited.labels(name, waited_for).inc()
@@ -457,6 +500,8 @@ class TrafficControl:
             calls.retrying = True
             await self._report_429(calls, error)
             return Charge.RATE_LIMITED
+        if is_outage(error):
+            self.outages.failed(name, model, error)
         if self.circuits is not None and is_outage(error):
             is_open, event = await self.circuits.record_failure(name, model, probe=calls.probe)
             if event:
@@ -468,6 +513,7 @@ class TrafficControl:
 
     async def _succeeded(self, calls: _ModelCalls, completion: Completion) -> None:
         name, model = calls.provider.name, calls.model
+        self.outages.succeeded(name, model)
         if self.circuits is not None:
             if calls.probe:
                 await self.circuits.record_probe_success(name, model)

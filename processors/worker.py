@@ -243,6 +243,12 @@ class Worker:
             result_ttl_s=settings.result_ttl_s,
         )
         router = build_router(self.providers, http)
+        log.info(
+            "providers: %s; not configured: %s",
+            ", ".join(router.names) or "none",
+            ", ".join(f"{name} (set {hint})" for name, hint in router.unconfigured.items())
+            or "none",
+        )
         traffic = self._traffic = TrafficControl.from_settings(
             settings, redis=redis, router=router, metrics=self.metrics, worker_token=self._token
         )
@@ -301,13 +307,21 @@ class Worker:
             await asyncio.sleep(interval)
 
     def ready(self) -> tuple[bool, dict[str, str]]:
-        """Readiness: the lease in Redis is fresh and the consumer joined its group."""
+        """Readiness: the lease in Redis is fresh, the consumer joined its group, and no
+        provider/model has kept failing here for longer than ``LLMSTREAM_MAX_QUEUE_S``."""
         lease_fresh = time.monotonic() - self._last_heartbeat < self.settings.lease_ms / 1000
         checks = {
             "redis": "ok" if lease_fresh else "unreachable: claims are paused (fail closed)",
             "kafka": "ok" if self._assigned else "not yet assigned partitions",
+            "providers": self._providers_check(),
         }
         return all(v == "ok" for v in checks.values()), checks
+
+    def _providers_check(self) -> str:
+        down = self._traffic.outages.down(self.settings.max_queue_s) if self._traffic else {}
+        if not down:
+            return "ok"
+        return "; ".join(f"{name} unavailable: {why}" for name, why in sorted(down.items()))
 
     async def _serve_http(self) -> web.AppRunner:
         async def metrics(_: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -15,39 +16,34 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
-from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import WorkerProcess, free_port
 from llmstream.devtools.processes import worker_env as devtools_worker_env
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.schemas.codec import decode, encode
-from llmstream.schemas.models import ChatMessage, LLMRequest
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
+from tests.samples import request
 
 __all__ = [
     "WorkerProcess",
+    "configure_simulator",
     "produce",
+    "produce_requests",
+    "provider_calls",
+    "read_answers",
+    "read_outputs",
     "read_raw",
     "read_topic",
     "request",
     "request_events",
+    "running_worker",
     "serve_app",
     "simulator_call",
+    "wait_for_calls",
     "worker_env",
 ]
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def request(
-    request_id: str, model: str = "openai/gpt-4o-mini", text: str = "hello", **kw: object
-) -> LLMRequest:
-    return LLMRequest(
-        request_id=request_id,
-        model=model,
-        messages=[ChatMessage(role="user", content=text)],
-        created_at_ms=wall_clock_ms(),
-        **kw,  # type: ignore[arg-type]
-    )
 
 
 def worker_env(
@@ -60,6 +56,19 @@ def worker_env(
     """
     fast_retries = {"LLMSTREAM_RETRY_BASE_DELAY_S": "0.05", "LLMSTREAM_RETRY_MAX_DELAY_S": "0.5"}
     return devtools_worker_env(settings, simulator_url, group, extra={**fast_retries, **extra})
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: ServiceSettings, simulator_url: str, group: str, log_dir: Path, **extra: str
+) -> AsyncIterator[WorkerProcess]:
+    """A worker process (environment as ``worker_env``), ready; stopped when the block ends."""
+    worker = WorkerProcess(worker_env(settings, simulator_url, group, **extra), log_dir).start()
+    try:
+        await worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()
 
 
 async def produce(bootstrap: str, topic: str, events: Iterable[tuple[bytes | None, bytes]]) -> int:
@@ -79,6 +88,13 @@ async def produce(bootstrap: str, topic: str, events: Iterable[tuple[bytes | Non
 
 def request_events(requests: Sequence[LLMRequest]) -> list[tuple[bytes | None, bytes]]:
     return [(r.request_id.encode(), encode(r)) for r in requests]
+
+
+async def produce_requests(settings: ServiceSettings, requests: Sequence[LLMRequest]) -> int:
+    """Publish ``requests`` to this test's requests topic, each keyed by its ID."""
+    return await produce(
+        settings.kafka_bootstrap_servers, settings.requests_topic, request_events(requests)
+    )
 
 
 async def read_topic(
@@ -110,6 +126,42 @@ async def read_topic(
     return events
 
 
+def _output_topic(settings: ServiceSettings, model: type[BaseModel]) -> str:
+    topics = {
+        LLMResponse: settings.responses_topic,
+        LLMMetric: settings.metrics_topic,
+        LLMError: settings.errors_topic,
+    }
+    return topics[model]
+
+
+async def read_outputs(
+    settings: ServiceSettings, model: type[M], count: int, timeout: float = 60
+) -> list[M]:
+    """The ``model`` events (responses, metrics or errors) on this test's output topic, from the
+    beginning, until there are ``count`` or the timeout."""
+    return await read_topic(
+        settings.kafka_bootstrap_servers,
+        _output_topic(settings, model),
+        model,
+        until=lambda got: len(got) >= count,
+        timeout=timeout,
+    )
+
+
+async def read_answers(
+    settings: ServiceSettings, count: int, timeout: float = 60
+) -> list[LLMResponse]:
+    """The responses on this test's topic until ``count`` distinct request IDs are answered."""
+    return await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.responses_topic,
+        LLMResponse,
+        until=lambda got: len({r.request_id for r in got}) >= count,
+        timeout=timeout,
+    )
+
+
 async def read_raw(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[bytes]:
     """The raw values on ``topic``, reading until ``expected`` arrived or the timeout."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
@@ -137,6 +189,31 @@ async def simulator_call(
         response = await client.request(method, path, json=json)
         response.raise_for_status()
         return response.json()
+
+
+async def provider_calls(server: SimulatorServer) -> dict[str, int]:
+    """How many calls the simulator received for each request ID."""
+    stats = await simulator_call(server, "GET", "/_sim/stats")
+    calls: dict[str, int] = stats["calls_by_request_id"]
+    return calls
+
+
+async def configure_simulator(server: SimulatorServer, **config: float) -> None:
+    """Change the simulator's latency (``latency_ms``, ``latency_jitter`` ...) from now on."""
+    await simulator_call(server, "POST", "/_sim/config", config)
+
+
+async def wait_for_calls(
+    server: SimulatorServer, in_flight: int, completed: int = 0, polls: int = 200
+) -> dict[str, Any]:
+    """Poll the simulator every 50 ms until ``in_flight`` calls run and ``completed`` have been
+    answered, for ``polls`` rounds at most; its last stats, for the test to check."""
+    for _ in range(polls):
+        stats: dict[str, Any] = await simulator_call(server, "GET", "/_sim/stats")
+        if stats["in_flight"] >= in_flight and stats["completed_total"] >= completed:
+            break
+        await asyncio.sleep(0.05)
+    return stats
 
 
 @contextlib.asynccontextmanager

@@ -32,6 +32,7 @@ from llmstream.schemas import (
     encode,
 )
 from llmstream.schemas.codec import fingerprint_for, schema_for
+from tests.samples import EVENTS, MINIMAL_REQUEST, RAW, REQUEST
 
 FUZZ = settings(
     max_examples=300,
@@ -40,97 +41,6 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
-# Bytes whose base64 has both '+' and '/', so the alphabet is visible.
-RAW = b"\xfb\xff\xfe\x00not json"
-
-REQUEST = LLMRequest(
-    request_id="req-1",
-    model="gpt-4o-mini",
-    provider="openai",
-    messages=[
-        ChatMessage(role="system", content="Be brief."),
-        ChatMessage(role="user", content="Hi ✓ \u00e9\U0001f600", name="ana"),
-    ],
-    temperature=0.7,
-    max_tokens=256,
-    top_p=0.9,
-    stop=["\n\n"],
-    metadata={"team": "search", "trace": ""},
-    client_id="client-a",
-    fallbacks=["gpt-4o"],
-    cache=True,
-    deadline_ms=1_700_000_060_000,
-    created_at_ms=1_700_000_000_000,
-)
-MINIMAL_REQUEST = LLMRequest(
-    request_id="r", model="m", messages=[ChatMessage(role="user", content="x")]
-)
-EVENTS: dict[str, BaseModel] = {
-    "request": REQUEST,
-    "request-minimal": MINIMAL_REQUEST,
-    "response": LLMResponse(
-        request_id="req-1",
-        provider="openai",
-        model="gpt-4o-mini",
-        content="Hello!",
-        finish_reason="stop",
-        prompt_tokens=12,
-        completion_tokens=3,
-        total_tokens=15,
-        cost_usd=0.000123,
-        latency_ms=850,
-        queue_ms=4,
-        attempts=2,
-        cached=True,
-        client_id="client-a",
-        metadata={"team": "search"},
-        created_at_ms=1_700_000_000_000,
-        completed_at_ms=1_700_000_000_900,
-    ),
-    "response-minimal": LLMResponse(
-        request_id="r", provider="p", model="m", content="", latency_ms=0, attempts=1
-    ),
-    "metric": LLMMetric(
-        request_id="req-1",
-        status="success",
-        provider="openai",
-        model="gpt-4o-mini",
-        client_id="client-a",
-        latency_ms=850,
-        queue_ms=4,
-        attempts=1,
-        prompt_tokens=12,
-        completion_tokens=3,
-        total_tokens=15,
-        cost_usd=1.5,
-        error_type=None,
-        worker_id="worker-1",
-        occurred_at_ms=1_700_000_000_900,
-    ),
-    "metric-minimal": LLMMetric(
-        request_id=None, status="duplicate", worker_id="w", occurred_at_ms=0
-    ),
-    "error": LLMError(
-        request_id="req-1",
-        error_type="provider_error",
-        message="upstream 503",
-        status_code=503,
-        retryable=True,
-        attempts=3,
-        provider="openai",
-        model="gpt-4o-mini",
-        client_id="client-a",
-        request=REQUEST,
-        raw_payload=RAW,
-        source_topic="llm-requests",
-        source_partition=7,
-        source_offset=2**40,
-        occurred_at_ms=1_700_000_001_000,
-    ),
-    "error-minimal": LLMError(
-        request_id=None, error_type="undecodable", message="bad", occurred_at_ms=1
-    ),
-}
 BOTH = pytest.mark.parametrize("fmt", list(WireFormat), ids=str)
 ALL_EVENTS = pytest.mark.parametrize("event", list(EVENTS.values()), ids=list(EVENTS))
 

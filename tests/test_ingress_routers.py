@@ -26,6 +26,7 @@ from llmstream.processors.dedup import DedupStore
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.harness import produce, read_raw
+from tests.samples import response_to
 from tests.test_ingress import API_KEYS, KEY_A, KEY_B, chat_body, ingress_settings
 
 pytestmark = pytest.mark.integration
@@ -130,33 +131,25 @@ async def test_chat_router_answers_with_the_outcome_that_arrives_on_the_topic(
 ) -> None:
     _, app = connected
 
-    async def play_the_worker() -> None:
+    async def play_the_worker() -> LLMResponse:
         [raw] = await read_raw(settings.kafka_bootstrap_servers, settings.requests_topic, 1, 20)
         request = decode(raw, LLMRequest)
-        response = LLMResponse(
-            request_id=request.request_id,
-            provider="openai",
-            model=request.model,
-            content=f"answer to {request.messages[-1].content}",
-            finish_reason="end_turn",
-            prompt_tokens=3,
-            completion_tokens=4,
-            total_tokens=7,
-            latency_ms=5,
-            attempts=1,
-            completed_at_ms=wall_clock_ms(),
+        answer = f"answer to {request.messages[-1].content}"
+        response = response_to(
+            request, answer, finish_reason="end_turn", completed_at_ms=wall_clock_ms()
         )
         key = request.request_id.encode()
         await produce(
             settings.kafka_bootstrap_servers, settings.responses_topic, [(key, encode(response))]
         )
+        return response
 
     worker = asyncio.create_task(play_the_worker())
     async with client_of(app) as client:
         answer = await client.post(
             "/v1/chat/completions", json=chat_body("why?"), headers={"Idempotency-Key": "c-1"}
         )
-    await worker
+    response = await worker
     assert answer.status_code == 200, answer.text
     assert answer.headers["x-request-id"] == "c-1"
     assert answer.headers["x-should-retry"] == "false"
@@ -164,7 +157,8 @@ async def test_chat_router_answers_with_the_outcome_that_arrives_on_the_topic(
     assert completion["id"] == "c-1"
     assert completion["choices"][0]["message"]["content"] == "answer to why?"
     assert completion["choices"][0]["finish_reason"] == "stop"
-    assert completion["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    usage = {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert completion["usage"] == response.model_dump(include=usage)
     assert sample(app, "llmstream_ingress_outcomes_total", {"source": "topic"}) == 1
 
 

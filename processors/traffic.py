@@ -8,8 +8,10 @@ settle. For one request:
    identical earlier answer is returned without a call (:mod:`llmstream.processors.cache`).
 2. **Candidates.** The request's model, then its ``fallbacks`` (or the configured defaults for its
    model, ``LLMSTREAM_FALLBACKS``), in order. The next one is tried when a model fails with
-   anything but ``invalid_request`` (the request itself is wrong) or ``expired``, or when its
-   circuit is open. The response names the model that answered; ``attempts`` counts every call.
+   anything but ``invalid_request`` (the request itself is wrong), ``expired`` or
+   ``provider_unavailable`` (no time left), or when its circuit is open. A fallback whose
+   provider is unknown or not configured is skipped. The response names the model that
+   answered; ``attempts`` counts every call.
 3. For each call: **circuit** (open: go to the next candidate, or wait for the circuit to close
    when there is none), **rate budget** (wait; :mod:`processors.ratelimit`), then the call.
 4. **429** after the limiter let the call through: the provider pauses for ``Retry-After``

@@ -135,6 +135,22 @@ async def test_unknown_provider_fails_at_once_listing_the_configured_ones(
         )
 
 
+async def test_a_fallback_on_an_unconfigured_provider_is_skipped(
+    services: Services, sim: SimulatorServer, env: pytest.MonkeyPatch
+) -> None:
+    env.setenv("OPENROUTER_BASE_URL", f"{sim.url}/v1")  # reachable, but it has no key
+    async with rig(sim, worker_settings(services.redis_url, max_attempts=1)) as r:
+        rid = new_id()
+        await r.script(rid, {"status": 503})
+        fallbacks = ["openrouter/meta-llama/llama-3-8b", "anthropic/claude-3-5-haiku-latest"]
+
+        await r.process(request(rid, fallbacks=fallbacks))
+
+        [response] = r.responses()
+        assert (response.provider, response.attempts) == ("anthropic", 2)
+        assert [c["api"] for c in await r.calls(rid)] == ["openai", "anthropic"]
+
+
 @pytest.mark.parametrize(
     ("variables", "configured"),
     [

@@ -773,6 +773,11 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 
 @pytest.fixture
 def router(clean_env: pytest.MonkeyPatch) -> ProviderRouter:
+    # Every built-in configured: a built-in without its variables is not registered.
+    clean_env.setenv("OPENAI_API_KEY", "sk-1")
+    clean_env.setenv("ANTHROPIC_API_KEY", "sk-ant-1")
+    clean_env.setenv("OPENROUTER_API_KEY", "sk-or-1")
+    clean_env.setenv("OLLAMA_HOST", "localhost:11434")
     unused = httpx.MockTransport(lambda _: httpx.Response(500))
     return build_router(ProviderSettings(), httpx.AsyncClient(transport=unused))
 
@@ -963,7 +968,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
     assert settings.openai_base_url == "https://api.openai.com/v1"
     assert settings.anthropic_base_url == "https://api.anthropic.com"
     assert settings.openrouter_base_url == "https://openrouter.ai/api/v1"
-    assert settings.ollama_host == "http://localhost:11434"
+    assert settings.ollama_host is None  # ollama is registered only when OLLAMA_HOST is set
     assert (settings.timeout_s, settings.anthropic_default_max_tokens) == (120.0, 4096)
     assert settings.openai_api_key is None
 

@@ -259,6 +259,9 @@ def chat_completion(response: LLMResponse) -> ChatCompletion:
 # A provider's refusal of the gateway's credentials is the gateway's problem, not the caller's.
 _STATUS = {
     "invalid_request": 400,
+    # The model's provider is not set up on the workers: like an unknown model, the request's.
+    "provider_not_configured": 400,
+    "provider_unavailable": 503,
     "not_found": 404,
     "rate_limited": 429,
     "expired": 504,

@@ -19,9 +19,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-import orjson
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from pydantic import TypeAdapter, ValidationError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
@@ -35,7 +33,7 @@ from llmstream.schemas.codec import (
     decode,
     decode_request,
     encode,
-    fingerprint_for,
+    peek_request_id,
 )
 from llmstream.schemas.models import (
     LLMError,
@@ -43,7 +41,6 @@ from llmstream.schemas.models import (
     LLMRequest,
     LLMResponse,
     MetricStatus,
-    RequestId,
 )
 
 log = logging.getLogger(__name__)
@@ -303,7 +300,7 @@ class RequestProcessor:
         When its request ID can be read, why it was rejected is stored first (without the raw
         bytes), so ``GET /v1/requests/{id}`` answers ``failed`` by the time the error is out.
         """
-        request_id = _rejected_id(raw, key)
+        request_id = peek_request_id(raw, key)
         error = LLMError(
             request_id=request_id,
             error_type=exc.kind,
@@ -315,7 +312,7 @@ class RequestProcessor:
             source_offset=source.offset,
             occurred_at_ms=picked_up_ms,
         )
-        if request_id is not None and _is_request_id(request_id):
+        if request_id is not None:
             stored = encode(error.model_copy(update={"raw_payload": None}), WireFormat.JSON)
             await self._until_ok(
                 lambda: self._dedup.record_rejection(request_id, error=stored, field=exc.field),
@@ -518,57 +515,3 @@ class RequestProcessor:
 
     def _observe_overhead(self, started: float, provider_s: float) -> None:
         self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
-
-
-def _key_as_id(key: bytes | None) -> str | None:
-    if not key:
-        return None
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        return None
-
-
-_REQUEST_ID = TypeAdapter(RequestId)
-_AVRO_REQUEST_HEADER = b"\xc3\x01" + fingerprint_for(LLMRequest).to_bytes(8, "little")
-
-
-def _is_request_id(value: str) -> bool:
-    try:
-        _REQUEST_ID.validate_python(value)
-    except ValidationError:
-        return False
-    return True
-
-
-def _rejected_id(raw: bytes | None, key: bytes | None) -> str | None:
-    """The request ID of an invalid event: its own ``request_id`` when that can be read (the
-    ID a valid event would be processed under), else the event's key."""
-    found = _payload_id(raw or b"")
-    return found if found is not None and _is_request_id(found) else _key_as_id(key)
-
-
-def _payload_id(raw: bytes) -> str | None:
-    if raw.startswith(_AVRO_REQUEST_HEADER):
-        # request_id is the schema's first field: a string, i.e. a zigzag varint length and
-        # UTF-8 bytes, readable even when what follows is malformed.
-        length, shift, pos = 0, 0, len(_AVRO_REQUEST_HEADER)
-        while pos < len(raw) and shift < 64:
-            byte = raw[pos]
-            length |= (byte & 0x7F) << shift
-            pos, shift = pos + 1, shift + 7
-            if not byte & 0x80:
-                size = (length >> 1) ^ -(length & 1)
-                if not 0 < size <= len(raw) - pos:
-                    return None
-                try:
-                    return raw[pos : pos + size].decode()
-                except UnicodeDecodeError:
-                    return None
-        return None
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    found = value.get("request_id") if isinstance(value, dict) else None
-    return found if isinstance(found, str) else None

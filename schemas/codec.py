@@ -21,9 +21,9 @@ from typing import Any, Literal, TypeVar
 import orjson
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, RequestId
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -263,3 +263,60 @@ def _json_type(value: object) -> str:
     if isinstance(value, list):
         return "array"
     return type(value).__name__
+
+
+def _key_as_id(key: bytes | None) -> str | None:
+    if not key:
+        return None
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+_REQUEST_ID = TypeAdapter(RequestId)
+
+
+def _is_request_id(value: str) -> bool:
+    try:
+        _REQUEST_ID.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def peek_request_id(data: bytes | None, key: bytes | None = None) -> str | None:
+    """The request ID of an event that does not decode: its own ``request_id`` when that can be
+    read (the ID a valid event would be processed under), else the event's key; None when
+    neither is a valid request ID."""
+    found = _payload_id(data or b"")
+    if found is not None and _is_request_id(found):
+        return found
+    from_key = _key_as_id(key)
+    return from_key if from_key is not None and _is_request_id(from_key) else None
+
+
+def _payload_id(raw: bytes) -> str | None:
+    if raw.startswith(_SCHEMAS[LLMRequest].header):
+        # request_id is the schema's first field: a string, i.e. a zigzag varint length and
+        # UTF-8 bytes, readable even when what follows is malformed.
+        length, shift, pos = 0, 0, len(_SCHEMAS[LLMRequest].header)
+        while pos < len(raw) and shift < 64:
+            byte = raw[pos]
+            length |= (byte & 0x7F) << shift
+            pos, shift = pos + 1, shift + 7
+            if not byte & 0x80:
+                size = (length >> 1) ^ -(length & 1)
+                if not 0 < size <= len(raw) - pos:
+                    return None
+                try:
+                    return raw[pos : pos + size].decode()
+                except UnicodeDecodeError:
+                    return None
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    found = value.get("request_id") if isinstance(value, dict) else None
+    return found if isinstance(found, str) else None

@@ -20,7 +20,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -39,7 +38,7 @@ from llmstream.ingress.app import create_app
 from llmstream.ingress.settings import IngressSettings
 from llmstream.processors.providers.settings import ProviderSettings
 from llmstream.processors.settings import WorkerSettings
-from tests.harness import WorkerProcess, serve_app, worker_env
+from tests.harness import running_worker, serve_app
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -332,16 +331,6 @@ def exported_names(exposition: str) -> set[str]:
     return names
 
 
-@pytest.fixture
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    server = SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=5))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
 @pytest.mark.integration
 async def test_dashboard_and_alerts_query_what_the_worker_and_ingress_export(
     settings: ServiceSettings,
@@ -361,31 +350,30 @@ async def test_dashboard_and_alerts_query_what_the_worker_and_ingress_export(
     secured = settings.model_copy(
         update={"redis_url": urlunsplit(url._replace(netloc=f"{user}:{password}@{url.netloc}"))}
     )
-    env = worker_env(secured, simulator.url, f"g-{unique}", LLMSTREAM_CONSUMER_LAG_INTERVAL_S="0.5")
-    worker = WorkerProcess(env, tmp_path).start()
     ingress = IngressSettings(**{**secured.model_dump(), "listener_fetch_max_wait_ms": 50})
     lag = f'llmstream_consumer_lag_messages{{partition="0",topic="{settings.requests_topic}"}}'
+    lag_every = {"LLMSTREAM_CONSUMER_LAG_INTERVAL_S": "0.5"}
+    group = f"g-{unique}"
     try:
-        await worker.wait_ready()
-        async with serve_app(create_app(ingress)) as base, httpx.AsyncClient() as client:
-            pages = {
-                "worker": (await client.get(worker.url("/metrics"))).text,
-                "ingress": (await client.get(f"{base}/metrics")).text,
-                "worker /ready": (await client.get(worker.url("/ready"))).text,
-                "ingress /ready": (await client.get(f"{base}/ready")).text,
-            }
-            for _ in range(50):  # the lag sampler's first round
-                if lag in pages["worker"]:
-                    break
-                await asyncio.sleep(0.1)
-                pages["worker"] = (await client.get(worker.url("/metrics"))).text
-        healthcheck = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llmstream.cli", "healthcheck", worker.url("/health"),
-            stdout=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        assert await healthcheck.wait() == 0
+        async with running_worker(secured, simulator.url, group, tmp_path, **lag_every) as worker:
+            async with serve_app(create_app(ingress)) as base, httpx.AsyncClient() as client:
+                pages = {
+                    "worker": (await client.get(worker.url("/metrics"))).text,
+                    "ingress": (await client.get(f"{base}/metrics")).text,
+                    "worker /ready": (await client.get(worker.url("/ready"))).text,
+                    "ingress /ready": (await client.get(f"{base}/ready")).text,
+                }
+                for _ in range(50):  # the lag sampler's first round
+                    if lag in pages["worker"]:
+                        break
+                    await asyncio.sleep(0.1)
+                    pages["worker"] = (await client.get(worker.url("/metrics"))).text
+            healthcheck = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "llmstream.cli", "healthcheck", worker.url("/health"),
+                stdout=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            assert await healthcheck.wait() == 0
     finally:
-        worker.stop()
         await redis_client.execute_command("ACL", "DELUSER", user)
     exported = exported_names(pages["worker"]) | exported_names(pages["ingress"]) | {"up"}
     for source, queries in (("dashboard", dashboard_queries()), ("alerts", alert_queries())):

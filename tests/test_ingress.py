@@ -15,11 +15,18 @@ from prometheus_client import CollectorRegistry
 
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import free_port
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.ingress.app import create_app
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.models import LLMRequest, LLMResponse
-from tests.harness import WorkerProcess, read_raw, read_topic, serve_app, worker_env
+from tests.harness import (
+    WorkerProcess,
+    read_raw,
+    read_topic,
+    running_worker,
+    serve_app,
+    simulator_call,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -43,23 +50,11 @@ def chat_body(text: str, **extra: Any) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(
-        SimulatorSettings(host="127.0.0.1", port=0, latency_ms=20)
-    ) as server:
-        yield server
-
-
-@pytest.fixture
 async def worker(
     settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> AsyncIterator[WorkerProcess]:
-    process = WorkerProcess(worker_env(settings, simulator.url, f"g-{unique}"), tmp_path).start()
-    try:
-        await process.wait_ready()
+    async with running_worker(settings, simulator.url, f"g-{unique}", tmp_path) as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def test_batch_is_published_polled_until_completed_and_not_published_twice(
@@ -163,9 +158,8 @@ async def test_openai_sdk_gets_the_simulated_answer_through_the_pipeline(
     settings: ServiceSettings, simulator: SimulatorServer, worker: WorkerProcess
 ) -> None:
     # The provider rejects this one: the SDK must see a 400 in OpenAI's error shape.
-    async with httpx.AsyncClient(base_url=simulator.url) as sim:
-        scripted = {"request_id": "refused-1", "responses": [{"status": 400}]}
-        (await sim.post("/_sim/script", json=scripted)).raise_for_status()
+    scripted = {"request_id": "refused-1", "responses": [{"status": 400}]}
+    await simulator_call(simulator, "POST", "/_sim/script", scripted)
     app = create_app(ingress_settings(settings, api_keys=API_KEYS))
     async with serve_app(app) as url:
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=KEY_A, max_retries=0)

@@ -6,35 +6,31 @@ import asyncio
 import io
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
 
 from llmstream.core.settings import ServiceSettings
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.replay import ReplayError, Selection, parse_time, replay
 from llmstream.schemas.models import LLMError, LLMResponse
-from tests.harness import WorkerProcess, produce, read_raw, read_topic, request, request_events
-from tests.harness import worker_env as make_worker_env
+from tests.harness import (
+    WorkerProcess,
+    produce,
+    provider_calls,
+    read_outputs,
+    read_raw,
+    request,
+    request_events,
+    simulator_call,
+    worker_env,
+)
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    server = SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=5))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-async def calls(simulator: SimulatorServer) -> dict[str, int]:
-    async with httpx.AsyncClient(base_url=simulator.url) as client:
-        stats = (await client.get("/_sim/stats")).json()
-    return stats["calls_by_request_id"]  # type: ignore[no-any-return]
+def simulator_latency_ms() -> float:
+    return 5.0
 
 
 async def run_replay(settings: ServiceSettings, selection: Selection, **kw: bool) -> str:
@@ -53,29 +49,21 @@ async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
 ) -> None:
     # zstd on every producer (worker, replay): the codec path is exercised too.
     settings = settings.model_copy(update={"kafka_compression": "zstd"})
-    async with httpx.AsyncClient(base_url=simulator.url) as client:
-        script = {"request_id": "bad-400", "responses": [{"status": 400}]}
-        (await client.post("/_sim/script", json=script)).raise_for_status()
+    script = {"request_id": "bad-400", "responses": [{"status": 400}]}
+    await simulator_call(simulator, "POST", "/_sim/script", script)
     now_ms = time.time_ns() // 1_000_000
     originals = [
         *request_events([request("bad-400"), request("late", deadline_ms=now_ms - 1000)]),
         (b"junk", b"not an event at all"),
     ]
-    env = make_worker_env(
-        settings, simulator.url, f"g-{unique}", LLMSTREAM_KAFKA_COMPRESSION="zstd"
-    )
+    env = worker_env(settings, simulator.url, f"g-{unique}", LLMSTREAM_KAFKA_COMPRESSION="zstd")
     worker = WorkerProcess(env, tmp_path).start()
     try:
         await worker.wait_ready()
         await produce(settings.kafka_bootstrap_servers, settings.requests_topic, originals)
-        errors = await read_topic(
-            settings.kafka_bootstrap_servers,
-            settings.errors_topic,
-            LLMError,
-            until=lambda got: len(got) >= 3,
-        )
+        errors = await read_outputs(settings, LLMError, 3)
         assert sorted(e.error_type for e in errors) == ["expired", "invalid_request", "undecodable"]
-        assert await calls(simulator) == {"bad-400": 1}
+        assert await provider_calls(simulator) == {"bad-400": 1}
 
         # Dry run: lists what it would do, changes nothing, publishes nothing.
         everything = await run_replay(settings, Selection(), dry_run=True)
@@ -101,15 +89,10 @@ async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
         output = out.decode()
         assert output.splitlines()[0].startswith("replayed") and "bad-400" in output
         assert "replayed 1" in output
-        responses = await read_topic(
-            settings.kafka_bootstrap_servers,
-            settings.responses_topic,
-            LLMResponse,
-            until=lambda got: len(got) >= 1,
-        )
+        responses = await read_outputs(settings, LLMResponse, 1)
         assert [r.request_id for r in responses] == ["bad-400"]
         assert responses[0].content.startswith("echo:")
-        assert await calls(simulator) == {"bad-400": 2}
+        assert await provider_calls(simulator) == {"bad-400": 2}
 
         # Replaying again: the request succeeded since, so it is not published (not paid twice).
         again = await run_replay(settings, Selection(request_ids=frozenset({"bad-400"})))
@@ -120,7 +103,7 @@ async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
         settings.kafka_bootstrap_servers, settings.requests_topic, len(originals) + 2, timeout=3
     )
     assert len(published) == len(originals) + 1  # the one replay, no more
-    assert await calls(simulator) == {"bad-400": 2}
+    assert await provider_calls(simulator) == {"bad-400": 2}
 
 
 @pytest.mark.integration

@@ -19,13 +19,11 @@ from llmstream.devtools.traffic_bench import Rig, run_adaptive, run_circuit, run
 from llmstream.schemas.models import LLMMetric, LLMResponse
 from tests.conftest import Services
 from tests.harness import (
-    WorkerProcess,
-    produce,
-    read_topic,
+    produce_requests,
+    provider_calls,
+    read_outputs,
     request,
-    request_events,
-    simulator_call,
-    worker_env,
+    running_worker,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,12 +31,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def rig(services: Services, tmp_path: Path) -> Rig:
-    return Rig(
-        services.kafka_bootstrap_servers,
-        services.redis_url,
-        tmp_path,
-        idempotent_producer=services.idempotent_producer,
-    )
+    bootstrap, redis_url = services.kafka_bootstrap_servers, services.redis_url
+    return Rig(bootstrap, redis_url, tmp_path, idempotent_producer=services.idempotent_producer)
 
 
 async def test_goodput_at_the_providers_limit(rig: Rig) -> None:
@@ -95,42 +89,26 @@ async def test_cache_cost_and_client_quotas(
     # default lets 6,000/min through.
     slow = [request(f"b-{i}", text=f"b {i}", client_id="team-b") for i in range(10)]
     fast = [request(f"a-{i}", text=f"a {i}", client_id="team-a") for i in range(30)]
-    env = worker_env(
-        settings,
-        simulator.url,
-        f"g-{unique}",
-        LLMSTREAM_CLIENT_QUOTAS=json.dumps(
+    quotas_and_prices = {
+        "LLMSTREAM_CLIENT_QUOTAS": json.dumps(
             {"default": {"rpm": 6000, "rpm_burst": 50}, "team-b": {"rpm": 600}}
         ),
-        LLMSTREAM_PRICES=json.dumps({"anthropic/claude-3-5-haiku": {"input": 1, "output": 5}}),
-    )
-    worker = WorkerProcess(env, tmp_path).start()
-    bootstrap, topic = settings.kafka_bootstrap_servers, settings.requests_topic
-    try:
-        await worker.wait_ready()
-        await produce(bootstrap, topic, request_events(first))
-        await read_topic(bootstrap, settings.responses_topic, LLMResponse, lambda r: len(r) >= 1)
-        await produce(bootstrap, topic, request_events(again + other + slow + fast))
-        responses = {
-            r.request_id: r
-            for r in await read_topic(
-                bootstrap, settings.responses_topic, LLMResponse, lambda r: len(r) >= 46
-            )
-        }
-        metrics = {
-            m.request_id: m
-            for m in await read_topic(
-                bootstrap, settings.metrics_topic, LLMMetric, lambda m: len(m) >= 46
-            )
-        }
+        "LLMSTREAM_PRICES": json.dumps({"anthropic/claude-3-5-haiku": {"input": 1, "output": 5}}),
+    }
+    async with running_worker(
+        settings, simulator.url, f"g-{unique}", tmp_path, **quotas_and_prices
+    ) as worker:
+        await produce_requests(settings, first)
+        await read_outputs(settings, LLMResponse, 1)
+        await produce_requests(settings, again + other + slow + fast)
+        responses = {r.request_id: r for r in await read_outputs(settings, LLMResponse, 46)}
+        metrics = {m.request_id: m for m in await read_outputs(settings, LLMMetric, 46)}
         async with httpx.AsyncClient() as client:
             text = (await client.get(worker.url("/metrics"))).text
         cost_total = await scrape([worker.port], "llmstream_cost_usd_total")
         cache_total = await scrape([worker.port], "llmstream_cache_total")
-    finally:
-        worker.stop()
     assert len(responses) == 46
-    calls = (await simulator_call(simulator, "GET", "/_sim/stats"))["calls_by_request_id"]
+    calls = await provider_calls(simulator)
     # Cache: one provider call for the question, three answers from the cache.
     for request_id in ("c-1", "c-2", "c-3"):
         hit = responses[request_id]

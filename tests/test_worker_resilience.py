@@ -7,7 +7,6 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -15,38 +14,31 @@ import pytest
 
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import EmbeddedServices
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
-from llmstream.schemas.models import LLMMetric, LLMResponse
+from llmstream.devtools.simulator import SimulatorServer
+from llmstream.schemas.models import LLMMetric
 from tests.conftest import Services
-from tests.harness import WorkerProcess, produce, read_topic, request, request_events, worker_env
+from tests.harness import (
+    WorkerProcess,
+    configure_simulator,
+    produce,
+    produce_requests,
+    provider_calls,
+    read_answers,
+    read_outputs,
+    read_topic,
+    request,
+    request_events,
+    running_worker,
+    wait_for_calls,
+    worker_env,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture
-async def simulator() -> AsyncIterator[SimulatorServer]:
-    server = SimulatorServer(SimulatorSettings(host="127.0.0.1", port=0, latency_ms=300))
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.stop()
-
-
-async def sim_stats(server: SimulatorServer) -> dict[str, int]:
-    async with httpx.AsyncClient(base_url=server.url) as client:
-        calls: dict[str, int] = (await client.get("/_sim/stats")).json()["calls_by_request_id"]
-        return calls
-
-
-async def responses_for(settings: ServiceSettings, count: int, timeout: float) -> list[LLMResponse]:
-    return await read_topic(
-        settings.kafka_bootstrap_servers,
-        settings.responses_topic,
-        LLMResponse,
-        until=lambda got: len({r.request_id for r in got}) >= count,
-        timeout=timeout,
-    )
+def simulator_latency_ms() -> float:
+    return 300.0
 
 
 async def test_redis_outage_pauses_processing_and_loses_nothing(
@@ -60,48 +52,40 @@ async def test_redis_outage_pauses_processing_and_loses_nothing(
     own_redis = EmbeddedServices(
         kafka_bootstrap_servers=services.kafka_bootstrap_servers, log_dir=tmp_path
     )
-    worker = None
     try:
         own_redis.start()
         own = settings.model_copy(update={"redis_url": own_redis.redis_url})
-        worker = WorkerProcess(worker_env(own, simulator.url, f"g-{unique}"), tmp_path).start()
-        await worker.wait_ready()
-        first = [request(f"before-{i}") for i in range(50)]
-        async with httpx.AsyncClient(base_url=simulator.url) as sim_client:
-            await sim_client.post("/_sim/config", json={"latency_ms": 2500, "latency_jitter": 0})
-            await produce(own.kafka_bootstrap_servers, own.requests_topic, request_events(first))
-            for _ in range(100):  # Redis goes away while these calls are running
-                if (await sim_client.get("/_sim/stats")).json()["in_flight"] >= 50:
-                    break
-                await asyncio.sleep(0.05)
+        async with running_worker(own, simulator.url, f"g-{unique}", tmp_path) as worker:
+            first = [request(f"before-{i}") for i in range(50)]
+            await configure_simulator(simulator, latency_ms=2500, latency_jitter=0)
+            await produce_requests(own, first)
+            await wait_for_calls(simulator, in_flight=50)  # Redis goes away while these run
             redis_process = own_redis._processes[0]
             redis_process.stop()
-            await sim_client.post("/_sim/config", json={"latency_ms": 100})
+            await configure_simulator(simulator, latency_ms=100)
 
-        async with httpx.AsyncClient() as client:
-            for _ in range(100):
-                ready = await client.get(worker.url("/ready"))
-                if ready.status_code == 503:
-                    break
-                await asyncio.sleep(0.1)
-        assert ready.status_code == 503
-        assert "redis" in ready.json()["checks"] and ready.json()["checks"]["redis"] != "ok"
+            async with httpx.AsyncClient() as client:
+                for _ in range(100):
+                    ready = await client.get(worker.url("/ready"))
+                    if ready.status_code == 503:
+                        break
+                    await asyncio.sleep(0.1)
+            assert ready.status_code == 503
+            assert "redis" in ready.json()["checks"] and ready.json()["checks"]["redis"] != "ok"
 
-        during = [request(f"during-{i}") for i in range(50)]
-        await produce(own.kafka_bootstrap_servers, own.requests_topic, request_events(during))
-        await asyncio.sleep(2)
-        # Fail closed: nothing new reaches the provider without a claim.
-        calls_during_outage = await sim_stats(simulator)
-        assert not any(rid.startswith("during-") for rid in calls_during_outage)
+            during = [request(f"during-{i}") for i in range(50)]
+            await produce_requests(own, during)
+            await asyncio.sleep(2)
+            # Fail closed: nothing new reaches the provider without a claim.
+            calls_during_outage = await provider_calls(simulator)
+            assert not any(rid.startswith("during-") for rid in calls_during_outage)
 
-        redis_process.start()  # the same port, and (no persistence) empty
-        responses = await responses_for(own, 100, timeout=60)
+            redis_process.start()  # the same port, and (no persistence) empty
+            responses = await read_answers(own, 100, timeout=60)
     finally:
-        if worker is not None:
-            worker.stop()
         own_redis.stop()
     assert {r.request_id for r in responses} == {r.request_id for r in first + during}
-    calls = await sim_stats(simulator)
+    calls = await provider_calls(simulator)
     # The calls that ran through the outage were stored and emitted once Redis came back
     # (empty): none was made again.
     assert {r.request_id: calls[r.request_id] for r in first + during} == {
@@ -121,13 +105,10 @@ async def test_a_rebalance_under_load_pays_each_request_once(
     second = WorkerProcess(env, tmp_path, name="second")
     try:
         await first.wait_ready()
-        async with httpx.AsyncClient(base_url=simulator.url) as client:
-            await client.post("/_sim/config", json={"latency_ms": 1000, "latency_jitter": 0.2})
-        await produce(
-            settings.kafka_bootstrap_servers, settings.requests_topic, request_events(requests)
-        )
+        await configure_simulator(simulator, latency_ms=1000, latency_jitter=0.2)
+        await produce_requests(settings, requests)
         second.start()
-        responses = await responses_for(settings, total, timeout=120)
+        responses = await read_answers(settings, total, timeout=120)
         metrics = await read_topic(
             settings.kafka_bootstrap_servers,
             settings.metrics_topic,
@@ -143,7 +124,7 @@ async def test_a_rebalance_under_load_pays_each_request_once(
     assert Counter(m.request_id for m in successes) == Counter(r.request_id for r in requests)
     # Both workers answered part of the backlog: the partitions really moved under load.
     assert len({m.worker_id for m in successes}) == 2
-    calls = await sim_stats(simulator)
+    calls = await provider_calls(simulator)
     assert {rid: n for rid, n in calls.items() if n != 1} == {}
     assert len(calls) == total
 
@@ -156,60 +137,44 @@ async def test_sigterm_drains_in_flight_requests_before_exiting(
     env = worker_env(settings, simulator.url, f"g-{unique}")
     first = WorkerProcess(env, tmp_path, name="first").start()
     await first.wait_ready()
-    async with httpx.AsyncClient(base_url=simulator.url) as client:
-        await client.post("/_sim/config", json={"latency_ms": 1500, "latency_jitter": 0.2})
-        await produce(
-            settings.kafka_bootstrap_servers, settings.requests_topic, request_events(requests)
-        )
-        for _ in range(100):
-            if (await client.get("/_sim/stats")).json()["in_flight"] >= 100:
-                break
-            await asyncio.sleep(0.05)
-        os.kill(first.pid, signal.SIGTERM)
-        started = time.monotonic()
-        assert first.managed and first.managed.process
-        returncode = await asyncio.to_thread(first.managed.process.wait, 60)
-        stopped_after = time.monotonic() - started
-        await client.post("/_sim/config", json={"latency_ms": 50})
+    await configure_simulator(simulator, latency_ms=1500, latency_jitter=0.2)
+    await produce_requests(settings, requests)
+    await wait_for_calls(simulator, in_flight=100)
+    os.kill(first.pid, signal.SIGTERM)
+    started = time.monotonic()
+    assert first.managed and first.managed.process
+    returncode = await asyncio.to_thread(first.managed.process.wait, 60)
+    stopped_after = time.monotonic() - started
+    await configure_simulator(simulator, latency_ms=50)
     second = WorkerProcess(env, tmp_path, name="second").start()
     try:
-        responses = await responses_for(settings, total, timeout=90)
+        responses = await read_answers(settings, total, timeout=90)
     finally:
         second.stop()
     assert returncode == 0, first.log()[-2000:]
     assert stopped_after < 30
     assert {r.request_id for r in responses} == {r.request_id for r in requests}
-    calls = await sim_stats(simulator)
+    calls = await provider_calls(simulator)
     assert {rid: n for rid, n in calls.items() if n != 1} == {}
 
 
 async def test_prometheus_metrics_count_what_happened(
     settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
-    worker = WorkerProcess(worker_env(settings, simulator.url, f"g-{unique}"), tmp_path).start()
-    try:
-        await worker.wait_ready()
+    async with running_worker(settings, simulator.url, f"g-{unique}", tmp_path) as worker:
         events = request_events([request(f"m-{i}") for i in range(20)])
         await produce(
             settings.kafka_bootstrap_servers,
             settings.requests_topic,
             events + events[:5] + [(b"junk", b"junk")],
         )
-        await read_topic(
-            settings.kafka_bootstrap_servers,
-            settings.metrics_topic,
-            LLMMetric,
-            until=lambda got: len(got) >= 26,
-            timeout=60,
-        )
+        await read_outputs(settings, LLMMetric, 26)
         async with httpx.AsyncClient() as client:
             for _ in range(20):  # counters move right after the outputs are acknowledged
                 text = (await client.get(worker.url("/metrics"))).text
                 if 'llmstream_dedup_total{outcome="duplicate"} 5.0' in text:
                     break
                 await asyncio.sleep(0.1)
-    finally:
-        worker.stop()
     assert (
         'llmstream_requests_total{model="gpt-4o-mini",provider="openai",status="success"} 20.0'
         in text

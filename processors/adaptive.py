@@ -13,15 +13,17 @@ State lives in one Redis hash per provider (``{prefix}ad:{provider}``), shared b
 
 The controller is AIMD. On a 429 (one Lua script):
 
-- the whole provider pauses for ``Retry-After`` (or ``default_pause_s`` without one), so every
-  worker honours it, not only the request that got it;
+- the whole provider pauses for ``Retry-After`` (or ``rate_limit_default_pause_s`` without
+  one, and at most ``max_retry_after_s``), so every worker honours it, not only the request
+  that got it;
 - the factor decreases once per feedback round: only a call let through after the last
   decrease can decrease it again, so the burst of 429s that a full window produces counts once.
   The new factor is the observed goodput of the last window over the configured RPM (what the
   provider actually accepted: for a window-counting provider, exactly its limit), bounded
-  between ``beta_min`` and ``beta_max`` times the current factor (without a provider RPM,
-  ``beta_min``: classic halving);
-- it then recovers additively, ``recovery_per_min`` per minute after the pause, up to 1.
+  between ``_BETA_MIN`` and ``_BETA_MAX`` times the current factor (without a provider RPM,
+  ``_BETA_MIN``: classic halving);
+- it then recovers additively, ``adaptive_recovery_per_min`` per minute after the pause, up
+  to 1.
 
 The limiter (:mod:`processors.ratelimit`) reads the factor and the pause in its own script, so a
 decision always sees the newest state. Every time is Redis' ``TIME``, so workers on hosts with
@@ -35,6 +37,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
+from pydantic import Field
+
+from llmstream.processors.retry import RetryAfterCap
 
 __all__ = ["RING_SLOTS", "AdaptiveControl", "AdaptiveParams", "lua_factor"]
 
@@ -125,25 +130,35 @@ return out
 )
 
 
-@dataclass(frozen=True)
-class AdaptiveParams:
-    """How the controller reacts; see the module docstring."""
+# How far one feedback round may decrease the factor: to between these shares of the current one.
+_BETA_MIN = 0.5
+_BETA_MAX = 0.9
 
-    window_s: float = 60.0
-    beta_min: float = 0.5
-    beta_max: float = 0.9
-    min_factor: float = 0.05
-    recovery_per_min: float = 0.1
-    default_pause_s: float = 1.0
-    max_pause_s: float = 120.0
+
+class AdaptiveParams(RetryAfterCap):
+    """How the controller reacts; see the module docstring.
+
+    The fields are the worker's settings of the same names (``LLMSTREAM_ADAPTIVE_WINDOW_S``,
+    ...): :class:`~llmstream.processors.settings.WorkerSettings` derives from this class. A pause
+    lasts at most ``max_retry_after_s``, the cap a retry's wait has too.
+    """
+
+    # The providers' rate window (their limits count calls over it).
+    adaptive_window_s: float = Field(60.0, gt=0.0)
+    # Recovery per minute after a decrease, as a share of the configured rate.
+    adaptive_recovery_per_min: float = Field(0.1, ge=0.0)
+    # The lowest factor a provider's rate decreases to.
+    adaptive_min_factor: float = Field(0.05, gt=0.0, le=1.0)
+    # The pause after a 429 without Retry-After.
+    rate_limit_default_pause_s: float = Field(1.0, ge=0.0)
 
     @property
     def slot_ms(self) -> float:
-        return self.window_s * 1000 / 60
+        return self.adaptive_window_s * 1000 / 60
 
     @property
     def recovery_per_ms(self) -> float:
-        return self.recovery_per_min / 60_000
+        return self.adaptive_recovery_per_min / 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,11 +218,11 @@ class AdaptiveControl:
             args=[
                 repr(sent_at_ms),
                 repr(retry_ms),
-                repr(p.default_pause_s * 1000),
-                repr(p.max_pause_s * 1000),
-                repr(p.beta_min),
-                repr(p.beta_max),
-                repr(p.min_factor),
+                repr(p.rate_limit_default_pause_s * 1000),
+                repr(p.max_retry_after_s * 1000),
+                repr(_BETA_MIN),
+                repr(_BETA_MAX),
+                repr(p.adaptive_min_factor),
                 repr(p.recovery_per_ms),
                 repr(p.slot_ms),
                 repr(self._provider_rpm.get(provider, 0.0)),

@@ -8,11 +8,12 @@ One hash per circuit (``{prefix}cb:{provider}/{model}``)::
     ws, fl, sc
             the failure window: its start (ms), failures and successes in it
 
-A circuit opens when, within ``window_s``, at least ``min_failures`` calls failed with an outage
-(5xx, timeout, broken connection: not 4xx, not 429) and they are at least ``failure_ratio`` of the
-calls. Open, it sends nothing for ``cooldown_s``; then exactly one probe goes (the first worker
-to ask gets it), and its success closes the circuit, its failure opens it for another cool-down.
-A probe that never reports (its worker died) is replaced after ``probe_lease_s``.
+A circuit opens when, within ``circuit_window_s``, at least ``circuit_min_failures`` calls failed
+with an outage (5xx, timeout, broken connection: not 4xx, not 429) and they are at least
+``circuit_failure_ratio`` of the calls. Open, it sends nothing for ``circuit_cooldown_s``; then
+exactly one probe goes (the first worker to ask gets it), and its success closes the circuit, its
+failure opens it for another cool-down. A probe that never reports (its worker died) is replaced
+after ``circuit_probe_lease_s``.
 
 Failures are reported at once (one script run each: the answer says whether the circuit is now
 open, which decides whether the failure spends the request's retry budget). Successes are only
@@ -31,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
 from llmstream.processors.adaptive import lua_factor
@@ -142,14 +144,20 @@ def is_outage(error: ProviderError) -> bool:
     return error.status_code is not None and error.status_code >= 500
 
 
-@dataclass(frozen=True)
-class CircuitParams:
-    window_s: float = 10.0
-    min_failures: int = 5
-    failure_ratio: float = 0.5
-    cooldown_s: float = 10.0
-    probe_lease_s: float = 30.0
-    sync_s: float = 0.5
+class CircuitParams(BaseModel):
+    """When a circuit opens and how it recovers; see the module docstring.
+
+    The fields are the worker's settings of the same names (``LLMSTREAM_CIRCUIT_WINDOW_S``,
+    ...): :class:`~llmstream.processors.settings.WorkerSettings` derives from this class.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    circuit_window_s: float = Field(10.0, gt=0.0)
+    circuit_min_failures: int = Field(5, ge=1)
+    circuit_failure_ratio: float = Field(0.5, gt=0.0, le=1.0)
+    circuit_cooldown_s: float = Field(10.0, gt=0.0)
+    circuit_probe_lease_s: float = Field(30.0, gt=0.0)
 
 
 @dataclass
@@ -176,8 +184,11 @@ class CircuitBreakers:
         key_prefix: str,
         worker_token: str,
         params: CircuitParams,
+        sync_s: float,
     ) -> None:
         self.params = params
+        # How stale the local view may be: :meth:`sync` runs this often (traffic_sync_s).
+        self._sync_s = sync_s
         self._prefix = f"{key_prefix}cb:"
         self._token = worker_token
         self._failure = redis.register_script(_FAILURE)
@@ -210,12 +221,12 @@ class CircuitBreakers:
         if remaining > 0:
             return CircuitAdmission.OPEN, remaining
         if view.probing:
-            return CircuitAdmission.OPEN, self.params.sync_s
+            return CircuitAdmission.OPEN, self._sync_s
         view.probing = True
         try:
             state, remaining_ms = await self._probe(
                 keys=[self.key(provider, model)],
-                args=[self._token, repr(self.params.probe_lease_s * 1000)],
+                args=[self._token, repr(self.params.circuit_probe_lease_s * 1000)],
             )
         except RedisError as exc:
             # The breaker protects the provider; it must not fail requests when Redis does.
@@ -226,7 +237,7 @@ class CircuitBreakers:
         state = state.decode() if isinstance(state, bytes) else state
         if state == "p":
             # Until the probe reports, the others here wait at most its lease.
-            view.reopen_at = loop.time() + self.params.probe_lease_s
+            view.reopen_at = loop.time() + self.params.circuit_probe_lease_s
             return CircuitAdmission.PROBE, 0.0
         if state == "c":
             self._set(view, False, 0.0)
@@ -260,10 +271,10 @@ class CircuitBreakers:
             state, remaining_ms, event = await self._failure(
                 keys=[self.key(provider, model)],
                 args=[
-                    repr(p.window_s * 1000),
-                    str(p.min_failures),
-                    repr(p.failure_ratio),
-                    repr(p.cooldown_s * 1000),
+                    repr(p.circuit_window_s * 1000),
+                    str(p.circuit_min_failures),
+                    repr(p.circuit_failure_ratio),
+                    repr(p.circuit_cooldown_s * 1000),
                     self._token,
                     "1" if probe else "0",
                 ],
@@ -290,7 +301,7 @@ class CircuitBreakers:
         try:
             reply = await self._sync(
                 keys=[self.key(*n) for n in names],
-                args=[repr(self.params.window_s * 1000), *map(str, counts)],
+                args=[repr(self.params.circuit_window_s * 1000), *map(str, counts)],
             )
         except BaseException:
             for name, count in zip(names, counts, strict=True):

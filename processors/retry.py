@@ -26,13 +26,21 @@ import asyncio
 import enum
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.providers import ErrorType, ProviderError
 
-__all__ = ["Charge", "RetriesExhausted", "RetryPolicy", "call_with_retries", "expired"]
+__all__ = [
+    "Charge",
+    "RetriesExhausted",
+    "RetryAfterCap",
+    "RetryPolicy",
+    "call_with_retries",
+    "expired",
+]
 
 T = TypeVar("T")
 
@@ -40,37 +48,44 @@ T = TypeVar("T")
 _MAX_EXPONENT = 62
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How many calls to make and how long to wait between them (seconds)."""
+class RetryAfterCap(BaseModel):
+    """The longest wait a server's ``Retry-After`` may impose: on a retry (here) and on a
+    provider's pause (:mod:`processors.adaptive`), so one knob bounds both."""
 
-    max_attempts: int = 5
-    base_delay_s: float = 0.5
-    max_delay_s: float = 30.0
-    max_retry_after_s: float = 120.0
-    # 429s one request may get (they spend no budget) before it fails.
-    max_rate_limited_attempts: int = 30
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    def __post_init__(self) -> None:
-        if min(self.max_attempts, self.max_rate_limited_attempts) < 1:
-            raise ValueError("attempt limits must be at least 1")
-        if min(self.base_delay_s, self.max_delay_s, self.max_retry_after_s) < 0:
-            raise ValueError("delays must not be negative")
+    max_retry_after_s: float = Field(120.0, gt=0.0)
+
+
+class RetryPolicy(RetryAfterCap):
+    """How many calls to make and how long to wait between them (seconds).
+
+    The fields are the worker's settings of the same names (``LLMSTREAM_MAX_ATTEMPTS``, ...):
+    :class:`~llmstream.processors.settings.WorkerSettings` derives from this class, so each
+    knob, its default and its bounds are declared here only.
+    """
+
+    max_attempts: int = Field(5, ge=1, le=100)
+    retry_base_delay_s: float = Field(0.5, gt=0.0)
+    retry_max_delay_s: float = Field(30.0, gt=0.0)
+    # 429s one request may get after the limiter let it through (they spend no budget), before
+    # it fails.
+    max_rate_limited_attempts: int = Field(30, ge=1)
 
     def backoff_delay(self, attempt: int, rng: random.Random) -> float:
         """Full jitter: uniform over ``[0, min(max_delay, base * 2**(attempt-1))]``."""
         exponent = min(max(attempt - 1, 0), _MAX_EXPONENT)
-        return rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2**exponent))
+        return rng.uniform(0.0, min(self.retry_max_delay_s, self.retry_base_delay_s * 2**exponent))
 
     def next_delay(self, attempt: int, error: ProviderError, rng: random.Random) -> float:
         """The wait after failed call number ``attempt``.
 
-        With a server-given ``retry_after``: at least that, plus up to ``base_delay_s`` of jitter
-        so a crowd told the same number does not return in one burst; capped at
+        With a server-given ``retry_after``: at least that, plus up to ``retry_base_delay_s`` of
+        jitter so a crowd told the same number does not return in one burst; capped at
         ``max_retry_after_s``. Otherwise full-jitter backoff.
         """
         if error.retry_after is not None:
-            spread = rng.uniform(0.0, self.base_delay_s)
+            spread = rng.uniform(0.0, self.retry_base_delay_s)
             return min(self.max_retry_after_s, error.retry_after + spread)
         return self.backoff_delay(attempt, rng)
 

@@ -10,16 +10,31 @@ from pathlib import Path
 from pydantic import Field
 
 from llmstream.core.settings import ServiceSettings
+from llmstream.processors.adaptive import AdaptiveParams
+from llmstream.processors.circuit import CircuitParams
 from llmstream.processors.pricing import Price
 from llmstream.processors.ratelimit import RateLimit
+from llmstream.processors.retry import RetryPolicy
 
 
 def _default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-class WorkerSettings(ServiceSettings):
-    """Everything the worker reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis)."""
+# The traffic-control parts' knobs are declared once, on the part that uses them, and the worker's
+# settings derive from them: each part takes exactly its own (``params=settings``).
+class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings):
+    """Everything the worker reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
+
+    Retries (``LLMSTREAM_MAX_ATTEMPTS``, ``LLMSTREAM_RETRY_*``, ``LLMSTREAM_MAX_RETRY_AFTER_S``,
+    ``LLMSTREAM_MAX_RATE_LIMITED_ATTEMPTS``) are :class:`RetryPolicy`'s fields; the adaptive
+    rate (``LLMSTREAM_ADAPTIVE_*``, ``LLMSTREAM_RATE_LIMIT_DEFAULT_PAUSE_S``)
+    :class:`AdaptiveParams`'; circuit breaking (``LLMSTREAM_CIRCUIT_*``) :class:`CircuitParams`'.
+    """
+
+    # The service's config, not the parts' (their extra="forbid" keeps a misspelt keyword from
+    # passing silently; the environment reader must ignore what it does not know).
+    model_config = ServiceSettings.model_config
 
     worker_id: str = Field(default_factory=_default_worker_id)
     consumer_group: str = "llmstream-worker"
@@ -34,11 +49,6 @@ class WorkerSettings(ServiceSettings):
     commit_interval_s: float = Field(1.0, gt=0.0)
     # Where a new consumer group starts: "earliest" so nothing produced before it is skipped.
     auto_offset_reset: str = "earliest"
-    # Retry policy for provider calls (full jitter; Retry-After honoured).
-    max_attempts: int = Field(5, ge=1, le=100)
-    retry_base_delay_s: float = Field(0.5, gt=0.0)
-    retry_max_delay_s: float = Field(30.0, gt=0.0)
-    max_retry_after_s: float = Field(120.0, gt=0.0)
     # A request without its own deadline_ms fails as provider_unavailable when it has no answer
     # this long after the worker began calling for it (retries, circuit waits, pauses and rate
     # waits included), so an unreachable provider cannot hold work forever. Also how long a
@@ -72,21 +82,8 @@ class WorkerSettings(ServiceSettings):
     max_waiting: int = Field(5000, ge=0)
     # Completion tokens assumed before the call when the request sets no max_tokens (TPM).
     tpm_default_completion_tokens: int = Field(256, ge=1)
-    # 429s one request may get after the limiter let it through, before it fails.
-    max_rate_limited_attempts: int = Field(30, ge=1)
-    # Adaptive rate (processors/adaptive.py): the providers' rate window, the recovery per
-    # minute (share of the configured rate), the lowest factor, the pause without Retry-After.
-    adaptive_window_s: float = Field(60.0, gt=0.0)
-    adaptive_recovery_per_min: float = Field(0.1, ge=0.0)
-    adaptive_min_factor: float = Field(0.05, gt=0.0, le=1.0)
-    rate_limit_default_pause_s: float = Field(1.0, ge=0.0)
-    # Circuit breaking per provider/model (processors/circuit.py).
+    # Circuit breaking per provider/model; its knobs are CircuitParams' (processors/circuit.py).
     circuit_breaker: bool = True
-    circuit_window_s: float = Field(10.0, gt=0.0)
-    circuit_min_failures: int = Field(5, ge=1)
-    circuit_failure_ratio: float = Field(0.5, gt=0.0, le=1.0)
-    circuit_cooldown_s: float = Field(10.0, gt=0.0)
-    circuit_probe_lease_s: float = Field(30.0, gt=0.0)
     # How often circuits, pauses and rate factors are read from Redis (changes by other workers).
     traffic_sync_s: float = Field(0.5, gt=0.0)
     # Fallbacks by model for requests that name none: {"openai/gpt-4o": ["anthropic/claude-..."]}

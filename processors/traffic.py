@@ -46,27 +46,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.processors.adaptive import AdaptiveControl, AdaptiveParams
+from llmstream.processors.adaptive import AdaptiveControl
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
-from llmstream.processors.circuit import (
-    CircuitAdmission,
-    CircuitBreakers,
-    CircuitParams,
-    OutageWatch,
-    is_outage,
-)
+from llmstream.processors.circuit import CircuitAdmission, CircuitBreakers, OutageWatch, is_outage
 from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
 from llmstream.processors.pricing import PriceTable, load_prices_file
 from llmstream.processors.providers import Completion, Provider, ProviderError, ProviderRouter
 from llmstream.processors.ratelimit import Grant, Lane, RateLimiter, estimate_tokens
-from llmstream.processors.retry import (
-    Charge,
-    RetriesExhausted,
-    RetryPolicy,
-    call_with_retries,
-    expired,
-)
+from llmstream.processors.retry import Charge, RetriesExhausted, call_with_retries, expired
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.models import LLMRequest
 
@@ -118,7 +106,8 @@ class _ModelCalls:
 
 class TrafficControl:
     """Traffic control for every request of one worker process, composed of the parts passed
-    in; :meth:`from_settings` builds a worker's."""
+    in; :meth:`from_settings` builds a worker's. The retry policy is the settings' own
+    (:class:`WorkerSettings` is a :class:`~llmstream.processors.retry.RetryPolicy`)."""
 
     def __init__(
         self,
@@ -126,7 +115,6 @@ class TrafficControl:
         *,
         router: ProviderRouter,
         metrics: WorkerMetrics,
-        policy: RetryPolicy,
         room: WaitingRoom,
         adaptive: AdaptiveControl,
         limiter: RateLimiter,
@@ -141,7 +129,6 @@ class TrafficControl:
         self._router = router
         self._retries = metrics.retries
         self.metrics = TrafficMetrics(metrics.registry, model_label=metrics.model_label)
-        self.policy = policy
         self.room = room
         self.adaptive = adaptive
         self.limiter = limiter
@@ -172,13 +159,7 @@ class TrafficControl:
         adaptive = AdaptiveControl(
             redis,
             key_prefix=prefix,
-            params=AdaptiveParams(
-                window_s=s.adaptive_window_s,
-                min_factor=s.adaptive_min_factor,
-                recovery_per_min=s.adaptive_recovery_per_min,
-                default_pause_s=s.rate_limit_default_pause_s,
-                max_pause_s=s.max_retry_after_s,
-            ),
+            params=s,
             provider_rpm={
                 name: limit.rpm
                 for name, limit in s.rate_limits.items()
@@ -187,29 +168,18 @@ class TrafficControl:
         )
         circuits = None
         if s.circuit_breaker:
-            params = CircuitParams(
-                window_s=s.circuit_window_s,
-                min_failures=s.circuit_min_failures,
-                failure_ratio=s.circuit_failure_ratio,
-                cooldown_s=s.circuit_cooldown_s,
-                probe_lease_s=s.circuit_probe_lease_s,
-                sync_s=s.traffic_sync_s,
-            )
             circuits = CircuitBreakers(
-                redis, key_prefix=prefix, worker_token=worker_token, params=params
+                redis,
+                key_prefix=prefix,
+                worker_token=worker_token,
+                params=s,
+                sync_s=s.traffic_sync_s,
             )
         prices = load_prices_file(s.prices_file) if s.prices_file else {}
         return cls(
             s,
             router=router,
             metrics=metrics,
-            policy=RetryPolicy(
-                max_attempts=s.max_attempts,
-                base_delay_s=s.retry_base_delay_s,
-                max_delay_s=s.retry_max_delay_s,
-                max_retry_after_s=s.max_retry_after_s,
-                max_rate_limited_attempts=s.max_rate_limited_attempts,
-            ),
             room=WaitingRoom(s.max_waiting),
             adaptive=adaptive,
             limiter=RateLimiter(
@@ -413,7 +383,7 @@ class TrafficControl:
 
         completion, _ = await call_with_retries(
             lambda: self._attempt(calls),
-            self.policy,
+            self._settings,
             deadline_ms=calls.deadline_ms,
             rng=self._rng,
             now_ms=self._now_ms,
@@ -545,7 +515,7 @@ class TrafficControl:
         except RedisError as exc:
             # Not shared, but still honoured here: wait as the provider asked before calling.
             log.warning("429 from %s not recorded (%s)", provider, exc)
-            await asyncio.sleep(min(error.retry_after or 1.0, self.policy.max_retry_after_s))
+            await asyncio.sleep(min(error.retry_after or 1.0, self._settings.max_retry_after_s))
             return
         self.metrics.adaptive_factor.labels(provider).set(feedback.factor)
         if feedback.decreased:

@@ -12,11 +12,15 @@ from llmstream.processors.providers import ErrorType, ProviderError
 
 pytestmark = pytest.mark.integration
 
-PARAMS = CircuitParams(window_s=5, min_failures=3, failure_ratio=0.5, cooldown_s=0.3)
+PARAMS = CircuitParams(
+    circuit_window_s=5, circuit_min_failures=3, circuit_failure_ratio=0.5, circuit_cooldown_s=0.3
+)
 
 
 def breakers(redis: aioredis.Redis, unique: str, token: str) -> CircuitBreakers:
-    return CircuitBreakers(redis, key_prefix=f"test-{unique}:", worker_token=token, params=PARAMS)
+    return CircuitBreakers(
+        redis, key_prefix=f"test-{unique}:", worker_token=token, params=PARAMS, sync_s=0.5
+    )
 
 
 async def test_opens_after_failures_and_is_shared(

@@ -63,7 +63,7 @@ async def granted_in_a_row(
 ) -> tuple[RateLimiter, Lane, list[Grant]]:
     """``calls`` grants from provider "p" configured at ``rpm`` (burst 100), with the adaptive
     window time-scaled to 6 s and recovery off."""
-    params = AdaptiveParams(window_s=6.0, recovery_per_min=0.0)
+    params = AdaptiveParams(adaptive_window_s=6.0, adaptive_recovery_per_min=0.0)
     rl = limiter(redis, prefix, {"p": RateLimit(rpm=rpm, rpm_burst=100)}, params=params)
     lane = lane_of(rl)
     return rl, lane, [await grant(rl, lane) for _ in range(calls)]
@@ -192,7 +192,7 @@ async def test_decrease_lands_on_the_observed_goodput_when_closer_than_halving(
 
 
 async def test_factor_recovers_gradually(redis_client: aioredis.Redis, unique: str) -> None:
-    params = AdaptiveParams(recovery_per_min=60.0)  # +1.0 per second, to see it in a test
+    params = AdaptiveParams(adaptive_recovery_per_min=60.0)  # +1.0 per second, to see it in a test
     rl = limiter(redis_client, f"test-{unique}:", {"p": RateLimit(rpm=600)}, params=params)
     await rl.adaptive.report_429("p", sent_at_ms=0, retry_after_s=0)
     await rl.adaptive.refresh(["p"])

@@ -77,7 +77,7 @@ class Clock:
 
 @pytest.mark.parametrize("attempt", [1, 2, 3, 4, 6, 8, 12, 40, 5000])
 def test_full_jitter_stays_in_bounds_and_spreads(attempt: int) -> None:
-    policy = RetryPolicy(base_delay_s=0.5, max_delay_s=30.0)
+    policy = RetryPolicy(retry_base_delay_s=0.5, retry_max_delay_s=30.0)
     cap = min(30.0, 0.5 * 2 ** min(attempt - 1, 62))
     rng = random.Random(42)
 
@@ -101,7 +101,7 @@ def test_backoff_is_reproducible_with_a_seed() -> None:
 
 
 def test_retry_after_is_a_floor_with_bounded_spread_and_a_cap() -> None:
-    policy = RetryPolicy(base_delay_s=0.5, max_retry_after_s=120.0)
+    policy = RetryPolicy(retry_base_delay_s=0.5, max_retry_after_s=120.0)
     rng = random.Random(3)
 
     waits = [policy.next_delay(1, failure(429, retry_after=2.0), rng) for _ in range(500)]
@@ -116,7 +116,10 @@ def test_policy_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         RetryPolicy(max_attempts=0)
     with pytest.raises(ValueError):
-        RetryPolicy(base_delay_s=-1)
+        RetryPolicy(retry_base_delay_s=-1)
+    # A misspelt knob is refused, not silently left at its default.
+    with pytest.raises(ValueError, match="base_delay_s"):
+        RetryPolicy(base_delay_s=1.0)  # type: ignore[call-arg]
 
 
 # --- Retry-After parsing ----------------------------------------------------------------------
@@ -184,7 +187,7 @@ async def test_400_is_not_retried() -> None:
 
 
 async def test_500_then_success_is_retried_and_waits_follow_the_policy() -> None:
-    policy = RetryPolicy(base_delay_s=0.5, max_delay_s=30.0)
+    policy = RetryPolicy(retry_base_delay_s=0.5, retry_max_delay_s=30.0)
     fn, clock = Script(failure(500), failure(503)), Clock()
     seen: list[tuple[int, float, int | None]] = []
 
@@ -209,7 +212,11 @@ async def test_retry_after_is_honoured() -> None:
     fn, clock = Script(failure(429, retry_after=4.0)), Clock()
 
     result = await call_with_retries(
-        fn, RetryPolicy(base_delay_s=0.5), deadline_ms=None, rng=random.Random(1), sleep=clock.sleep
+        fn,
+        RetryPolicy(retry_base_delay_s=0.5),
+        deadline_ms=None,
+        rng=random.Random(1),
+        sleep=clock.sleep,
     )
 
     assert result == ("ok", 2)
@@ -240,8 +247,8 @@ async def test_max_attempts_is_respected() -> None:
 
 
 async def test_deadline_stops_retries_before_a_wait_that_would_pass_it() -> None:
-    # Waits are 2 s each (Retry-After, no spread); the deadline leaves room for one of them.
-    policy = RetryPolicy(base_delay_s=0.0)
+    # Waits are 2 s each (Retry-After, at most 1 ms of spread); the deadline leaves room for one.
+    policy = RetryPolicy(retry_base_delay_s=0.001)
     clock = Clock()
     fn = Script(*(failure(429, retry_after=2.0) for _ in range(10)))
 
@@ -257,7 +264,8 @@ async def test_deadline_stops_retries_before_a_wait_that_would_pass_it() -> None
 
     error = caught.value
     assert (error.reason, error.error_type, error.retryable) == ("deadline", "expired", False)
-    assert (fn.calls, error.attempts, clock.sleeps) == (2, 2, [2.0])
+    assert (fn.calls, error.attempts, len(clock.sleeps)) == (2, 2, 1)
+    assert 2.0 <= clock.sleeps[0] <= 2.001
     assert error.last_error is not None and error.last_error.status_code == 429
 
 
@@ -362,7 +370,7 @@ async def test_retries_through_the_simulator(sim: SimulatorServer, wire: str) ->
     try:
         completion, attempts = await call_with_retries(
             complete,
-            RetryPolicy(base_delay_s=0.01),
+            RetryPolicy(retry_base_delay_s=0.01),
             deadline_ms=None,
             rng=random.Random(5),
             on_retry=lambda _attempt, delay, _error: waits.append(delay),
@@ -384,7 +392,7 @@ async def test_400_through_the_simulator_is_called_once(sim: SimulatorServer) ->
         with pytest.raises(ProviderError) as caught:
             await call_with_retries(
                 lambda: adapter.complete(request, "m"),
-                RetryPolicy(base_delay_s=0.01),
+                RetryPolicy(retry_base_delay_s=0.01),
                 deadline_ms=None,
                 rng=random.Random(5),
             )

@@ -20,7 +20,7 @@ from llmstream.processors.cache import ResponseCache
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pricing import Price, PriceTable
 from llmstream.processors.ratelimit import RateLimiter
-from llmstream.processors.retry import RetriesExhausted, RetryPolicy
+from llmstream.processors.retry import RetriesExhausted
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
 from tests.conftest import Services
 from tests.harness import request
@@ -158,7 +158,9 @@ async def test_cost_comes_from_the_price_table(services: Services, sim: Simulato
 async def test_traffic_control_composed_of_the_tests_parts(
     services: Services, sim: SimulatorServer
 ) -> None:
-    settings = worker_settings(services.redis_url)
+    settings = worker_settings(
+        services.redis_url, max_attempts=2, retry_base_delay_s=0.001, retry_max_delay_s=0.001
+    )
     async with rig(sim, settings) as r:
         prefix = settings.redis_key_prefix
         adaptive = AdaptiveControl(
@@ -169,7 +171,6 @@ async def test_traffic_control_composed_of_the_tests_parts(
             settings,
             router=r.router,
             metrics=WorkerMetrics(CollectorRegistry()),
-            policy=RetryPolicy(max_attempts=2, base_delay_s=0.001, max_delay_s=0.001),
             room=WaitingRoom(10),
             adaptive=adaptive,
             limiter=RateLimiter(

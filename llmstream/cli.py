@@ -191,6 +191,11 @@ _ENVIRONMENT: dict[str, Callable[[], str]] = {
 }
 
 
+# The commands that connect to the services: they take the addresses of a running `make run`
+# from its stack file (see llmstream.core.settings.apply_stack_file).
+_USES_STACK_FILE = {"worker", "ingress", "replay"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="llmstream", description="Kafka-native processor for LLM requests.")
     parser.add_argument("--version", action="version", version=f"llmstream {__version__}")
@@ -282,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         command.environment = _ENVIRONMENT.get(name)
 
     args = parser.parse_args(argv)
+    if args.command in _USES_STACK_FILE:
+        from llmstream.core.settings import apply_stack_file
+
+        notice = apply_stack_file()
+        if notice:
+            print(f"llmstream {args.command}: {notice}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.func(args))

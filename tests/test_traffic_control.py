@@ -158,9 +158,7 @@ async def test_cost_comes_from_the_price_table(services: Services, sim: Simulato
 async def test_traffic_control_composed_of_the_tests_parts(
     services: Services, sim: SimulatorServer
 ) -> None:
-    settings = worker_settings(
-        services.redis_url, max_attempts=2, retry_base_delay_s=0.001, retry_max_delay_s=0.001
-    )
+    settings = worker_settings(services.redis_url, max_attempts=2)
     async with rig(sim, settings) as r:
         prefix = settings.redis_key_prefix
         adaptive = AdaptiveControl(

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, SecretStr
@@ -29,6 +30,28 @@ from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMRespons
 M = TypeVar("M", bound=BaseModel)
 
 SOURCE = Source("llm-requests", 0, 7)
+
+# What a developer's shell may hold to configure providers (ProviderSettings reads it): a test
+# that builds providers from the environment clears these first, so only what it sets counts.
+PROVIDER_VARIABLES = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "OPENROUTER_API_KEY",
+    "OPENROUTER_BASE_URL",
+    "OLLAMA_HOST",
+    "LLMSTREAM_PROVIDERS",
+    "LLMSTREAM_PROVIDERS_FILE",
+    "LLMSTREAM_PROVIDER_TIMEOUT_S",
+)
+
+
+def without_provider_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """``monkeypatch`` with every provider variable unset (restored after the test)."""
+    for name in PROVIDER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
 
 
 class ListEmitter:

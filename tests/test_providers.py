@@ -36,6 +36,7 @@ from llmstream.processors.providers.http import HTTPAdapter
 from llmstream.processors.providers.openai import OpenAICompatible
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.schemas.models import LLMRequest
+from tests.inprocess import without_provider_env
 
 PAYLOADS = Path(__file__).parent / "payloads"
 OPENAI_KEY = "sk-test-OPENAI-4f9bb533cc24deadbeef"
@@ -755,20 +756,7 @@ def test_settings_repr_hides_keys(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for name in (
-        "OPENAI_API_KEY",
-        "OPENAI_BASE_URL",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_BASE_URL",
-        "OPENROUTER_API_KEY",
-        "OPENROUTER_BASE_URL",
-        "OLLAMA_HOST",
-        "LLMSTREAM_PROVIDERS",
-        "LLMSTREAM_PROVIDERS_FILE",
-        "LLMSTREAM_PROVIDER_TIMEOUT_S",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    return without_provider_env(monkeypatch)
 
 
 @pytest.fixture

@@ -21,22 +21,11 @@ from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import free_port
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.models import LLMError
 from tests.conftest import Services
 from tests.harness import WorkerProcess, produce, read_topic, request, request_events, worker_env
-from tests.inprocess import rig, worker_settings
-
-PROVIDER_VARIABLES = (
-    "OPENAI_API_KEY",
-    "OPENAI_BASE_URL",
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_BASE_URL",
-    "OPENROUTER_API_KEY",
-    "OPENROUTER_BASE_URL",
-    "OLLAMA_HOST",
-    "LLMSTREAM_PROVIDERS",
-    "LLMSTREAM_PROVIDERS_FILE",
-)
+from tests.inprocess import rig, without_provider_env, worker_settings
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -48,18 +37,29 @@ async def sim() -> AsyncIterator[SimulatorServer]:
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No provider configuration from the shell running the tests."""
-    for name in PROVIDER_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    return without_provider_env(monkeypatch)
 
 
 def new_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
-def closed_url() -> str:
-    """An endpoint on a loopback port nobody listens on: every call is refused."""
-    return f"http://127.0.0.1:{free_port()}/v1"
+def down_provider() -> str:
+    """``LLMSTREAM_PROVIDERS`` with a provider "down" on a loopback port nobody listens on:
+    every call is refused."""
+    closed_url = f"http://127.0.0.1:{free_port()}/v1"
+    return json.dumps({"down": {"kind": "openai", "base_url": closed_url}})
+
+
+def behind_a_closed_port(
+    env: pytest.MonkeyPatch, redis_url: str, *, max_queue_s: float
+) -> WorkerSettings:
+    """Provider "down" configured, and settings whose circuit opens at its first refused call
+    and stays open far longer than ``max_queue_s``."""
+    env.setenv("LLMSTREAM_PROVIDERS", down_provider())
+    return worker_settings(
+        redis_url, max_queue_s=max_queue_s, circuit_min_failures=1, circuit_cooldown_s=300
+    )
 
 
 # --- not configured ------------------------------------------------------------------------------
@@ -190,14 +190,8 @@ async def test_only_configured_providers_are_registered(
 async def test_unreachable_provider_fails_within_max_queue_s(
     services: Services, sim: SimulatorServer, env: pytest.MonkeyPatch
 ) -> None:
-    env.setenv(
-        "LLMSTREAM_PROVIDERS", json.dumps({"down": {"kind": "openai", "base_url": closed_url()}})
-    )
-    # The first refused call opens the circuit for far longer than the bound: only the bound
-    # can end the request.
-    settings = worker_settings(
-        services.redis_url, max_queue_s=1.5, circuit_min_failures=1, circuit_cooldown_s=300
-    )
+    # Only the bound can end the request: its circuit opens at once and stays open.
+    settings = behind_a_closed_port(env, services.redis_url, max_queue_s=1.5)
     async with rig(sim, settings) as r:
         slots = asyncio.Semaphore(1)
         r.traffic.room.bind(slots)
@@ -234,12 +228,7 @@ async def test_unreachable_provider_fails_within_max_queue_s(
 async def test_own_deadline_keeps_its_meaning(
     services: Services, sim: SimulatorServer, env: pytest.MonkeyPatch
 ) -> None:
-    env.setenv(
-        "LLMSTREAM_PROVIDERS", json.dumps({"down": {"kind": "openai", "base_url": closed_url()}})
-    )
-    settings = worker_settings(
-        services.redis_url, max_queue_s=600, circuit_min_failures=1, circuit_cooldown_s=300
-    )
+    settings = behind_a_closed_port(env, services.redis_url, max_queue_s=600)
     async with rig(sim, settings) as r:
         rid = new_id()
 
@@ -287,12 +276,11 @@ async def test_a_provider_that_answers_again_is_no_longer_down(
 async def test_worker_ready_names_the_provider_down_longer_than_max_queue_s(
     settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
-    endpoints = json.dumps({"down": {"kind": "openai", "base_url": closed_url()}})
     env = worker_env(
         settings,
         simulator.url,
         f"group-{unique}",
-        LLMSTREAM_PROVIDERS=endpoints,
+        LLMSTREAM_PROVIDERS=down_provider(),
         LLMSTREAM_MAX_QUEUE_S="3",
         LLMSTREAM_CIRCUIT_MIN_FAILURES="1",
         LLMSTREAM_CIRCUIT_COOLDOWN_S="300",

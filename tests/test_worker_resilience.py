@@ -16,22 +16,8 @@ from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.embedded import EmbeddedServices
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.schemas.models import LLMMetric
+from tests import harness
 from tests.conftest import Services
-from tests.harness import (
-    WorkerProcess,
-    configure_simulator,
-    produce,
-    produce_requests,
-    provider_calls,
-    read_answers,
-    read_outputs,
-    read_topic,
-    request,
-    request_events,
-    running_worker,
-    wait_for_calls,
-    worker_env,
-)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,14 +41,14 @@ async def test_redis_outage_pauses_processing_and_loses_nothing(
     try:
         own_redis.start()
         own = settings.model_copy(update={"redis_url": own_redis.redis_url})
-        async with running_worker(own, simulator.url, f"g-{unique}", tmp_path) as worker:
-            first = [request(f"before-{i}") for i in range(50)]
-            await configure_simulator(simulator, latency_ms=2500, latency_jitter=0)
-            await produce_requests(own, first)
-            await wait_for_calls(simulator, in_flight=50)  # Redis goes away while these run
+        async with harness.running_worker(own, simulator.url, f"g-{unique}", tmp_path) as worker:
+            first = [harness.request(f"before-{i}") for i in range(50)]
+            await harness.configure_simulator(simulator, latency_ms=2500, latency_jitter=0)
+            await harness.produce_requests(own, first)
+            await harness.wait_for_calls(simulator, in_flight=50)  # Redis goes away while these run
             redis_process = own_redis._processes[0]
             redis_process.stop()
-            await configure_simulator(simulator, latency_ms=100)
+            await harness.configure_simulator(simulator, latency_ms=100)
 
             async with httpx.AsyncClient() as client:
                 for _ in range(100):
@@ -73,19 +59,19 @@ async def test_redis_outage_pauses_processing_and_loses_nothing(
             assert ready.status_code == 503
             assert "redis" in ready.json()["checks"] and ready.json()["checks"]["redis"] != "ok"
 
-            during = [request(f"during-{i}") for i in range(50)]
-            await produce_requests(own, during)
+            during = [harness.request(f"during-{i}") for i in range(50)]
+            await harness.produce_requests(own, during)
             await asyncio.sleep(2)
             # Fail closed: nothing new reaches the provider without a claim.
-            calls_during_outage = await provider_calls(simulator)
+            calls_during_outage = await harness.provider_calls(simulator)
             assert not any(rid.startswith("during-") for rid in calls_during_outage)
 
             redis_process.start()  # the same port, and (no persistence) empty
-            responses = await read_answers(own, 100, timeout=60)
+            responses = await harness.read_answers(own, 100, timeout=60)
     finally:
         own_redis.stop()
     assert {r.request_id for r in responses} == {r.request_id for r in first + during}
-    calls = await provider_calls(simulator)
+    calls = await harness.provider_calls(simulator)
     # The calls that ran through the outage were stored and emitted once Redis came back
     # (empty): none was made again.
     assert {r.request_id: calls[r.request_id] for r in first + during} == {
@@ -99,17 +85,17 @@ async def test_a_rebalance_under_load_pays_each_request_once(
     # 100 in flight at 1 s a call: the backlog lasts several seconds, so the second worker
     # joins (and partitions move) while the first has calls in flight.
     total = 600
-    requests = [request(f"rb-{i}") for i in range(total)]
-    env = worker_env(settings, simulator.url, f"g-{unique}", LLMSTREAM_MAX_IN_FLIGHT="100")
-    first = WorkerProcess(env, tmp_path, name="first").start()
-    second = WorkerProcess(env, tmp_path, name="second")
+    requests = [harness.request(f"rb-{i}") for i in range(total)]
+    env = harness.worker_env(settings, simulator.url, f"g-{unique}", LLMSTREAM_MAX_IN_FLIGHT="100")
+    first = harness.WorkerProcess(env, tmp_path, name="first").start()
+    second = harness.WorkerProcess(env, tmp_path, name="second")
     try:
         await first.wait_ready()
-        await configure_simulator(simulator, latency_ms=1000, latency_jitter=0.2)
-        await produce_requests(settings, requests)
+        await harness.configure_simulator(simulator, latency_ms=1000, latency_jitter=0.2)
+        await harness.produce_requests(settings, requests)
         second.start()
-        responses = await read_answers(settings, total, timeout=120)
-        metrics = await read_topic(
+        responses = await harness.read_answers(settings, total, timeout=120)
+        metrics = await harness.read_topic(
             settings.kafka_bootstrap_servers,
             settings.metrics_topic,
             LLMMetric,
@@ -124,7 +110,7 @@ async def test_a_rebalance_under_load_pays_each_request_once(
     assert Counter(m.request_id for m in successes) == Counter(r.request_id for r in requests)
     # Both workers answered part of the backlog: the partitions really moved under load.
     assert len({m.worker_id for m in successes}) == 2
-    calls = await provider_calls(simulator)
+    calls = await harness.provider_calls(simulator)
     assert {rid: n for rid, n in calls.items() if n != 1} == {}
     assert len(calls) == total
 
@@ -133,42 +119,42 @@ async def test_sigterm_drains_in_flight_requests_before_exiting(
     settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
     total = 300
-    requests = [request(f"term-{i}") for i in range(total)]
-    env = worker_env(settings, simulator.url, f"g-{unique}")
-    first = WorkerProcess(env, tmp_path, name="first").start()
+    requests = [harness.request(f"term-{i}") for i in range(total)]
+    env = harness.worker_env(settings, simulator.url, f"g-{unique}")
+    first = harness.WorkerProcess(env, tmp_path, name="first").start()
     await first.wait_ready()
-    await configure_simulator(simulator, latency_ms=1500, latency_jitter=0.2)
-    await produce_requests(settings, requests)
-    await wait_for_calls(simulator, in_flight=100)
+    await harness.configure_simulator(simulator, latency_ms=1500, latency_jitter=0.2)
+    await harness.produce_requests(settings, requests)
+    await harness.wait_for_calls(simulator, in_flight=100)
     os.kill(first.pid, signal.SIGTERM)
     started = time.monotonic()
     assert first.managed and first.managed.process
     returncode = await asyncio.to_thread(first.managed.process.wait, 60)
     stopped_after = time.monotonic() - started
-    await configure_simulator(simulator, latency_ms=50)
-    second = WorkerProcess(env, tmp_path, name="second").start()
+    await harness.configure_simulator(simulator, latency_ms=50)
+    second = harness.WorkerProcess(env, tmp_path, name="second").start()
     try:
-        responses = await read_answers(settings, total, timeout=90)
+        responses = await harness.read_answers(settings, total, timeout=90)
     finally:
         second.stop()
     assert returncode == 0, first.log()[-2000:]
     assert stopped_after < 30
     assert {r.request_id for r in responses} == {r.request_id for r in requests}
-    calls = await provider_calls(simulator)
+    calls = await harness.provider_calls(simulator)
     assert {rid: n for rid, n in calls.items() if n != 1} == {}
 
 
 async def test_prometheus_metrics_count_what_happened(
     settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
-    async with running_worker(settings, simulator.url, f"g-{unique}", tmp_path) as worker:
-        events = request_events([request(f"m-{i}") for i in range(20)])
-        await produce(
+    async with harness.running_worker(settings, simulator.url, f"g-{unique}", tmp_path) as worker:
+        events = harness.request_events([harness.request(f"m-{i}") for i in range(20)])
+        await harness.produce(
             settings.kafka_bootstrap_servers,
             settings.requests_topic,
             events + events[:5] + [(b"junk", b"junk")],
         )
-        await read_outputs(settings, LLMMetric, 26)
+        await harness.read_outputs(settings, LLMMetric, 26)
         async with httpx.AsyncClient() as client:
             for _ in range(20):  # counters move right after the outputs are acknowledged
                 text = (await client.get(worker.url("/metrics"))).text

@@ -1,13 +1,13 @@
 """Where requests stand: the Redis record the worker keeps, and the responses as they come.
 
-:class:`RequestLedger` works on the hash the worker's dedup keeps per request ID
-(``{prefix}req:{id}``, see :mod:`processors.dedup`). The ingress creates it with ``state=queued``
-before it publishes, atomically and only if absent, which is what makes a resubmitted ID answer
-with its status instead of being published again. The worker's claim takes a ``queued`` hash like
-a new one. The ingress adds ``client`` (who submitted it, when API keys are on), ``queued_at_ms``
-and ``queued_by`` (the reservation, so only its maker releases it). An event the worker rejected
-as invalid leaves ``{prefix}rejected:{id}`` instead (``error``, ``field``; see
-:mod:`processors.dedup`), read by :meth:`RequestLedger.rejection` only when there is no record.
+:class:`RequestLedger` works on the request record (``{prefix}req:{<id>}``, see
+:mod:`llmstream.core.record`), which the worker's dedup keeps too. The ingress creates it with
+``state=queued`` before it publishes, atomically and only if absent, which is what makes a
+resubmitted ID answer with its status instead of being published again. The worker's claim takes
+a ``queued`` record like a new one. The ingress adds ``client`` (who submitted it, when API keys
+are on), ``queued_at_ms`` and ``queued_by`` (the reservation, so only its maker releases it). An
+event the worker rejected as invalid leaves ``{prefix}rejected:{<id>}`` instead (``error``,
+``field``), read by :meth:`RequestLedger.rejection` only when there is no record.
 
 :class:`ResponseListener` is one consumer per replica, in no consumer group, assigned every
 partition of ``llm-responses`` and ``llm-errors`` from their ends: each replica sees every
@@ -26,117 +26,41 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.connections import kafka_client_options
+from llmstream.core.record import AnyRedis, Outcome, RecordStore, Reservation, Status, Stored
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMError, LLMResponse
 
+__all__ = [
+    "Outcome",
+    "RequestLedger",
+    "Reservation",
+    "ResponseListener",
+    "Status",
+    "Stored",
+    "Waiter",
+]
+
 log = logging.getLogger(__name__)
-
-Outcome = LLMResponse | LLMError
-Status = Literal["pending", "completed", "failed"]
-
-# KEYS: request hashes. ARGV: now_ms, ttl_s, client ('' for none), requeue_after_ms, token,
-# then one digest of the request's content per key.
-# Per key: {'new'} (recorded as queued: publish it), {'stale'} (queued long ago and never claimed:
-# publish it again), or {'exists', state, client, payload, digest}.
-_RESERVE = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  local digest = ARGV[5 + i]
-  local h = redis.call('HMGET', key, 'state', 'client', 'queued_at_ms', 'response', 'error',
-                       'digest')
-  local state, client, known = h[1], h[2], h[6]
-  local same = (ARGV[3] == '' or not client or client == ARGV[3])
-               and (not known or known == digest)
-  if not state then
-    redis.call('HSET', key, 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[5],
-               'digest', digest)
-    if ARGV[3] ~= '' then redis.call('HSET', key, 'client', ARGV[3]) end
-    redis.call('EXPIRE', key, ARGV[2])
-    out[i] = {'new'}
-  elseif state == 'queued' and same
-      and tonumber(h[3] or '0') + tonumber(ARGV[4]) <= tonumber(ARGV[1]) then
-    redis.call('HSET', key, 'queued_at_ms', ARGV[1], 'queued_by', ARGV[5])
-    out[i] = {'stale'}
-  else
-    local payload = (state == 'completed' and h[4]) or (state == 'failed' and h[5]) or ''
-    out[i] = {'exists', state, client or '', payload, known or ''}
-  end
-end
-return out
-"""
-
-# KEYS: request hashes; ARGV[1]: the reservation token. Drops reservations that were not
-# published, unless a worker has the request already or another reservation replaced ours.
-_RELEASE = """
-local n = 0
-for _, key in ipairs(KEYS) do
-  local h = redis.call('HMGET', key, 'state', 'queued_by')
-  if h[1] == 'queued' and h[2] == ARGV[1] then redis.call('DEL', key) n = n + 1 end
-end
-return n
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Stored:
-    """The record of one request ID."""
-
-    state: str  # queued | claimed | completed | failed
-    client: str | None  # who submitted it through the ingress, when API keys are on
-    payload: bytes | None  # the LLMResponse (completed) or LLMError (failed) JSON
-    digest: str | None = None  # of the request's content, when the ingress published it
-    field: str | None = None  # the first invalid field of an event the worker rejected
-
-    @property
-    def status(self) -> Status:
-        if self.state == "completed":
-            return "completed"
-        return "failed" if self.state == "failed" else "pending"
-
-    def outcome(self) -> Outcome | None:
-        """The decoded outcome, when there is one."""
-        if not self.payload:
-            return None
-        if self.state == "completed":
-            return decode(self.payload, LLMResponse)
-        if self.state == "failed":
-            return decode(self.payload, LLMError)
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """What :meth:`RequestLedger.reserve` found for one request ID."""
-
-    request_id: str
-    publish: bool  # recorded as queued by this call: publish it (and release it on failure)
-    existing: Stored | None = None
 
 
 class RequestLedger:
-    """The ingress's reads and writes on the per-request hashes."""
+    """The ingress's reads and writes on the request records (see :mod:`llmstream.core.record`)."""
 
     def __init__(
-        self, redis: aioredis.Redis, *, key_prefix: str, ttl_s: int, requeue_after_s: float
+        self, redis: AnyRedis, *, key_prefix: str, ttl_s: int, requeue_after_s: float
     ) -> None:
-        self._redis = redis
-        self._prefix = f"{key_prefix}req:"
-        self._rejected_prefix = f"{key_prefix}rejected:"
-        self._ttl = ttl_s
+        self.records = RecordStore(redis, key_prefix=key_prefix, ttl_s=ttl_s)
         self._requeue_ms = int(requeue_after_s * 1000)
-        self._reserve = redis.register_script(_RESERVE)
-        self._release = redis.register_script(_RELEASE)
 
     def key(self, request_id: str) -> str:
-        return self._prefix + request_id
+        return self.records.keys.record(request_id)
 
     async def reserve(
         self, requests: Sequence[tuple[str, str]], client: str | None
@@ -144,64 +68,26 @@ class RequestLedger:
         """Record each ``(request ID, content digest)`` as queued unless the ID exists; returns
         the reservation token with what was found."""
         token = uuid.uuid4().hex
-        now_ms = wall_clock_ms()
-        replies = await self._reserve(
-            keys=[self.key(request_id) for request_id, _ in requests],
-            args=[
-                now_ms,
-                self._ttl,
-                client or "",
-                self._requeue_ms,
-                token,
-                *(digest for _, digest in requests),
-            ],
+        reservations = await self.records.reserve(
+            requests,
+            client=client,
+            token=token,
+            now_ms=wall_clock_ms(),
+            requeue_after_ms=self._requeue_ms,
         )
-        reservations = []
-        for (request_id, _), reply in zip(requests, replies, strict=True):
-            kind = reply[0].decode()
-            if kind in ("new", "stale"):
-                reservations.append(Reservation(request_id, publish=True))
-            else:
-                state, owner, payload, digest = (part.decode() for part in reply[1:])
-                stored = Stored(
-                    state, owner or None, payload.encode() if payload else None, digest or None
-                )
-                reservations.append(Reservation(request_id, publish=False, existing=stored))
         return token, reservations
 
     async def release(self, token: str, request_ids: Sequence[str]) -> None:
         """Forget reservations whose publication failed, so a retry publishes them."""
         if request_ids:
-            await self._release(keys=[self.key(r) for r in request_ids], args=[token])
+            await self.records.release(token, request_ids)
 
     async def get(self, request_id: str) -> Stored | None:
-        state, client, response, error = await self._redis.hmget(
-            self.key(request_id), ["state", "client", "response", "error"]
-        )
-        if state is None:
-            return None
-        text = _text(state)
-        payload = response if text == "completed" else error if text == "failed" else None
-        return Stored(text, _text(client) if client else None, _bytes(payload))
+        return await self.records.get(request_id)
 
     async def rejection(self, request_id: str) -> Stored | None:
         """Why the worker rejected an event with this ID (failed, no client), if it did."""
-        error, field = await self._redis.hmget(
-            self._rejected_prefix + request_id, ["error", "field"]
-        )
-        if error is None:
-            return None
-        return Stored("failed", None, _bytes(error), field=_text(field) if field else None)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _bytes(value: bytes | str | None) -> bytes | None:
-    if value is None:
-        return None
-    return value.encode() if isinstance(value, str) else value
+        return await self.records.rejection(request_id)
 
 
 @dataclass(slots=True)

@@ -7,8 +7,9 @@ invalid input) cannot be replayed; it is listed as skipped.
 
 A replayed request keeps its ID, so whoever waits for it (``GET /v1/requests/{id}``, a consumer
 of ``llm-responses`` matching on the ID) gets the new outcome under the ID it knows. The workers'
-dedup would take a known ID for a duplicate, so before publishing, one Lua script resets the
-ID's record from ``failed`` to ``queued`` (keeping what the ingress recorded: client, digest). An
+dedup would take a known ID for a duplicate, so before publishing, one script of the request record
+(:mod:`llmstream.core.record`) resets it from ``failed`` to ``queued`` (keeping what the ingress
+recorded: client, digest). An
 ID whose record says ``completed`` (it succeeded since, for instance replayed already) or
 ``claimed`` (a worker has it now) is not published: replay never pays twice for a request that
 succeeded. An ID whose record is ``queued`` or gone (expired after ``LLMSTREAM_RESULT_TTL_S``) is
@@ -39,6 +40,7 @@ from llmstream.core.connections import (
     negotiate_idempotence,
 )
 from llmstream.core.errors import LLMStreamError
+from llmstream.core.record import RecordStore
 from llmstream.core.settings import ServiceSettings
 from llmstream.schemas.codec import DecodeError, decode, encode
 from llmstream.schemas.models import LLMError
@@ -47,18 +49,6 @@ from llmstream.schemas.models import LLMError
 # deciding where to start (--since) and where the topic ended when the scan began.
 _CLOCK_SKEW_MS = 60_000
 
-# KEYS[1] the request's dedup hash; ARGV: now_ms, the replay's token.
-# failed -> queued (the outcome dropped, the ingress's fields kept): 'reset'; no record: 'absent';
-# otherwise the state, unchanged.
-_RESET = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 'absent' end
-if state ~= 'failed' then return state end
-redis.call('HDEL', KEYS[1], 'error', 'owner', 'emitted', 'settled_at_ms', 'claimed_at_ms')
-redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'replays', 1)
-return 'reset'
-"""
 # What replay does with an ID, by its record's state (or the script's answer).
 _PUBLISH = {"failed", "reset", "absent", "queued"}
 _SKIP_REASONS = {"completed": "succeeded since", "claimed": "in progress"}
@@ -146,7 +136,9 @@ async def replay(
             raise
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        reset = redis.register_script(_RESET)
+        records = RecordStore(
+            redis, key_prefix=settings.redis_key_prefix, ttl_s=settings.result_ttl_s
+        )
         token = f"replay-{time.time_ns()}"
         pending = []
         for error in report.selected:
@@ -156,12 +148,12 @@ async def replay(
                 report.skip("no request to replay", request_id)
                 _line(out, "skip (no request)", error)
                 continue
-            key = f"{settings.redis_key_prefix}req:{request.request_id}"
             if dry_run:
-                raw = await redis.hget(key, "state")
-                state = _text(raw) if raw is not None else "absent"
+                state = await records.state(request.request_id) or "absent"
             else:
-                state = _text(await reset(keys=[key], args=[wall_clock_ms(), token]))
+                state = await records.reset_failed(
+                    request.request_id, now_ms=wall_clock_ms(), token=token
+                )
             if state not in _PUBLISH:
                 reason = _SKIP_REASONS.get(state, state)
                 report.skip(reason, request.request_id)
@@ -262,11 +254,6 @@ async def _seek(
             consumer.seek(tp, hit.offset)
         active.add(tp)
     return active
-
-
-def _text(value: bytes | str) -> str:
-    # The client is built without decode_responses, so replies are bytes; the stubs allow str.
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _line(out: TextIO, action: str, error: LLMError) -> None:

@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
+from llmstream.core.record import RecordKeys
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.ingress.app import connect, create_app
@@ -182,12 +183,13 @@ async def test_the_record_expires_with_the_results_and_holds_no_raw_bytes(
 
     await worker_path.process(raw)
 
-    key = f"{settings.redis_key_prefix}rejected:{rid}"
+    keys = RecordKeys(settings.redis_key_prefix)
+    key = keys.rejected(rid)
     assert 0 < await redis_client.ttl(key) <= worker_path.settings.result_ttl_s
     stored = decode(await redis_client.hget(key, "error"), LLMError)
     assert (stored.request_id, stored.raw_payload) == (rid, None)
     assert raw not in b"".join((await redis_client.hgetall(key)).values())
-    assert await redis_client.exists(f"{settings.redis_key_prefix}req:{rid}") == 0
+    assert await redis_client.exists(keys.record(rid)) == 0
 
 
 async def test_a_valid_event_after_a_rejected_one_is_processed(

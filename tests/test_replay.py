@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from llmstream.core.record import RecordKeys
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.replay import ReplayError, Selection, parse_time, replay
@@ -73,7 +74,8 @@ async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
             "3 error events read, 3 selected: would replay 2; skipped 1 no request to replay"
             in (everything)
         )
-        state = await redis_client.hget(f"{settings.redis_key_prefix}req:bad-400", "state")
+        key = RecordKeys(settings.redis_key_prefix).record("bad-400")
+        state = await redis_client.hget(key, "state")
         assert state == b"failed"
 
         # By error type, with the command itself: only the 400 is replayed; the worker calls

@@ -1,0 +1,89 @@
+"""Where a request's record lives in Redis, what it holds, and which keys share a hash slot.
+
+Every key of one request carries the request ID as its Redis Cluster hash tag, so the record and
+the rejection of one request ID live in one slot::
+
+    {prefix}req:{<request id>}        the record (a hash, fields below)
+    {prefix}rejected:{<request id>}   why the worker rejected an event with this ID (a hash)
+    {prefix}worker:{<token>}          a worker process's heartbeat (a string with a TTL)
+
+Redis hashes only what is between the first ``{`` and the next ``}``: a key prefix holding braces
+would become the tag of every key (one slot for everything, still correct, just not spread out).
+An ID holding ``}`` is cut at it by Redis, and by :func:`slot` the same way, so keys and the
+grouping of scripts always agree.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+# Either client: a single Redis, or Redis Cluster (where every script's keys must share a slot).
+AnyRedis = Redis | RedisCluster
+
+
+class State(enum.StrEnum):
+    """The ``state`` field of a record."""
+
+    QUEUED = "queued"  # recorded by the ingress (or reset by replay); no worker has it yet
+    CLAIMED = "claimed"  # a worker owns it and may call the provider
+    COMPLETED = "completed"  # the response is stored (``response``)
+    FAILED = "failed"  # the error is stored (``error``)
+
+
+class Field(enum.StrEnum):
+    """The fields of a record (and of a rejection: ``error`` and ``field``)."""
+
+    STATE = "state"
+    OWNER = "owner"  # token of the worker holding the claim
+    EPOCH = "epoch"  # fencing epoch, +1 at every claim and takeover
+    EMITTED = "emitted"  # "1" once the stored outcome is on the broker
+    RESPONSE = "response"  # LLMResponse JSON (completed)
+    ERROR = "error"  # LLMError JSON (failed)
+    CLIENT = "client"  # who submitted it through the ingress
+    DIGEST = "digest"  # of the request's content, as the ingress published it
+    QUEUED_AT_MS = "queued_at_ms"
+    QUEUED_BY = "queued_by"  # the ingress reservation (or replay) token
+    CLAIMED_AT_MS = "claimed_at_ms"
+    SETTLED_AT_MS = "settled_at_ms"
+    TAKEOVERS = "takeovers"
+    REPLAYS = "replays"
+    INVALID_FIELD = "field"  # of a rejection: the first invalid field
+
+
+class RecordKeys:
+    """The key names under one key prefix (``LLMSTREAM_REDIS_KEY_PREFIX``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def record(self, request_id: str) -> str:
+        return f"{self.prefix}req:{{{request_id}}}"
+
+    def rejected(self, request_id: str) -> str:
+        return f"{self.prefix}rejected:{{{request_id}}}"
+
+    def heartbeat(self, token: str) -> str:
+        return f"{self.prefix}worker:{{{token}}}"
+
+
+def slot(key: str) -> int:
+    """The Redis Cluster hash slot of ``key`` (hash tags included)."""
+    return int(key_slot(key.encode()))
+
+
+def by_slot(redis: AnyRedis, keys: Sequence[str]) -> list[list[int]]:
+    """Indexes of ``keys`` grouped so that one script run touches one slot.
+
+    On a single Redis every key may go into one script run: one group.
+    """
+    if not isinstance(redis, RedisCluster):
+        return [list(range(len(keys)))] if keys else []
+    groups: dict[int, list[int]] = {}
+    for index, key in enumerate(keys):
+        groups.setdefault(slot(key), []).append(index)
+    return list(groups.values())

@@ -1,0 +1,148 @@
+"""Every Lua script that writes a request's record. Each touches only the keys it is given
+(``KEYS``), all of one request ID's hash slot or, batched, of one slot (see :func:`by_slot`)."""
+
+from __future__ import annotations
+
+# The worker's calls, batched: KEYS[i] is the record of call i. ARGV[1] the worker's token,
+# ARGV[2] the result TTL (s), then 5 arguments per call: kind, then
+#   c (claim)        now_ms, owner seen dead ('' for none), that owner's epoch seen
+#   s (settle)       c|f (completed/failed), payload, now_ms, own epoch
+#   m (mark emitted) -
+#   o (still owner)  own epoch
+# Reply: {answers, extra, ...}; answers is one space-separated string (redis-py spends far more
+# CPU per reply element it parses than Redis spends running the script), one answer per call:
+#   claim   claimed:<epoch> | takeover:<epoch> | busy:<epoch> (+ owner in extra)
+#           | done:<state> (+ payload) | recover:<state>:<epoch> (+ payload)
+#   settle  1 stored | 0 fenced;   still owner  1 | 0;   mark  -
+WORKER = """
+local token, ttl = ARGV[1], ARGV[2]
+
+local function claim(key, now, dead, dead_epoch)
+  local h = redis.call('HMGET', key, 'state', 'owner', 'emitted', 'epoch')
+  local state, owner, emitted, epoch = h[1], h[2], h[3], h[4] or '0'
+  -- The caller saw this owner's heartbeat gone while the record was at this epoch.
+  local lapsed = owner ~= false and owner == dead and epoch == dead_epoch
+  if state == 'completed' or state == 'failed' then
+    local payload = redis.call('HGET', key, state == 'completed' and 'response' or 'error')
+    if emitted == '1' then return {'done:' .. state, payload or ''} end
+    if owner and not lapsed then return {'busy:' .. epoch, owner} end
+    epoch = redis.call('HINCRBY', key, 'epoch', 1)
+    redis.call('HSET', key, 'owner', token)
+    redis.call('HINCRBY', key, 'takeovers', 1)
+    return {'recover:' .. state .. ':' .. epoch, payload or ''}
+  end
+  if state == 'claimed' and owner and not lapsed then return {'busy:' .. epoch, owner} end
+  epoch = redis.call('HINCRBY', key, 'epoch', 1)
+  if state == 'claimed' then
+    redis.call('HSET', key, 'owner', token, 'claimed_at_ms', now)
+    redis.call('HINCRBY', key, 'takeovers', 1)
+    return {'takeover:' .. epoch}
+  end
+  redis.call('HSET', key, 'state', 'claimed', 'owner', token, 'emitted', '0', 'claimed_at_ms', now)
+  redis.call('EXPIRE', key, ttl)
+  return {'claimed:' .. epoch}
+end
+
+-- Fenced by owner and epoch. A record with neither is not a lost claim but lost state (Redis
+-- restarted empty or was flushed, perhaps re-created queued by the ingress): nobody else owns
+-- the request, so the outcome is stored; refusing would ack an unemitted request.
+local function ours(key, my_epoch)
+  local h = redis.call('HMGET', key, 'owner', 'epoch')
+  return (not h[1] or h[1] == token) and (not h[2] or h[2] == my_epoch)
+end
+
+local function settle(key, code, payload, now, my_epoch)
+  if not ours(key, my_epoch) then return {'0'} end
+  local state, field = 'completed', 'response'
+  if code == 'f' then state, field = 'failed', 'error' end
+  redis.call('HSET', key, 'state', state, field, payload, 'settled_at_ms', now, 'owner', token,
+             'epoch', my_epoch, 'emitted', '0')
+  redis.call('EXPIRE', key, ttl)
+  return {'1'}
+end
+
+local answers, reply = {}, {''}
+for i, key in ipairs(KEYS) do
+  local at = 2 + (i - 1) * 5
+  local kind, r = ARGV[at + 1], nil
+  if kind == 'c' then
+    r = claim(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4])
+  elseif kind == 's' then
+    r = settle(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
+  elseif kind == 'o' then
+    r = {ours(key, ARGV[at + 2]) and '1' or '0'}
+  else
+    -- Only an existing record: an expired one is not recreated without a TTL.
+    if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'emitted', '1') end
+    r = {'-'}
+  end
+  answers[#answers + 1] = r[1]
+  if r[2] then reply[#reply + 1] = r[2] end
+end
+reply[1] = table.concat(answers, ' ')
+return reply
+"""
+
+# KEYS[1] the rejection; ARGV: error JSON, invalid field ('' for none), ttl_s.
+REJECT = """
+redis.call('HSET', KEYS[1], 'error', ARGV[1], 'field', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+# The ingress. KEYS: records. ARGV: now_ms, ttl_s, client ('' for none), requeue_after_ms,
+# reservation token, then one digest of the request's content per key.
+# Per key: {'new'} (recorded as queued: publish it), {'stale'} (queued long ago and never claimed:
+# publish it again), or {'exists', state, client, payload, digest}.
+RESERVE = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local digest = ARGV[5 + i]
+  local h = redis.call('HMGET', key, 'state', 'client', 'queued_at_ms', 'response', 'error',
+                       'digest')
+  local state, client, known = h[1], h[2], h[6]
+  local same = (ARGV[3] == '' or not client or client == ARGV[3])
+               and (not known or known == digest)
+  if not state then
+    redis.call('HSET', key, 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[5],
+               'digest', digest)
+    if ARGV[3] ~= '' then redis.call('HSET', key, 'client', ARGV[3]) end
+    redis.call('EXPIRE', key, ARGV[2])
+    out[i] = {'new'}
+  elseif state == 'queued' and same
+      and tonumber(h[3] or '0') + tonumber(ARGV[4]) <= tonumber(ARGV[1]) then
+    redis.call('HSET', key, 'queued_at_ms', ARGV[1], 'queued_by', ARGV[5])
+    out[i] = {'stale'}
+  else
+    local payload = (state == 'completed' and h[4]) or (state == 'failed' and h[5]) or ''
+    out[i] = {'exists', state, client or '', payload, known or ''}
+  end
+end
+return out
+"""
+
+# KEYS: records; ARGV[1]: the reservation token. Drops reservations that were not published,
+# unless a worker has the request already or another reservation replaced ours.
+RELEASE = """
+local n = 0
+for _, key in ipairs(KEYS) do
+  local h = redis.call('HMGET', key, 'state', 'queued_by')
+  if h[1] == 'queued' and h[2] == ARGV[1] then redis.call('DEL', key) n = n + 1 end
+end
+return n
+"""
+
+# Replay. KEYS[1] the record; ARGV: now_ms, the replay's token.
+# failed -> queued (the outcome dropped, the ingress's fields kept): 'reset'; no record: 'absent';
+# otherwise the state, unchanged. The epoch moves on, so a worker that owned the failed request
+# before cannot store into the replayed one (see settle's fence).
+RESET = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 'absent' end
+if state ~= 'failed' then return state end
+redis.call('HDEL', KEYS[1], 'error', 'owner', 'emitted', 'settled_at_ms', 'claimed_at_ms')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'replays', 1)
+redis.call('HINCRBY', KEYS[1], 'epoch', 1)
+return 'reset'
+"""

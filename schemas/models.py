@@ -44,9 +44,12 @@ NonNegativeMs = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 class _Event(BaseModel):
     # JSON carries bytes as base64; unknown fields are an error so a typo is reported, not ignored.
+    # Strict types: the contract is read by many languages, so a string is not a number and a
+    # boolean is neither a number nor "yes" ("0.5", true and "16" are refused, naming the field).
     model_config = ConfigDict(
         extra="forbid",
         frozen=True,
+        strict=True,
         ser_json_bytes="base64",
         val_json_bytes="base64",
     )

@@ -417,3 +417,33 @@ def test_mutated_avro(data: st.DataObject) -> None:
         at = data.draw(st.integers(10, len(raw) - 1))
         raw[at : at + data.draw(st.integers(0, 3))] = data.draw(st.binary(max_size=3))
     only_decode_errors(bytes(raw), type(event))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "0.5"),
+        ("temperature", True),
+        ("max_tokens", "16"),
+        ("max_tokens", True),
+        ("max_tokens", 16.5),
+        ("cache", "yes"),
+        ("cache", 1),
+        ("created_at_ms", True),
+        ("created_at_ms", "1700000000000"),
+    ],
+)
+def test_a_value_of_the_wrong_json_type_is_refused_naming_the_field(
+    field: str, value: object
+) -> None:
+    # Producers in other languages must not rely on coercion: a string is not a number, a
+    # boolean is neither a number nor a string.
+    event = {**json.loads(encode(MINIMAL_REQUEST, WireFormat.JSON)), field: value}
+    error = decode_error(json.dumps(event).encode())
+    assert error.kind == "invalid_request"
+    assert error.field == field
+
+
+def test_an_integer_is_a_valid_temperature() -> None:
+    event = {**json.loads(encode(MINIMAL_REQUEST, WireFormat.JSON)), "temperature": 1}
+    assert decode_request(json.dumps(event).encode()).temperature == 1.0

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from llmstream import __version__
 from llmstream.core.errors import LLMStreamError
 
@@ -300,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         # A setup the command cannot run with (a broker refusing what the settings insist on, a
         # service that did not start): one line that says what to change, not a traceback.
         print(f"llmstream {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        # Settings read from the environment: name each variable, never echo its value.
+        from llmstream.core.settings import describe_invalid_settings
+
+        print(f"llmstream {args.command}: {describe_invalid_settings(exc)}", file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from dotenv import dotenv_values
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmstream.schemas.codec import WireFormat
@@ -136,6 +143,45 @@ class ServiceSettings(BaseSettings):
             yield name, redact_url(value) if name == "redis_url" else value
 
 
+def environment_variable(cls: type[BaseSettings], name: str) -> str:
+    """The environment variable that sets field ``name`` of ``cls``."""
+    field = cls.model_fields.get(name)
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        for choice in alias.choices:
+            if isinstance(choice, str) and choice.isupper():
+                return choice
+    return f"{cls.model_config.get('env_prefix', '')}{name}".upper()
+
+
+def describe_invalid_settings(exc: ValidationError) -> str:
+    """A settings validation error as lines naming each variable and what is wrong with it.
+
+    Never the value: a secret pasted into the wrong variable, or a key inside a mistyped JSON
+    setting, would otherwise be printed (pydantic's own message echoes every input).
+    """
+    cls = _settings_class(exc.title)
+    lines = [f"invalid configuration ({exc.error_count()} error(s)):"]
+    for error in exc.errors(include_url=False, include_context=False, include_input=False):
+        loc = [str(part) for part in error["loc"]]
+        if cls is not None and loc:
+            loc[0] = environment_variable(cls, loc[0])
+        lines.append(f"  {'.'.join(loc) or exc.title}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _settings_class(name: str) -> type[BaseSettings] | None:
+    pending: list[type[BaseSettings]] = [BaseSettings]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None
+
+
 def environment_help(*classes: type[BaseSettings]) -> str:
     """The environment variables ``classes`` read, one per line with its default (for --help).
 
@@ -143,18 +189,8 @@ def environment_help(*classes: type[BaseSettings]) -> str:
     """
     lines: list[str] = []
     for cls in classes:
-        prefix = str(cls.model_config.get("env_prefix", ""))
         for name, field in cls.model_fields.items():
-            alias = field.validation_alias
-            if isinstance(alias, str):
-                variable = alias
-            elif isinstance(alias, AliasChoices):
-                variable = next(
-                    (c for c in alias.choices if isinstance(c, str) and c.isupper()),
-                    f"{prefix}{name}".upper(),
-                )
-            else:
-                variable = f"{prefix}{name}".upper()
+            variable = environment_variable(cls, name)
             if field.default_factory is not None:
                 built = field.default_factory()  # type: ignore[call-arg]
                 if isinstance(built, dict | list):

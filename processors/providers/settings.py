@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from llmstream.core.settings import load_object_file
+from llmstream.core.settings import load_object_file, redact_url
 from llmstream.processors.providers import Provider, ProviderRouter
 from llmstream.processors.providers.anthropic import AnthropicMessages
 from llmstream.processors.providers.openai import OpenAICompatible
@@ -52,7 +52,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 def _check_base_url(value: str) -> str:
     url = httpx.URL(value)
     if url.scheme not in ("http", "https") or not url.host:
-        raise ValueError(f"a base URL must be http(s)://host[:port][/path], got {value!r}")
+        # Redacted: a URL may carry credentials (https://user:key@host).
+        raise ValueError(
+            f"a base URL must be http(s)://host[:port][/path], got {redact_url(value)!r}"
+        )
     return value.rstrip("/")
 
 

@@ -9,7 +9,14 @@ import pytest
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from llmstream.core.record import AnyRedis, ClaimUnavailable, RecordStore, WorkerOp, slot
+from llmstream.core.record import (
+    AnyRedis,
+    ClaimUnavailable,
+    RecordStore,
+    Reservation,
+    WorkerOp,
+    slot,
+)
 from llmstream.processors.dedup import ClaimStatus, DedupStore
 from tests.conftest import Services
 from tests.redis_cluster import RedisClusterNodes, redis_cluster
@@ -199,8 +206,8 @@ async def test_a_worker_whose_own_lease_lapsed_claims_and_checks_nothing(
 async def test_the_ingress_requeues_only_a_stale_unclaimed_reservation(
     records: RecordStore, a: DedupStore
 ) -> None:
-    def reserve(token: str, now_ms: int, digest: str = "d"):  # type: ignore[no-untyped-def]
-        return records.reserve(
+    async def reserve(token: str, now_ms: int, digest: str = "d") -> list[Reservation]:
+        return await records.reserve(
             [("r1", digest)], client=None, token=token, now_ms=now_ms, requeue_after_ms=1000
         )
 

@@ -27,8 +27,8 @@ the record is held by another worker, the claim answers ``busy`` with the owner'
 record's ``epoch``; the claimant reads that heartbeat with a plain command and, only when it is
 gone, runs the claim again saying "owner X at epoch E was seen dead". The script takes over only
 if the record is still owned by X at E, and moves the epoch on. Storing an outcome (settle) is
-fenced by owner *and* epoch, and the worker asks :meth:`still_owner <.store.RecordStore.run>`
-(``o``) before each provider attempt.
+fenced by owner *and* epoch, and so is the still-owner check (the worker script's ``o`` call,
+``DedupStore.still_owner``) that a worker runs before each provider attempt.
 
 - Owner alive again after a stall (its heartbeat lapsed, the taker saw that, then the owner
   renewed before the takeover script ran): the takeover still happens, which is right, since a

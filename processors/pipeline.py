@@ -12,6 +12,7 @@ waited out (fail closed). The caller acks the event's offset when it returns.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -301,16 +302,19 @@ class RequestProcessor:
         bytes), so ``GET /v1/requests/{id}`` answers ``failed`` by the time the error is out.
         """
         request_id = peek_request_id(raw, key)
+        payload, size, digest = _carried_payload(raw, self._settings.max_event_bytes)
         error = LLMError(
             request_id=request_id,
             error_type=exc.kind,
             message=str(exc),
             retryable=False,
-            raw_payload=raw,
+            raw_payload=payload,
             source_topic=source.topic,
             source_partition=source.partition,
             source_offset=source.offset,
             occurred_at_ms=picked_up_ms,
+            raw_payload_size=size,
+            raw_payload_sha256=digest,
         )
         if request_id is not None:
             stored = encode(error.model_copy(update={"raw_payload": None}), WireFormat.JSON)
@@ -515,3 +519,23 @@ class RequestProcessor:
 
     def _observe_overhead(self, started: float, provider_s: float) -> None:
         self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
+
+
+# Room in an error event for everything but the payload (the message is bounded by the codec).
+_ERROR_EVENT_ROOM = 16 * 1024
+_TRUNCATED_PAYLOAD_BYTES = 64 * 1024
+
+
+def _carried_payload(
+    raw: bytes | None, max_event_bytes: int
+) -> tuple[bytes | None, int | None, str | None]:
+    """What of an undecodable payload its error event carries: the whole payload when the event
+    still fits under the producer's limit (base64 in JSON grows it by a third), else its first
+    bytes with its size and SHA-256, so that one oversized event cannot stop its partition."""
+    if raw is None:
+        return None, None, None
+    fits = max(0, (max_event_bytes - _ERROR_EVENT_ROOM) * 3 // 4)
+    if len(raw) <= fits:
+        return raw, None, None
+    kept = raw[: min(fits, _TRUNCATED_PAYLOAD_BYTES)]
+    return kept, len(raw), hashlib.sha256(raw).hexdigest()

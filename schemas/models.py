@@ -150,3 +150,5 @@ class LLMError(_Event):
     source_partition: Int32 | None = None
     source_offset: Int64 | None = None
     occurred_at_ms: Int64
+    raw_payload_size: Int64 | None = None
+    raw_payload_sha256: str | None = None

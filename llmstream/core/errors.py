@@ -3,13 +3,16 @@
 Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
 
     LLMStreamError
+     ├── core.connections.KafkaSetupError    the Kafka cluster refuses what the settings insist on
+     ├── core.record.ClaimUnavailable        Redis cannot be reached, or this worker's lease lapsed:
+     │                                       fail closed
      ├── processors.providers.ProviderError  a provider call failed (carries status, retryable,
-     │                                       retry_after)
-     ├── processors.dedup.ClaimUnavailable   Redis cannot be reached: fail closed
+     │   │                                   retry_after)
+     │   └── processors.retry.RetriesExhausted  no more attempts (max attempts, or the deadline)
      ├── ingress.errors.ApiError             an HTTP answer other than success (status, OpenAI
      │                                       error body, headers such as Retry-After)
      ├── replay.ReplayError                  a replay that cannot run as asked
-     └── devtools.embedded.ServiceStartError an embedded broker or Redis did not come up
+     └── devtools.processes.ServiceStartError an embedded broker or Redis did not come up
 
 (Module paths are under ``llmstream.``.) The event contract is the one exception:
 ``llmstream.schemas.DecodeError`` derives from ``ValueError``, because the contract imports

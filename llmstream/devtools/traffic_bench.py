@@ -46,6 +46,7 @@ from llmstream.schemas.models import ChatMessage, LLMError, LLMRequest, LLMRespo
 
 __all__ = [
     "AdaptiveResult",
+    "CallCounts",
     "CircuitResult",
     "Rig",
     "run_adaptive",
@@ -217,6 +218,26 @@ class _Outcomes:
         self.lost = len(ids - responses.keys() - errors.keys())
 
 
+@dataclass(frozen=True)
+class CallCounts:
+    """Calls the simulator answered, and how many of them it answered 429."""
+
+    total: int = 0
+    answered_429: int = 0
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> CallCounts:
+        """The counts in the simulator's ``/_sim/stats``."""
+        return cls(stats["calls_total"], stats["status_counts"].get("429", 0))
+
+    def __sub__(self, earlier: CallCounts) -> CallCounts:
+        return CallCounts(self.total - earlier.total, self.answered_429 - earlier.answered_429)
+
+    @property
+    def share_429(self) -> float:
+        return self.answered_429 / self.total if self.total else 0.0
+
+
 @dataclass(kw_only=True)
 class AdaptiveResult(_Outcomes):
     """Figures of the goodput and adaptive scenarios (rates per minute of real time)."""
@@ -225,26 +246,20 @@ class AdaptiveResult(_Outcomes):
     limit_rpm: float
     configured_rpm: float
     duplicate_outputs: int = 0
-    calls: int = 0
-    calls_429: int = 0
+    calls: CallCounts = field(default_factory=CallCounts)
     # The same, from the first call plus 30 s (scaled) on: after the limiter has adapted.
-    calls_after_warmup: int = 0
-    calls_429_after_warmup: int = 0
+    calls_after_warmup: CallCounts = field(default_factory=CallCounts)
     goodput_rpm: float = 0.0
     final_factor: float | None = None
     factor_trace: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def share_429(self) -> float:
-        return self.calls_429 / self.calls if self.calls else 0.0
+        return self.calls.share_429
 
     @property
     def share_429_after_warmup(self) -> float:
-        return (
-            self.calls_429_after_warmup / self.calls_after_warmup
-            if self.calls_after_warmup
-            else 0.0
-        )
+        return self.calls_after_warmup.share_429
 
     @property
     def goodput_ratio(self) -> float:
@@ -255,9 +270,10 @@ class AdaptiveResult(_Outcomes):
         return (
             f"{self.scenario}: limit {self.limit_rpm:,.0f}{per}, workers configured at "
             f"{self.configured_rpm:,.0f}; goodput {self.goodput_rpm:,.0f}/min = "
-            f"{self.goodput_ratio * 100:.1f}% of the limit; {self.calls:,} calls, "
-            f"{self.calls_429:,} answered 429 ({self.share_429 * 100:.2f}%), after the first "
-            f"{30 / scale:g} s {self.calls_429_after_warmup:,} of {self.calls_after_warmup:,} "
+            f"{self.goodput_ratio * 100:.1f}% of the limit; {self.calls.total:,} calls, "
+            f"{self.calls.answered_429:,} answered 429 ({self.share_429 * 100:.2f}%), after the "
+            f"first {30 / scale:g} s {self.calls_after_warmup.answered_429:,} of "
+            f"{self.calls_after_warmup.total:,} "
             f"({self.share_429_after_warmup * 100:.2f}%); completed {self.completed:,} of "
             f"{self.requests:,}, lost {self.lost}, errors {self.errors}, duplicate outputs "
             f"{self.duplicate_outputs}; final rate factor "
@@ -311,20 +327,15 @@ async def _limited_run(
             LLMSTREAM_RATE_LIMITS=json.dumps({"openai": {"rpm": configured_rpm}}),
             **scaled_env(scale),
         )
-        snapshots: list[tuple[float, int, int]] = []  # (t, calls, 429s)
+        snapshots: list[tuple[float, CallCounts]] = []
         async with run.workers(env, workers) as ports:
             started = time.monotonic()
             collect = asyncio.create_task(
                 run.outcomes(ids, within_s=requests / limit_rpm * 60 * 3 + 120)
             )
             while not collect.done():
-                stats = await _sim_get(sim, "/_sim/stats")
                 snapshots.append(
-                    (
-                        time.monotonic(),
-                        stats["calls_total"],
-                        stats["status_counts"].get("429", 0),
-                    )
+                    (time.monotonic(), CallCounts.of(await _sim_get(sim, "/_sim/stats")))
                 )
                 factors = await scrape(ports[:1], "llmstream_adaptive_rate_factor")
                 if factors:
@@ -341,13 +352,12 @@ async def _limited_run(
         stats = await _sim_get(sim, "/_sim/stats")
     result.count(ids, responses, errors)
     result.duplicate_outputs = duplicates
-    result.calls = stats["calls_total"]
-    result.calls_429 = stats["status_counts"].get("429", 0)
-    first_call = next((t for t, calls, _ in snapshots if calls > 0), started)
+    result.calls = CallCounts.of(stats)
+    first_call = next((t for t, counts in snapshots if counts.total > 0), started)
     warm = first_call + 30.0 / scale
-    before = max(((c, n) for t, c, n in snapshots if t <= warm), default=(0, 0))
-    result.calls_after_warmup = result.calls - before[0]
-    result.calls_429_after_warmup = result.calls_429 - before[1]
+    before = [counts for t, counts in snapshots if t <= warm]
+    # The counts only grow: the last snapshot before the warm-up ends holds the most.
+    result.calls_after_warmup = result.calls - (before[-1] if before else CallCounts())
     done = sorted(r.completed_at_ms for r in responses.values() if r.completed_at_ms)
     if len(done) > 1:
         result.goodput_rpm = (len(done) - 1) / ((done[-1] - done[0]) / 60_000)

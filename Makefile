@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Ctrl-C reaches make and llmstream dev (one process group); dev stops its children itself.
 run: install
 	$(BIN)/llmstream dev
 

@@ -13,6 +13,8 @@ A model is looked up as ``provider/model``, then as the bare model, then without
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,6 +64,10 @@ BUILTIN_PRICES: Mapping[str, Price] = {
 }
 
 # gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, claude-3-5-haiku-latest
+log = logging.getLogger(__name__)
+# (provider, model) pairs whose cost could not be computed, logged once per process.
+_UNUSABLE: set[tuple[str, str]] = set()
+
 _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
@@ -82,11 +88,28 @@ class PriceTable:
     def cost(
         self, provider: str, model: str, prompt_tokens: int, completion_tokens: int
     ) -> float | None:
-        """USD for one call, or None when the model's price is unknown."""
+        """USD for one call, or None when the model's price is unknown, or the result is
+        negative or not finite (a provider's bad counts, an infinite configured price)."""
         price = self.price(provider, model)
         if price is None:
             return None
-        return (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        cost = (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        if math.isfinite(cost) and cost >= 0:
+            return cost
+        # Only a bad count or price gets here; the answer is paid for and must not become a
+        # failure because the cost counter refuses the value. Unknown, not a guess.
+        if (provider, model) not in _UNUSABLE:
+            _UNUSABLE.add((provider, model))
+            log.warning(
+                "cost of %s/%s came out as %r (%d prompt, %d completion tokens); reported as "
+                "unknown (said once per process)",
+                provider,
+                model,
+                cost,
+                prompt_tokens,
+                completion_tokens,
+            )
+        return None
 
 
 def load_prices_file(path: Path) -> dict[str, Price]:

@@ -26,11 +26,13 @@ from pydantic import SecretStr
 
 from llmstream.processors.providers import Completion, ErrorType, ProviderError
 from llmstream.processors.providers.http import (
+    MAX_TOKEN_COUNT,
     ErrorFields,
     HTTPAdapter,
     endpoint_url,
     present,
     text_field,
+    token_count,
 )
 from llmstream.schemas.models import LLMRequest
 
@@ -122,16 +124,21 @@ class AnthropicMessages(HTTPAdapter):
 
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
         text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")
-        usage = data.get("usage") or {}
-        prompt = sum(int(usage.get(key) or 0) for key in _PROMPT_TOKEN_KEYS)
-        completion = int(usage.get("output_tokens") or 0)
-        stop_reason = data.get("stop_reason")
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}  # usage is bookkeeping: without it the answer still counts
+        prompt = min(
+            sum(token_count(self.name, key, usage.get(key)) for key in _PROMPT_TOKEN_KEYS),
+            MAX_TOKEN_COUNT,
+        )
+        completion = token_count(self.name, "output_tokens", usage.get("output_tokens"))
+        stop = data.get("stop_reason")
         return Completion(
             content=text,
-            finish_reason=FINISH_REASONS.get(stop_reason, stop_reason),
+            finish_reason=FINISH_REASONS.get(stop, stop) if isinstance(stop, str) else None,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            total_tokens=prompt + completion,
+            total_tokens=min(prompt + completion, MAX_TOKEN_COUNT),
             provider=self.name,
             model=str(data.get("model") or requested_model),
         )

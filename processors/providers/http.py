@@ -8,6 +8,8 @@ reading ``retry-after`` and spotting quota-exhausted 429s happen here, once.
 
 from __future__ import annotations
 
+import logging
+import math
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -37,12 +39,19 @@ __all__ = [
     "request_id_header",
     "status_classification",
     "text_field",
+    "token_count",
 ]
+
+log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_DETAIL_CHARS = 300
 _REDACTED = "[REDACTED]"
 # Whatever a success body lacks or holds in the wrong type surfaces as one of these.
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
+# The most tokens one count may say: the events' token fields are 32-bit.
+MAX_TOKEN_COUNT = 2**31 - 1
+# (provider, usage field) pairs already logged as unusable: said once per process, not per call.
+_UNUSABLE_COUNTS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,6 +240,28 @@ def text_field(value: object) -> str:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     return ""
+
+
+def token_count(provider: str, name: str, value: object) -> int:
+    """A usage count from a success body; 0 when absent, and 0 (logged once per provider and
+    field) when negative, absurd (over 32 bits) or not a number. The answer itself is good and
+    paid for: a bad count must not turn it into a failure further on (counters, cost, events)."""
+    if value is None:
+        return 0
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        count = int(value)
+        if 0 <= count <= MAX_TOKEN_COUNT:
+            return count
+    if (provider, name) not in _UNUSABLE_COUNTS:
+        _UNUSABLE_COUNTS.add((provider, name))
+        log.warning(
+            "%s answered usage.%s = %.40r, which is not a token count; counted as 0 "
+            "(said once per process)",
+            provider,
+            name,
+            value,
+        )
+    return 0
 
 
 def request_id_header(request_id: str) -> str:

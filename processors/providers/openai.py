@@ -14,11 +14,13 @@ import httpx
 
 from llmstream.processors.providers import Completion
 from llmstream.processors.providers.http import (
+    MAX_TOKEN_COUNT,
     ErrorFields,
     HTTPAdapter,
     endpoint_url,
     present,
     text_field,
+    token_count,
 )
 from llmstream.schemas.models import LLMRequest
 
@@ -68,15 +70,19 @@ class OpenAICompatible(HTTPAdapter):
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
         choice = data["choices"][0]
         message = choice["message"]
-        usage = data.get("usage") or {}
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            usage = {}  # usage is bookkeeping: without it the answer still counts
+        prompt = token_count(self.name, "prompt_tokens", usage.get("prompt_tokens"))
+        completion = token_count(self.name, "completion_tokens", usage.get("completion_tokens"))
+        total = token_count(self.name, "total_tokens", usage.get("total_tokens"))
+        finish_reason = choice.get("finish_reason")
         return Completion(
             content=str(message.get("content") or ""),
-            finish_reason=choice.get("finish_reason"),
+            finish_reason=finish_reason if isinstance(finish_reason, str) else None,
             prompt_tokens=prompt,
             completion_tokens=completion,
-            total_tokens=int(usage.get("total_tokens") or prompt + completion),
+            total_tokens=total or min(prompt + completion, MAX_TOKEN_COUNT),
             provider=self.name,
             model=str(data.get("model") or requested_model),
         )

@@ -12,17 +12,20 @@ waited out (fail closed). The caller acks the event's offset when it returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
+from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.clock import wall_clock_ms
+from llmstream.core.record import Field, State
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
@@ -115,20 +118,62 @@ class RequestProcessor:
         try:
             await self._handle(request, source, picked_up_ms, started)
         except Exception as exc:
-            # A bug of ours, not bad input: record it on llm-errors with the full request (so it
-            # can be replayed) and settle the claim, rather than stall the partition or lose it.
+            # A bug of ours, not bad input: settle it rather than stall the partition or lose it.
             log.exception("unexpected failure processing %s", request.request_id)
-            error = self._error(
-                request,
-                "internal_error",
-                f"{type(exc).__name__}: {exc}"[:500],
-                source=source,
-                attempts=0,
-            )
-            await self._finish_failed(request, error)
+            await self._after_bug(request, exc, source)
         finally:
             del self._local[request.request_id]
             done.set_result(None)
+
+    async def _after_bug(self, request: LLMRequest, exc: Exception, source: Source) -> None:
+        """Settle a request whose handling raised, by what its record holds.
+
+        An outcome stored already stands: a provider's answer (paid for) is never replaced by
+        ``internal_error``, and a replay of such an error would pay again. It is emitted if it
+        was not yet, as a recovery would. Only when nothing is stored is the request failed as
+        ``internal_error``, carrying the full request on ``llm-errors`` so it can be replayed.
+        """
+        state, emitted, payload = await self._until_ok(
+            lambda: self._read_outcome(request.request_id), "read the request's record"
+        )
+        if state is not None and payload is not None:
+            if emitted:
+                return
+            try:
+                await self._emit_stored(request, state, payload)
+            except Exception:
+                # Emitting failed the same way twice; storing an error over the answer would
+                # lose it for good. It stays readable through the ingress.
+                log.exception(
+                    "stored outcome of %s not emitted; readable via the ingress", request.request_id
+                )
+            return
+        error = self._error(
+            request,
+            "internal_error",
+            f"{type(exc).__name__}: {exc}"[:500],
+            source=source,
+            attempts=0,
+        )
+        await self._finish_failed(request, error)
+
+    async def _read_outcome(self, request_id: str) -> tuple[State | None, bool, bytes | None]:
+        """The record's stored outcome: its state (None unless completed or failed), whether it
+        was emitted, and its payload."""
+        records = self._dedup.records
+        try:
+            state, emitted, response, error = await records.redis.hmget(
+                records.keys.record(request_id),
+                [Field.STATE, Field.EMITTED, Field.RESPONSE, Field.ERROR],
+            )
+        except (RedisError, RedisClusterException) as exc:
+            raise ClaimUnavailable(f"cannot read the record: {exc}") from exc
+        done = emitted in (b"1", "1")
+        if state in (b"completed", "completed"):
+            return State.COMPLETED, done, _as_bytes(response)
+        if state in (b"failed", "failed"):
+            return State.FAILED, done, _as_bytes(error)
+        return None, done, None
 
     async def _handle(
         self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
@@ -230,15 +275,16 @@ class RequestProcessor:
         await self._emit_and_mark(request.request_id, response, self._success_metric(response))
         if cached:
             return  # no provider call: no provider latency, attempts or tokens
-        label = self._metrics.model_label(completion.model)
-        self._metrics.provider_latency.labels(completion.provider, label).observe(provider_s)
-        self._metrics.attempts.labels(completion.provider).observe(attempts)
-        self._metrics.tokens.labels(completion.provider, label, "prompt").inc(
-            completion.prompt_tokens
-        )
-        self._metrics.tokens.labels(completion.provider, label, "completion").inc(
-            completion.completion_tokens
-        )
+        with _bookkeeping(request.request_id):
+            label = self._metrics.model_label(completion.model)
+            self._metrics.provider_latency.labels(completion.provider, label).observe(provider_s)
+            self._metrics.attempts.labels(completion.provider).observe(attempts)
+            self._metrics.tokens.labels(completion.provider, label, "prompt").inc(
+                completion.prompt_tokens
+            )
+            self._metrics.tokens.labels(completion.provider, label, "completion").inc(
+                completion.completion_tokens
+            )
 
     async def _finish_failed(
         self,
@@ -277,13 +323,17 @@ class RequestProcessor:
     async def _recover(self, request: LLMRequest, claim: Claim) -> None:
         """Emit an outcome a crashed worker stored but never emitted; no provider call."""
         self._metrics.dedup.labels("recovered").inc()
-        assert claim.payload is not None
+        assert claim.state is not None and claim.payload is not None
+        await self._emit_stored(request, claim.state, claim.payload)
+
+    async def _emit_stored(self, request: LLMRequest, state: str, payload: bytes) -> None:
+        """Emit the outcome stored in the record (``completed`` or ``failed``) and mark it."""
         outcome: LLMResponse | LLMError
-        if claim.state == "completed":
-            outcome = decode(claim.payload, LLMResponse)
+        if state == State.COMPLETED:
+            outcome = decode(payload, LLMResponse)
             metric = self._success_metric(outcome)
         else:
-            outcome = decode(claim.payload, LLMError)
+            outcome = decode(payload, LLMError)
             status: MetricStatus = "expired" if outcome.error_type == "expired" else "error"
             metric = self._error_metric(outcome, status=status)
         await self._emit_and_mark(request.request_id, outcome, metric)
@@ -511,14 +561,30 @@ class RequestProcessor:
         )
 
     def _count(self, metric: LLMMetric) -> None:
-        self._metrics.requests.labels(
-            metric.status, metric.provider or "", self._metrics.model_label(metric.model)
-        ).inc()
-        if metric.error_type is not None:
-            self._metrics.errors.labels(metric.error_type).inc()
+        with _bookkeeping(metric.request_id):
+            self._metrics.requests.labels(
+                metric.status, metric.provider or "", self._metrics.model_label(metric.model)
+            ).inc()
+            if metric.error_type is not None:
+                self._metrics.errors.labels(metric.error_type).inc()
 
     def _observe_overhead(self, started: float, provider_s: float) -> None:
-        self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
+        with _bookkeeping(None):
+            self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
+
+
+@contextlib.contextmanager
+def _bookkeeping(request_id: str | None) -> Iterator[None]:
+    """Metric updates, which run once the outcome is stored or delivered: one that fails is
+    logged, and never turns a request already answered into a failure."""
+    try:
+        yield
+    except Exception:
+        log.exception("metrics not updated for %s; its outcome stands", request_id or "a request")
+
+
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
 
 
 # Room in an error event for everything but the payload (the message is bounded by the codec).

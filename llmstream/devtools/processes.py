@@ -204,6 +204,10 @@ def topic_names(settings: ServiceSettings) -> list[str]:
     ]
 
 
+# A developer's shell must not configure the workers a test or benchmark starts.
+_PROVIDER_AND_OWN_VARIABLES = ("LLMSTREAM_", "OPENAI_", "ANTHROPIC_", "OPENROUTER_", "OLLAMA_HOST")
+
+
 def worker_env(
     settings: ServiceSettings,
     simulator_url: str,
@@ -217,16 +221,13 @@ def worker_env(
     in consumer group ``group`` (None: the worker's default), calling the provider simulator at
     ``simulator_url`` (and ``anthropic_url`` for Anthropic models, when given).
 
-    This shell's own ``LLMSTREAM_*``, ``OPENAI_*`` and ``ANTHROPIC_*`` variables are left out, so
-    they cannot point a worker at a real provider. ``quick_handover`` commits every 0.5 s and lets
+    This shell's own ``LLMSTREAM_*`` and provider variables (``OPENAI_*``, ``ANTHROPIC_*``,
+    ``OPENROUTER_*``, ``OLLAMA_HOST``) are left out, so they cannot point a worker at a real
+    provider. ``quick_handover`` commits every 0.5 s and lets
     another worker take over a dead one's requests after 3 s, for runs that stop or kill
     workers; without it the worker keeps its defaults (the bench measures those). ``extra`` wins.
     """
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LLMSTREAM_", "OPENAI_", "ANTHROPIC_"))
-    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_PROVIDER_AND_OWN_VARIABLES)}
     env.update(
         KAFKA_BOOTSTRAP_SERVERS=settings.kafka_bootstrap_servers,
         REDIS_URL=settings.redis_url,

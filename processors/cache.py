@@ -1,11 +1,15 @@
 """An exact response cache in Redis: the same model, messages and generation parameters, the
 same answer, without a provider call.
 
-The key is the SHA-256 of a canonical JSON (sorted keys, no whitespace) of the provider, the bare
-model, the messages (role, content, name) and ``temperature``, ``top_p``, ``max_tokens`` and
-``stop``: anything that changes what a model would answer is in it, and nothing else (request ID,
-client, metadata, deadline are not). An entry is ``{prefix}cache:{hex}`` holding the answer and
-its usage as JSON, for ``ttl_s``.
+The key is the SHA-256 of a canonical JSON (sorted keys, no whitespace) of the client
+(``client_id``), the provider, the bare model, the messages (role, content, name) and
+``temperature``, ``top_p``, ``max_tokens`` and ``stop``: anything that changes what a model would
+answer is in it, and nothing else (request ID, metadata, deadline are not). An entry is
+``{prefix}cache:{hex}`` holding the answer and its usage as JSON, for ``ttl_s``.
+
+Each client has its own entries. A cache shared across clients would let client B learn, from
+``cached: true`` on its response, that someone else asked the same thing (and what they got):
+scoping by client costs a provider call per client, and tells nobody anything.
 
 The cache is an optimisation: a Redis failure reads as a miss and skips the store, it never fails
 a request.
@@ -34,6 +38,7 @@ CacheOutcome = Literal["hit", "miss", "store", "error"]
 def cache_key_material(request: LLMRequest, provider: str, model: str) -> bytes:
     """The canonical bytes a cache key is the hash of."""
     document: dict[str, Any] = {
+        "client": request.client_id,
         "provider": provider,
         "model": model,
         "messages": [

@@ -1,14 +1,18 @@
-"""The response cache on the real Redis, and the price table."""
+"""The response cache on the real Redis (alone, and in the worker's request path against the
+provider simulator), and the price table."""
 
 from __future__ import annotations
 
 import pytest
 import redis.asyncio as aioredis
 
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.cache import ResponseCache
 from llmstream.processors.pricing import Price, PriceTable, load_prices_file
 from llmstream.processors.providers import Completion
+from tests.conftest import Services
 from tests.harness import request
+from tests.inprocess import rig, worker_settings
 
 ANSWER = Completion("echo: hi", "stop", 1, 2, 3, "openai", "gpt-4o-mini")
 
@@ -32,13 +36,12 @@ def test_key_is_what_was_asked_and_nothing_else() -> None:
 
     base = key()
     assert base.startswith("k:cache:") and len(base) == len("k:cache:") + 64
-    # Not part of the question: the request ID, the client, metadata, deadline, cache flag.
-    other = request(
-        "other-id", text="hi", client_id="c", metadata={"a": "b"}, cache=True, deadline_ms=1
-    )
+    # Not part of the question: the request ID, metadata, deadline, cache flag.
+    other = request("other-id", text="hi", metadata={"a": "b"}, cache=True, deadline_ms=1)
     assert cache.key(other, "openai", "gpt-4o-mini") == base
-    # Part of it: the model, the provider, the messages and every generation parameter.
+    # Part of it: who asked, the model, the provider, the messages and every generation parameter.
     different = [
+        key(client_id="c"),
         key(model="gpt-4o"),
         key(provider="openrouter"),
         key(text="hi!"),
@@ -49,6 +52,24 @@ def test_key_is_what_was_asked_and_nothing_else() -> None:
         key(stop=["."]),
     ]
     assert len({base, *different}) == len(different) + 1
+
+
+@pytest.mark.integration
+async def test_one_clients_cached_answer_is_not_served_to_another(
+    services: Services, simulator: SimulatorServer
+) -> None:
+    async with rig(simulator, worker_settings(services.redis_url)) as r:
+        for request_id, client in (("a-1", "a"), ("b-1", "b"), ("a-2", "a")):
+            await r.process(request(request_id, text="same question", cache=True, client_id=client))
+        calls = {rid: len(await r.calls(rid)) for rid in ("a-1", "b-1", "a-2")}
+
+    # b asked what a asked: b's answer is its own provider call, and says nothing about a's.
+    assert [(x.request_id, x.cached) for x in r.responses()] == [
+        ("a-1", False),
+        ("b-1", False),
+        ("a-2", True),
+    ]
+    assert calls == {"a-1": 1, "b-1": 1, "a-2": 0}
 
 
 def test_prices_builtin_override_and_unknown(tmp_path: object) -> None:

@@ -10,7 +10,8 @@ Endpoints, one router per concern::
     GET  /health  /ready  /metrics  (ingress.operations)    /docs  /openapi.json
 
 Every ``/v1`` call is authenticated (when API keys are configured) and counted against the
-client's quota, in that order, before its body is validated (ingress.auth). Errors have one shape
+client's quota, in that order, from its headers, before its body is read (the ``Authenticate``
+middleware, ingress.auth). Errors have one shape
 (ingress.errors). Routes take what they use from ``app.state`` (ingress.parts).
 """
 
@@ -25,7 +26,7 @@ from collections.abc import AsyncIterator
 import redis.asyncio as aioredis
 import uvicorn
 from aiokafka import AIOKafkaProducer
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import llmstream
 from llmstream.core.connections import kafka_producer_options, negotiate_idempotence
 from llmstream.ingress import openai_compat, operations, requests_api
-from llmstream.ingress.auth import ApiKeys
+from llmstream.ingress.auth import IDENTITY, ApiKeys, authenticate
 from llmstream.ingress.errors import ApiError, install_error_handlers
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.publish import Publisher
@@ -77,7 +78,9 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
         validation_status={openai_compat.CHAT_PATH: 400},
         body_tags=requests_api.BODY_TAGS,
     )
+    # The last added runs first: count, authenticate, then limit and read the body.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authenticate)
     app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(requests_api.routes.router())
     app.include_router(openai_compat.routes.router())
@@ -120,6 +123,8 @@ async def connect(
                 key_prefix=settings.redis_key_prefix,
                 per_minute=settings.rate_limit_per_minute,
                 burst=settings.rate_limit_burst,
+                failures_per_minute=settings.auth_failures_per_minute,
+                failures_burst=settings.auth_failures_burst,
             )
             try:
                 yield
@@ -148,6 +153,29 @@ class _HttpMiddleware:
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         raise NotImplementedError
+
+
+class Authenticate(_HttpMiddleware):
+    """Authenticates every ``/v1`` call from its headers before anything reads its body.
+
+    FastAPI reads and parses a route's body before it resolves the route's dependencies, so an
+    unauthenticated caller could make the ingress read and parse up to LLMSTREAM_MAX_BODY_BYTES,
+    and learn from a 422 that it was parsed. Here a refusal is answered without a byte of the
+    body read (the server drains or drops it); the route takes the identity found
+    (:data:`~llmstream.ingress.auth.CallerDep`).
+    """
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        try:
+            identity = await authenticate(Request(scope))
+        except ApiError as exc:
+            await exc.response()(scope, receive, send)
+            return
+        scope.setdefault("state", {})[IDENTITY] = identity
+        await self.app(scope, receive, send)
 
 
 class BodyLimit(_HttpMiddleware):

@@ -9,6 +9,10 @@ The OpenAI SDK maps answers to exceptions by status code and reads ``error``; ot
 the same body from every endpoint. Validation failures add ``fields`` (each offending field and
 why), and answers about a known request add ``request_id``. Nothing else is ever echoed: no input
 values (they may be megabytes, or secrets) and no stack traces.
+
+A request's failure is told to its client by :func:`failure_message`, never with the worker's
+message: that one is for operators (``llm-errors``) and names provider endpoint URLs and the
+configured providers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from llmstream.core.errors import LLMStreamError
-from llmstream.schemas.models import MAX_CONTENT_CHARS
+from llmstream.schemas.models import MAX_CONTENT_CHARS, LLMError
 
 _MAX_MESSAGE = 300
 _MAX_FIELD = 200
@@ -76,6 +80,33 @@ class ApiError(LLMStreamError):
             **self.extra,
         }
         return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+
+
+# What a client is told of a failed request, by error type. The worker's message is built for
+# operators from the provider's answer: it names the provider's endpoint URL, the configured
+# providers, the variables to set. None of that is the client's business, so it is not parsed
+# and trimmed (a new message shape would leak again) but replaced.
+_FAILURES = {
+    "invalid_request": "the request is invalid for its model or provider",
+    "provider_not_configured": "the model's provider is not available on this gateway",
+    "not_found": "the provider does not know the model",
+    "rate_limited": "the provider's rate limit or quota refused the request",
+    "timeout": "the provider did not answer in time",
+    "connection_error": "the provider could not be reached",
+    "provider_unavailable": "the provider could not be reached in time; retry later",
+    "auth_error": "the provider refused the gateway's credentials",
+    "provider_error": "the provider failed",
+    "expired": "the request's deadline passed before it was answered",
+    "output_too_large": "the answer is larger than the responses topic accepts; "
+    "read it with GET /v1/requests/{id}",
+    "internal_error": "the gateway failed processing the request; it has been logged",
+}
+
+
+def failure_message(error: LLMError) -> str:
+    """What the client is told of its failed request (see ``_FAILURES``); the provider's HTTP
+    status, when there was one, is in the answer's ``status_code``."""
+    return _FAILURES.get(error.error_type, f"the request failed ({error.error_type})")
 
 
 def unavailable(what: str) -> ApiError:

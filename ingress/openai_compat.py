@@ -33,7 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
-from llmstream.ingress.errors import ApiError, validation_error
+from llmstream.ingress.errors import ApiError, failure_message, validation_error
 from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, Routes, SettingsDep
 from llmstream.ingress.requests_api import ERROR_RESPONSES, JSON_BODY_RESPONSES, IdempotencyKey
 from llmstream.schemas.models import (
@@ -270,11 +270,12 @@ _STATUS = {
 
 
 def error_for(error: LLMError, headers: dict[str, str]) -> ApiError:
-    """OpenAI's error answer for a failure from ``llm-errors``."""
+    """OpenAI's error answer for a failure from ``llm-errors``, in the client's words
+    (:func:`failure_message`: the worker's message names provider endpoints)."""
     status = _STATUS.get(error.error_type, 502)
     return ApiError(
         status,
-        error.message,
+        failure_message(error),
         code=error.error_type,
         headers=headers,
         extra={"request_id": error.request_id},
@@ -336,6 +337,16 @@ async def chat_completions(
             code="timeout",
             headers=final,
             extra={"request_id": request_id},
+        )
+    if identity.client_id is not None and outcome.client_id != identity.client_id:
+        # The ID was free when reserved, yet the outcome is another request's (an event with
+        # this ID produced straight to Kafka and processed first): not the caller's to read.
+        raise ApiError(
+            409,
+            "Idempotency-Key: this request ID is used by another client",
+            param="Idempotency-Key",
+            code="request_id_taken",
+            headers={"x-request-id": request_id},
         )
     metrics.outcomes.labels(waiter.source or "").inc()
     if isinstance(outcome, LLMError):

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from llmstream.ingress.errors import ApiError, unavailable
 from llmstream.ingress.metrics import IngressMetrics
-from llmstream.ingress.results import RequestLedger, Status, Stored
+from llmstream.ingress.results import RequestLedger, Status, Stored, owner
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import WireFormat, encode
 from llmstream.schemas.models import LLMRequest
@@ -200,7 +200,10 @@ class Publisher:
 def _conflict(existing: Stored | None, digest: str, client: str | None) -> str | None:
     if existing is None:
         return None
-    if client is not None and existing.client is not None and existing.client != client:
+    # With keys on, an ID that is not positively this client's is taken, whatever its state:
+    # one that belongs to nobody (produced straight to Kafka, submitted while authentication
+    # was off) is not anybody's to read either.
+    if client is not None and owner(existing) != client:
         return "client"
     if existing.digest is not None and existing.digest != digest:
         return "content"

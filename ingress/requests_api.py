@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
-from llmstream.ingress.errors import ApiError, unavailable, validation_error
+from llmstream.ingress.errors import ApiError, failure_message, unavailable, validation_error
 from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep
 from llmstream.ingress.results import Status
 from llmstream.schemas.models import (
@@ -91,8 +91,14 @@ class Failure(BaseModel):
     occurred_at_ms: int
 
     @classmethod
-    def of(cls, error: LLMError, field: str | None = None) -> Failure:
-        return cls.model_validate(error, from_attributes=True).model_copy(update={"field": field})
+    def of(cls, error: LLMError, field: str | None = None, *, rejected: bool = False) -> Failure:
+        """The failure as its client sees it. The worker's message is for operators (it names
+        provider endpoints), so the client gets :func:`failure_message`; a rejected event's
+        message, from validating the event itself, is kept: it says what to fix."""
+        message = error.message if rejected else failure_message(error)
+        return cls.model_validate(error, from_attributes=True).model_copy(
+            update={"field": field, "message": message}
+        )
 
 
 class RequestStatus(BaseModel):
@@ -226,28 +232,29 @@ async def get_request(
 ) -> RequestStatus:
     """Where a request stands: ``pending``, ``completed`` or ``failed``.
 
-    An event produced straight to ``llm-requests`` that the worker rejected as invalid answers
-    ``failed`` with why, when authentication is off. With API keys on it answers 404: such an
-    event has no client, and its ID could be anyone's.
+    With API keys on, a request is shown only to the client it belongs to; any other ID,
+    including one that belongs to nobody (produced straight to ``llm-requests``, submitted while
+    authentication was off), answers 404 as an unknown one does. An event the worker rejected as
+    invalid answers ``failed`` with why, when authentication is off.
     """
+    rejected = False
     try:
         stored = await ledger.get(request_id)
         if stored is None and identity.client_id is None:
             stored = await ledger.rejection(request_id)
+            rejected = stored is not None
     except RedisError:
         raise unavailable("Redis") from None
-    outcome = stored.outcome() if stored is not None else None
-    owner = stored.client if stored is not None else None
-    if owner is None and outcome is not None:
-        owner = outcome.client_id
-    visible = identity.client_id is None or owner is None or owner == identity.client_id
-    if stored is None or not visible:
+    if stored is None or not identity.may_see(stored):
         raise ApiError(404, "no request with this ID", param="request_id", code="not_found")
+    outcome = stored.outcome()
     return RequestStatus(
         request_id=request_id,
         status=stored.status,
         response=outcome if isinstance(outcome, LLMResponse) else None,
-        error=Failure.of(outcome, stored.field) if isinstance(outcome, LLMError) else None,
+        error=Failure.of(outcome, stored.field, rejected=rejected)
+        if isinstance(outcome, LLMError)
+        else None,
     )
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "Status",
     "Stored",
     "Waiter",
+    "owner",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,16 @@ class RequestLedger:
     async def rejection(self, request_id: str) -> Stored | None:
         """Why the worker rejected an event with this ID (failed, no client), if it did."""
         return await self.records.rejection(request_id)
+
+
+def owner(stored: Stored) -> str | None:
+    """The client a request positively belongs to: the one the ingress recorded, else the
+    ``client_id`` of its stored outcome; None for a request that is nobody's (produced straight
+    to Kafka without one, or its record lost and re-created without the ingress)."""
+    if stored.client is not None:
+        return stored.client
+    outcome = stored.outcome()
+    return outcome.client_id if outcome is not None else None
 
 
 @dataclass(slots=True)

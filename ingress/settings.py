@@ -28,6 +28,11 @@ class IngressSettings(ServiceSettings):
     # every replica through Redis; bursts of up to `rate_limit_burst` at once. 0 turns it off.
     rate_limit_per_minute: int = Field(1200, ge=0)
     rate_limit_burst: int = Field(100, ge=1)
+    # Failed authentications (a missing or wrong API key) per source address, shared through
+    # Redis: once spent, every call from that address answers 429 until the budget refills,
+    # the right key's too (else a right guess shows by not being refused). 0 turns it off.
+    auth_failures_per_minute: int = Field(30, ge=0)
+    auth_failures_burst: int = Field(10, ge=1)
 
     max_batch: int = Field(100, ge=1, le=10_000)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)

@@ -25,7 +25,7 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.record import Field, State
+from llmstream.core.record import Field, State, Stored
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
@@ -133,14 +133,14 @@ class RequestProcessor:
         was not yet, as a recovery would. Only when nothing is stored is the request failed as
         ``internal_error``, carrying the full request on ``llm-errors`` so it can be replayed.
         """
-        state, emitted, payload = await self._until_ok(
+        stored, emitted = await self._until_ok(
             lambda: self._read_outcome(request.request_id), "read the request's record"
         )
-        if state is not None and payload is not None:
+        if stored is not None and stored.payload is not None:  # completed or failed
             if emitted:
                 return
             try:
-                await self._emit_stored(request, state, payload)
+                await self._emit_stored(request, stored.state, stored.payload)
             except Exception:
                 # Emitting failed the same way twice; storing an error over the answer would
                 # lose it for good. It stays readable through the ingress.
@@ -157,23 +157,15 @@ class RequestProcessor:
         )
         await self._finish_failed(request, error)
 
-    async def _read_outcome(self, request_id: str) -> tuple[State | None, bool, bytes | None]:
-        """The record's stored outcome: its state (None unless completed or failed), whether it
-        was emitted, and its payload."""
+    async def _read_outcome(self, request_id: str) -> tuple[Stored | None, bool]:
+        """The request's record, and whether its outcome was emitted (read first: a worker
+        emitting meanwhile costs at most a second emission, never a lost one)."""
         records = self._dedup.records
         try:
-            state, emitted, response, error = await records.redis.hmget(
-                records.keys.record(request_id),
-                [Field.STATE, Field.EMITTED, Field.RESPONSE, Field.ERROR],
-            )
+            emitted = await records.redis.hget(records.keys.record(request_id), Field.EMITTED)
+            return await records.get(request_id), emitted in (b"1", "1")
         except (RedisError, RedisClusterException) as exc:
             raise ClaimUnavailable(f"cannot read the record: {exc}") from exc
-        done = emitted in (b"1", "1")
-        if state in (b"completed", "completed"):
-            return State.COMPLETED, done, _as_bytes(response)
-        if state in (b"failed", "failed"):
-            return State.FAILED, done, _as_bytes(error)
-        return None, done, None
 
     async def _handle(
         self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
@@ -581,10 +573,6 @@ def _bookkeeping(request_id: str | None) -> Iterator[None]:
         yield
     except Exception:
         log.exception("metrics not updated for %s; its outcome stands", request_id or "a request")
-
-
-def _as_bytes(value: bytes | str | None) -> bytes | None:
-    return value.encode() if isinstance(value, str) else value
 
 
 # Room in an error event for everything but the payload (the message is bounded by the codec).

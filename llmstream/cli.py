@@ -74,6 +74,7 @@ def _replay(args: argparse.Namespace) -> int:
                 selection,
                 dry_run=args.dry_run,
                 clear_deadline=args.clear_deadline,
+                include_expired=args.include_expired,
             )
         )
     except ReplayError as exc:
@@ -238,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     replay.add_argument("--dry-run", action="store_true", help="list them; change nothing")
     replay.add_argument(
         "--clear-deadline", action="store_true", help="drop deadline_ms (to replay 'expired')"
+    )
+    replay.add_argument(
+        "--include-expired",
+        action="store_true",
+        help="also replay requests whose record expired (it may have succeeded since)",
     )
     replay.set_defaults(func=_replay)
 

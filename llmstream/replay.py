@@ -12,12 +12,19 @@ dedup would take a known ID for a duplicate, so before publishing, one script of
 recorded: client, digest). An
 ID whose record says ``completed`` (it succeeded since, for instance replayed already) or
 ``claimed`` (a worker has it now) is not published: replay never pays twice for a request that
-succeeded. An ID whose record is ``queued`` or gone (expired after ``LLMSTREAM_RESULT_TTL_S``) is
-published as it is. ``--dry-run`` reads the same records and changes nothing.
+succeeded. An ID whose record is ``queued`` is published as it is.
+
+An ID whose record is gone (expired after ``LLMSTREAM_RESULT_TTL_S``) is not published unless
+``--include-expired`` is given: without the record llmstream cannot know whether the request
+succeeded since (an earlier replay, say), so publishing it could pay twice. It is listed as
+``record expired``. ``--dry-run`` reads the same records and changes nothing.
 
 Each partition is read from its start, or with ``--since`` from the first offset at or after that
 time when the broker answers ListOffsets by timestamp (Tansu answers without a timestamp: then
-from the start), until it is caught up with what the topic held when the scan began.
+from the start), up to its end offset taken when the scan began (whatever is written after that
+is not part of what was asked for), however long the broker takes to hand it over. The summary
+says how many events were read of how many the topic held; a scan that cannot get there within
+``stall_s`` without progress fails saying so, rather than replaying a part.
 """
 
 from __future__ import annotations
@@ -46,12 +53,17 @@ from llmstream.schemas.codec import DecodeError, decode, encode
 from llmstream.schemas.models import LLMError
 
 # Records are stamped by their producer's clock; allow that much skew against ours when
-# deciding where to start (--since) and where the topic ended when the scan began.
+# deciding where to start (--since).
 _CLOCK_SKEW_MS = 60_000
 
-# What replay does with an ID, by its record's state (or the script's answer).
-_PUBLISH = {"failed", "reset", "absent", "queued"}
-_SKIP_REASONS = {"completed": "succeeded since", "claimed": "in progress"}
+# What replay does with an ID, by its record's state (or the script's answer); "absent" only
+# with include_expired.
+_PUBLISH = {"failed", "reset", "queued"}
+_SKIP_REASONS = {
+    "completed": "succeeded since",
+    "claimed": "in progress",
+    "absent": "record expired: not replayed",
+}
 
 
 class ReplayError(LLMStreamError):
@@ -99,6 +111,7 @@ class ReplayReport:
     """What a replay found and did."""
 
     scanned: int = 0  # error events read
+    expected: int = 0  # error events the topic held, from where the scan began, at its start
     selected: list[LLMError] = field(default_factory=list)  # newest per request ID
     replayed: list[str] = field(default_factory=list)  # published (or, dry run, would be)
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> request IDs
@@ -113,11 +126,17 @@ async def replay(
     *,
     dry_run: bool = False,
     clear_deadline: bool = False,
+    include_expired: bool = False,
+    stall_s: float = 30.0,
     out: TextIO = sys.stdout,
 ) -> ReplayReport:
-    """Replay the selected errors' requests (or, ``dry_run``, say what would be replayed)."""
+    """Replay the selected errors' requests (or, ``dry_run``, say what would be replayed).
+
+    ``include_expired`` publishes requests whose record is gone too (see the module docstring).
+    """
     report = ReplayReport()
-    report.scanned, report.selected = await scan_errors(settings, selection)
+    scan = await scan_errors(settings, selection, stall_s=stall_s)
+    report.scanned, report.expected, report.selected = scan.read, scan.expected, scan.selected
     if not report.selected:
         _summary(report, dry_run, out)
         return report
@@ -154,7 +173,7 @@ async def replay(
                 state = await records.reset_failed(
                     request.request_id, now_ms=wall_clock_ms(), token=token
                 )
-            if state not in _PUBLISH:
+            if state not in _PUBLISH and not (state == "absent" and include_expired):
                 reason = _SKIP_REASONS.get(state, state)
                 report.skip(reason, request.request_id)
                 _line(out, f"skip ({reason})", error)
@@ -180,16 +199,32 @@ async def replay(
     return report
 
 
+@dataclass(frozen=True)
+class Scan:
+    """What :func:`scan_errors` read."""
+
+    read: int  # error events read
+    expected: int  # offsets from where each partition's scan began to where it ended (the end
+    # offset taken at the start, or the end of the batch holding it)
+    selected: list[LLMError]  # the newest selected error per request ID, oldest first
+
+
 async def scan_errors(
-    settings: ServiceSettings, selection: Selection
-) -> tuple[int, list[LLMError]]:
-    """Read ``llm-errors``; returns how many events were read and the newest selected error per
-    request ID (errors without an ID are kept each), oldest first, at most ``limit``."""
+    settings: ServiceSettings, selection: Selection, *, stall_s: float = 30.0
+) -> Scan:
+    """Read ``llm-errors`` up to its end offsets taken when the scan begins; the newest selected
+    error per request ID (errors without an ID are kept each), oldest first, at most ``limit``.
+
+    Raises :class:`ReplayError` when no event arrives for ``stall_s`` before the end is reached.
+    """
     consumer = AIOKafkaConsumer(
         **kafka_client_options(settings),
         group_id=None,
         enable_auto_commit=False,
         fetch_max_wait_ms=100,
+        # The reset that assign() starts can land after seek_to_beginning() and win: with the
+        # default "latest", a scan then began at the end (seen on Tansu) and read nothing.
+        auto_offset_reset="earliest",
         client_id="llmstream-replay",
     )
     await consumer.start()
@@ -202,21 +237,32 @@ async def scan_errors(
         partitions = [TopicPartition(topic, p) for p in sorted(found)]
         consumer.assign(partitions)
         # Events written after this are not part of what was asked for (and the topic may never
-        # be quiet): a partition is done at its first record stamped later.
-        horizon_ms = wall_clock_ms() + _CLOCK_SKEW_MS
+        # be quiet). Tansu answers the newest batch's base offset + 1, short of the records
+        # after it in that batch; a fetch hands over whole batches, so reading until the
+        # position passes this end reads that batch to its end as well.
+        ends = await consumer.end_offsets(partitions)
         active = await _seek(consumer, partitions, selection.since_ms)
+        expected = 0
+        for tp in list(active):
+            start = await consumer.position(tp)
+            expected += max(0, ends[tp] - start)
+            if start >= ends[tp]:
+                active.discard(tp)
         scanned = 0
         newest: dict[str, LLMError] = {}
+        loop = asyncio.get_running_loop()
+        progress_at = loop.time()
         while active:
             batches = await consumer.getmany(*active, timeout_ms=1000)
-            if not batches:
-                break  # caught up on every partition
+            if not batches and loop.time() - progress_at > stall_s:
+                behind = ", ".join(f"{tp.partition}" for tp in sorted(active))
+                raise ReplayError(
+                    f"{topic!r}: read {scanned} of {expected} error events, then nothing for "
+                    f"{stall_s:.0f} s (partitions {behind}); nothing was replayed"
+                )
             for tp, records in batches.items():
+                progress_at = loop.time()
                 for record in records:
-                    if record.timestamp > horizon_ms:
-                        active.discard(tp)
-                        consumer.pause(tp)
-                        break
                     scanned += 1
                     try:
                         error = decode(record.value or b"", LLMError)
@@ -226,12 +272,19 @@ async def scan_errors(
                         key = error.request_id or f"@{tp.partition}:{record.offset}"
                         newest.pop(key, None)  # the newest event of an ID counts
                         newest[key] = error
+                position = await consumer.position(tp)
+                if position >= ends[tp]:
+                    # Past the end taken at the start only by the rest of a batch handed over
+                    # whole (on Tansu, the end's own batch): those were expected too.
+                    expected += position - ends[tp]
+                    active.discard(tp)
+                    consumer.pause(tp)
     finally:
         await consumer.stop()
     selected = sorted(newest.values(), key=lambda e: e.occurred_at_ms)
     if selection.limit is not None:
         selected = selected[: selection.limit]
-    return scanned, selected
+    return Scan(scanned, expected, selected)
 
 
 async def _seek(
@@ -276,7 +329,8 @@ def _summary(report: ReplayReport, dry_run: bool, out: TextIO) -> None:
     verb = "would replay" if dry_run else "replayed"
     skipped = ", ".join(f"{len(ids)} {reason}" for reason, ids in report.skipped.items())
     out.write(
-        f"{report.scanned} error events read, {len(report.selected)} selected: "
+        f"{report.scanned} error events read of {report.expected} expected, "
+        f"{len(report.selected)} selected: "
         f"{verb} {len(report.replayed)}" + (f"; skipped {skipped}" if skipped else "") + "\n"
     )
 

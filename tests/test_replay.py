@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaProducer
 
 from llmstream.core.record import RecordKeys
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.replay import ReplayError, Selection, parse_time, replay
-from llmstream.schemas.models import LLMError, LLMResponse
+from llmstream.schemas.codec import decode
+from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.harness import (
     WorkerProcess,
     produce,
@@ -71,8 +73,8 @@ async def test_replay_republishes_failed_requests_and_the_retry_succeeds(
         assert "would replay" in everything and "bad-400" in everything and "late" in everything
         assert "skip (no request)" in everything and "junk" in everything
         assert (
-            "3 error events read, 3 selected: would replay 2; skipped 1 no request to replay"
-            in (everything)
+            "3 error events read of 3 expected, 3 selected: would replay 2; "
+            "skipped 1 no request to replay" in everything
         )
         key = RecordKeys(settings.redis_key_prefix).record("bad-400")
         state = await redis_client.hget(key, "state")
@@ -131,13 +133,77 @@ async def test_replay_selects_by_time_and_id(settings: ServiceSettings) -> None:
     )
 
     async def selected(selection: Selection) -> list[str]:
-        out = await run_replay(settings, selection, dry_run=True)
+        # These requests have no record (never seen by a worker): included on purpose.
+        out = await run_replay(settings, selection, dry_run=True, include_expired=True)
         return [line.split()[2] for line in out.splitlines() if line.startswith("would replay")]
 
     assert await selected(Selection(since_ms=1_002_000, until_ms=1_004_000)) == ["r-2", "r-3"]
     assert await selected(Selection(request_ids=frozenset({"r-4", "r-0"}))) == ["r-0", "r-4"]
     assert await selected(Selection(limit=2)) == ["r-0", "r-1"]
     assert await selected(Selection(error_types=frozenset({"rate_limited"}))) == []
+
+
+def error_event(request_id: str) -> bytes:
+    error = LLMError(
+        request_id=request_id,
+        error_type="provider_error",
+        message="boom",
+        request=request(request_id),
+        occurred_at_ms=time.time_ns() // 1_000_000,
+    )
+    return error.model_dump_json().encode()
+
+
+@pytest.mark.integration
+async def test_replay_reads_every_event_up_to_the_end_whatever_their_timestamps(
+    settings: ServiceSettings,
+) -> None:
+    # 301 events in one partition, more than one fetch hands over on Tansu; in the middle, one
+    # stamped ten minutes ahead (a producer with a fast clock), which once ended the scan there.
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all")
+    await producer.start()
+    ahead_ms = time.time_ns() // 1_000_000 + 600_000
+    try:
+        sent = []
+        for i in range(301):
+            stamp = ahead_ms if i == 150 else None
+            sent.append(
+                await producer.send(
+                    settings.errors_topic, error_event(f"e-{i}"), partition=0, timestamp_ms=stamp
+                )
+            )
+        await asyncio.gather(*sent)
+    finally:
+        await producer.stop()
+
+    out = await run_replay(settings, Selection(), dry_run=True, include_expired=True)
+
+    assert out.strip().endswith(
+        "301 error events read of 301 expected, 301 selected: would replay 301"
+    )
+    listed = {line.split()[2] for line in out.splitlines() if line.startswith("would replay")}
+    assert listed == {f"e-{i}" for i in range(301)}
+
+
+@pytest.mark.integration
+async def test_a_request_whose_record_expired_is_replayed_only_when_asked(
+    settings: ServiceSettings,
+) -> None:
+    # An error whose record is gone: it may have been replayed and succeeded since; nothing
+    # left in Redis says so.
+    await produce(
+        settings.kafka_bootstrap_servers, settings.errors_topic, [(b"gone", error_event("gone"))]
+    )
+
+    out = await run_replay(settings, Selection())
+    assert "skip (record expired: not replayed)" in out and "gone" in out
+    assert "replayed 0; skipped 1 record expired: not replayed" in out
+    assert await read_raw(settings.kafka_bootstrap_servers, settings.requests_topic, 1, 2) == []
+
+    out = await run_replay(settings, Selection(), include_expired=True)
+    assert "replayed 1" in out
+    [published] = await read_raw(settings.kafka_bootstrap_servers, settings.requests_topic, 1)
+    assert decode(published, LLMRequest).request_id == "gone"
 
 
 def test_times_are_iso_8601_or_epoch_milliseconds() -> None:

@@ -23,7 +23,6 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
-import redis.asyncio as aioredis
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
@@ -33,7 +32,11 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import llmstream
-from llmstream.core.connections import kafka_producer_options, negotiate_idempotence
+from llmstream.core.connections import (
+    kafka_producer_options,
+    negotiate_idempotence,
+    redis_client,
+)
 from llmstream.ingress import openai_compat, operations, requests_api
 from llmstream.ingress.auth import IDENTITY, ApiKeys, authenticate
 from llmstream.ingress.errors import ApiError, install_error_handlers
@@ -93,7 +96,7 @@ async def connect(
     settings: IngressSettings, metrics: IngressMetrics, state: State
 ) -> AsyncIterator[None]:
     """Connect the running parts, put them on ``state`` for the block, then drain and close."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     producer = AIOKafkaProducer(
         **kafka_producer_options(settings),
         linger_ms=settings.linger_ms,
@@ -119,7 +122,7 @@ async def connect(
             state.publisher = Publisher(producer, ledger, settings, metrics)
             state.listener = listener
             state.quota = ClientQuota(
-                redis,
+                redis,  # type: ignore[arg-type]  # one key per script: Redis Cluster serves too
                 key_prefix=settings.redis_key_prefix,
                 per_minute=settings.rate_limit_per_minute,
                 burst=settings.rate_limit_burst,

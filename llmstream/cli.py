@@ -1,5 +1,5 @@
 """The ``llmstream`` command: ``worker``, ``ingress``, ``simulate``, ``replay``, ``healthcheck``,
-``dev``, ``bench``."""
+``dev``, ``bench``, ``recover-redis``."""
 
 from __future__ import annotations
 
@@ -18,12 +18,53 @@ from llmstream.core.errors import LLMStreamError
 
 def _worker(args: argparse.Namespace) -> int:
     from llmstream.core.connections import negotiate_idempotence
+    from llmstream.processors.retention import check_retention
     from llmstream.processors.settings import WorkerSettings
     from llmstream.processors.worker import Worker
 
-    settings = asyncio.run(negotiate_idempotence(WorkerSettings()))
-    Worker(settings).run()
+    async def prepare(settings: WorkerSettings) -> WorkerSettings:
+        await check_retention(settings)  # refuses a TTL that dedup cannot keep its promise with
+        return await negotiate_idempotence(settings)
+
+    Worker(asyncio.run(prepare(WorkerSettings()))).run()
     return 0
+
+
+def _recover_redis(args: argparse.Namespace) -> int:
+    from llmstream.core.connections import redis_client
+    from llmstream.core.record import DeploymentEpoch
+    from llmstream.core.settings import ServiceSettings, redact_url
+
+    settings = ServiceSettings()
+    where = f"Redis at {redact_url(settings.redis_url)} (keys under {settings.redis_key_prefix!r})"
+
+    async def recover() -> int:
+        redis = redis_client(settings)
+        try:
+            epoch = DeploymentEpoch(redis, key_prefix=settings.redis_key_prefix)
+            current = await epoch.read()
+            if current is not None:
+                print(f"{where} holds its deployment epoch {current}: nothing to recover")
+                return 0
+            if not args.accept_loss:
+                print(
+                    f"{where} holds no deployment epoch: it lost its state (or no worker has "
+                    "started yet). Workers whose consumer group has committed offsets claim "
+                    "nothing until you decide. Requests whose records were lost are called again "
+                    "if their events are read again; to accept that and resume, run "
+                    "`llmstream recover-redis --accept-loss`"
+                )
+                return 1
+            created = await epoch.create()
+        finally:
+            await redis.aclose()
+        print(
+            f"{where}: deployment epoch {created} written; paused workers resume claiming within "
+            "LLMSTREAM_REDIS_CHECK_INTERVAL_S"
+        )
+        return 0
+
+    return asyncio.run(recover())
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -190,13 +231,14 @@ _ENVIRONMENT: dict[str, Callable[[], str]] = {
     "worker": _worker_environment,
     "ingress": _ingress_environment,
     "replay": _replay_environment,
+    "recover-redis": _replay_environment,
     "simulate": _simulate_environment,
 }
 
 
 # The commands that connect to the services: they take the addresses of a running `make run`
 # from its stack file (see llmstream.core.settings.apply_stack_file).
-_USES_STACK_FILE = {"worker", "ingress", "replay"}
+_USES_STACK_FILE = {"worker", "ingress", "replay", "recover-redis"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
         help="also replay requests whose record expired (it may have succeeded since)",
     )
     replay.set_defaults(func=_replay)
+
+    recover_redis = commands.add_parser(
+        "recover-redis",
+        help="after Redis lost its state: let paused workers claim again (docs/operations.md)",
+    )
+    recover_redis.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="accept that requests whose records were lost are called again if read again",
+    )
+    recover_redis.set_defaults(func=_recover_redis)
 
     healthcheck = commands.add_parser(
         "healthcheck", help="exit 0 when this container's worker, ingress or simulator is alive"

@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TextIO
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from llmstream.core.clock import wall_clock_ms
@@ -45,6 +44,7 @@ from llmstream.core.connections import (
     kafka_client_options,
     kafka_producer_options,
     negotiate_idempotence,
+    redis_client,
 )
 from llmstream.core.errors import LLMStreamError
 from llmstream.core.record import RecordStore
@@ -153,7 +153,7 @@ async def replay(
         except BaseException:
             await producer.stop()
             raise
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:
         records = RecordStore(
             redis, key_prefix=settings.redis_key_prefix, ttl_s=settings.result_ttl_s

@@ -177,6 +177,11 @@ class DedupStore:
         except _REDIS_ERRORS as exc:
             raise ClaimUnavailable(f"cannot drop the worker lease: {exc}") from exc
 
+    def suspend(self) -> None:
+        """Claim nothing more until the next successful :meth:`heartbeat` (Redis unreachable or
+        without its state); the lease key is left alone, so other workers do not take over."""
+        self._lease_until = 0.0
+
     def _check_lease(self) -> None:
         if asyncio.get_running_loop().time() >= self._lease_until:
             raise ClaimUnavailable("this worker's lease lapsed; waiting for the heartbeat")

@@ -42,6 +42,14 @@ class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
     max_in_flight: int = Field(500, ge=1, le=100_000)
     # A crashed worker's claims are taken over this long after its last heartbeat.
     lease_ms: int = Field(10_000, ge=1_000)
+    # How often Redis is checked (reachable, still holding the deployment epoch), and how long
+    # one check may take: claims pause, and /ready answers 503, within about one interval.
+    redis_check_interval_s: float = Field(0.5, gt=0.0, le=10.0)
+    redis_check_timeout_s: float = Field(2.0, gt=0.0)
+    # Start even when the requests topic's retention.ms or the broker's
+    # offsets.retention.minutes outlasts LLMSTREAM_RESULT_TTL_S (or is infinite): an event read
+    # again after its record expired is then called again. Without it the worker refuses.
+    accept_retention_beyond_ttl: bool = False
     # Kafka group membership. Apache Kafka accepts session timeouts from 6 s (its default minimum).
     session_timeout_s: float = Field(30.0, ge=1.0)
     rebalance_timeout_s: float = Field(60.0, ge=1.0)

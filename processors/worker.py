@@ -13,13 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import faust
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
@@ -27,7 +25,7 @@ from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
 from faust.types import ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from llmstream.core.connections import faust_options, idempotence_wanted
+from llmstream.core.connections import faust_options, idempotence_wanted, redis_client
 from llmstream.processors.acks import OrderedAcks, Ticket
 from llmstream.processors.dedup import ClaimUnavailable, DedupStore
 from llmstream.processors.lag import ConsumerLag
@@ -35,6 +33,7 @@ from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output, RequestProcessor, Source
 from llmstream.processors.providers import create_http_client
 from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.redis_state import RedisGuard
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl
 
@@ -134,7 +133,8 @@ class Worker:
         self._stopping = False
         self._dedup: DedupStore | None = None
         self._traffic: TrafficControl | None = None
-        self._last_heartbeat = 0.0
+        # Why claims are paused (Redis unreachable or without its state), None while they go on.
+        self._redis_problem: str | None = "not yet checked"
         topic = self.app.topic(
             settings.requests_topic,
             key_type=bytes,
@@ -231,7 +231,7 @@ class Worker:
     @contextlib.asynccontextmanager
     async def _runtime(self) -> AsyncIterator[RequestProcessor]:
         settings = self.settings
-        redis = aioredis.Redis.from_url(settings.redis_url)
+        redis = redis_client(settings)
         http = create_http_client(
             timeout_s=self.providers.timeout_s, max_connections=settings.max_in_flight
         )
@@ -250,7 +250,13 @@ class Worker:
             or "none",
         )
         traffic = self._traffic = TrafficControl.from_settings(
-            settings, redis=redis, router=router, metrics=self.metrics, worker_token=self._token
+            settings,
+            # Typed for a single Redis. On Redis Cluster, its scripts that take several keys
+            # (circuits, adaptive rates, rate limits of several models) are not slot-grouped yet.
+            redis=redis,  # type: ignore[arg-type]
+            router=router,
+            metrics=self.metrics,
+            worker_token=self._token,
         )
         processor = RequestProcessor(
             settings,
@@ -261,7 +267,7 @@ class Worker:
             traffic=traffic,
         )
         self._dedup = dedup
-        heartbeat = asyncio.create_task(self._heartbeat(dedup))
+        heartbeat = asyncio.create_task(self._watch_redis(RedisGuard(redis, settings), dedup))
         background = [heartbeat, asyncio.create_task(traffic.run())]
         if settings.consumer_lag_interval_s > 0:
             lag = ConsumerLag(settings, self.metrics.consumer_lag)
@@ -293,25 +299,40 @@ class Worker:
         await asyncio.gather(*pending, return_exceptions=True)
         return not pending
 
-    async def _heartbeat(self, dedup: DedupStore) -> None:
-        interval = dedup.lease_ms / 1000 / 4
+    async def _watch_redis(self, guard: RedisGuard, dedup: DedupStore) -> None:
+        """Check Redis every ``LLMSTREAM_REDIS_CHECK_INTERVAL_S`` and renew the lease several
+        times per lease. A failed check pauses claims at once (the lease counts as lapsed here,
+        so no claim is made against a Redis that may have lost its records); claims resume only
+        after a check finds the deployment epoch again and the lease is renewed."""
+        loop = asyncio.get_running_loop()
+        renew_every = dedup.lease_ms / 1000 / 4
+        renew_at = 0.0
         while True:
-            try:
-                await dedup.heartbeat()
-            except ClaimUnavailable as exc:
-                self.metrics.redis_up.set(0)
-                log.warning("%s", exc)
-            else:
-                self.metrics.redis_up.set(1)
-                self._last_heartbeat = time.monotonic()
-            await asyncio.sleep(interval)
+            problem = await guard.check()
+            if problem is None and (self._redis_problem is not None or loop.time() >= renew_at):
+                try:
+                    async with asyncio.timeout(self.settings.redis_check_timeout_s):
+                        await dedup.heartbeat()
+                except (ClaimUnavailable, TimeoutError) as exc:
+                    problem = f"unreachable: claims are paused (fail closed): {exc}"
+                else:
+                    renew_at = loop.time() + renew_every
+            if problem is not None:
+                dedup.suspend()
+                if self._redis_problem != problem:
+                    log.warning("Redis %s", problem)
+            elif self._redis_problem is not None and self._redis_problem != "not yet checked":
+                log.info("Redis is back: claiming resumes")
+            self._redis_problem = problem
+            self.metrics.redis_up.set(0 if problem and problem.startswith("unreachable") else 1)
+            await asyncio.sleep(self.settings.redis_check_interval_s)
 
     def ready(self) -> tuple[bool, dict[str, str]]:
-        """Readiness: the lease in Redis is fresh, the consumer joined its group, and no
-        provider/model has kept failing here for longer than ``LLMSTREAM_MAX_QUEUE_S``."""
-        lease_fresh = time.monotonic() - self._last_heartbeat < self.settings.lease_ms / 1000
+        """Readiness: Redis answered the last check (at most ``LLMSTREAM_REDIS_CHECK_INTERVAL_S``
+        ago) and holds its state, the consumer joined its group, and no provider/model has kept
+        failing here for longer than ``LLMSTREAM_MAX_QUEUE_S``."""
         checks = {
-            "redis": "ok" if lease_fresh else "unreachable: claims are paused (fail closed)",
+            "redis": self._redis_problem or "ok",
             "kafka": "ok" if self._assigned else "not yet assigned partitions",
             "providers": self._providers_check(),
         }

@@ -9,6 +9,8 @@ setting is honoured by all of them or by none::
     AIOKafkaProducer(**kafka_producer_options(settings), linger_ms=2)
     faust.App(settings.consumer_group, **faust_options(settings))
 
+Redis clients come from :func:`redis_client`, a single Redis or Redis Cluster as configured.
+
 Passwords go from ``SecretStr`` straight into the client; they are never logged.
 """
 
@@ -21,8 +23,11 @@ from typing import Any, TypeVar
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import BrokerResponseError, KafkaError
 from aiokafka.helpers import create_ssl_context
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from llmstream.core.errors import LLMStreamError
+from llmstream.core.record import AnyRedis
 from llmstream.core.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -153,3 +158,15 @@ def faust_options(settings: ServiceSettings) -> dict[str, Any]:
 
 def _compression(settings: ServiceSettings) -> str | None:
     return None if settings.kafka_compression == "none" else settings.kafka_compression
+
+
+def redis_client(settings: ServiceSettings) -> AnyRedis:
+    """The Redis client of every deployable: ``REDIS_URL`` (credentials and TLS as redis-py
+    reads them from the URL), on Redis Cluster when ``LLMSTREAM_REDIS_CLUSTER=true``.
+
+    Every key and script of llmstream is written for Redis Cluster (hash-tagged keys, scripts
+    run per slot), so the choice changes nothing else. No connection is made here.
+    """
+    if settings.redis_cluster:
+        return RedisCluster.from_url(settings.redis_url)
+    return Redis.from_url(settings.redis_url)

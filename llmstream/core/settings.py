@@ -73,6 +73,9 @@ class ServiceSettings(BaseSettings):
     redis_url: str = Field(
         "redis://localhost:6379/0", validation_alias=AliasChoices("REDIS_URL", "redis_url")
     )
+    # REDIS_URL names one node of a Redis Cluster (the client finds the others): every
+    # deployable (worker, ingress, replay, recover-redis) then speaks the cluster protocol.
+    redis_cluster: bool = False
     redis_key_prefix: str = "llmstream:"
     requests_topic: str = "llm-requests"
     responses_topic: str = "llm-responses"

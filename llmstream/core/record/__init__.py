@@ -44,8 +44,11 @@ fenced by owner *and* epoch, and so is the still-owner check (the worker script'
   emission (at least once), never two outcomes accepted under one epoch.
 - Lost state (Redis restarted empty): a record without owner and epoch belongs to nobody, so a
   settle stores its outcome instead of dropping a request the broker will never redeliver.
+  Workers notice the loss by the deployment epoch (:mod:`.epoch`) and claim nothing more until
+  an operator accepts it (``llmstream recover-redis --accept-loss``).
 """
 
+from llmstream.core.record.epoch import DeploymentEpoch
 from llmstream.core.record.keys import AnyRedis, Field, RecordKeys, State, by_slot, slot
 from llmstream.core.record.store import (
     ClaimUnavailable,
@@ -60,6 +63,7 @@ from llmstream.core.record.store import (
 __all__ = [
     "AnyRedis",
     "ClaimUnavailable",
+    "DeploymentEpoch",
     "Field",
     "Outcome",
     "RecordKeys",

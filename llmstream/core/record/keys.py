@@ -6,6 +6,7 @@ the rejection of one request ID live in one slot::
     {prefix}req:{<request id>}        the record (a hash, fields below)
     {prefix}rejected:{<request id>}   why the worker rejected an event with this ID (a hash)
     {prefix}worker:{<token>}          a worker process's heartbeat (a string with a TTL)
+    {prefix}epoch                     the deployment epoch (a string, no TTL; see :mod:`.epoch`)
 
 Redis hashes only what is between the first ``{`` and the next ``}``: a key prefix holding braces
 would become the tag of every key (one slot for everything, still correct, just not spread out).
@@ -69,6 +70,11 @@ class RecordKeys:
 
     def heartbeat(self, token: str) -> str:
         return f"{self.prefix}worker:{{{token}}}"
+
+    def epoch(self) -> str:
+        # Read and written with plain GET/SET only, never inside a script: on Redis Cluster it
+        # may live in any slot.
+        return f"{self.prefix}epoch"
 
 
 def slot(key: str) -> int:

@@ -13,25 +13,40 @@ this costs no Redis read.
 
 The provider's answer is stored (:meth:`DedupStore.settle`) *before* anything is emitted. A worker
 that dies between the call and the emit leaves a stored, un-emitted outcome; whoever takes over
-emits that outcome and never calls the provider again. :meth:`DedupStore.still_owner` tells,
-before a provider attempt, whether the claim is still this worker's.
+emits that outcome and never calls the provider again.
+
+No provider attempt starts without a live lease: :meth:`DedupStore.before_call` runs just before
+each one (traffic control calls it after every wait). It refuses while this worker's own lease is
+lapsed (it waits for the heartbeat), raises :class:`NotOwner` once another worker took the claim
+over, and refuses every new attempt once the worker is draining. The window that stays: a worker
+that stalls *after* its check, with its call already on the way (or at the provider), is taken
+over one lease later and the taker calls too; and a taker that saw this worker's heartbeat gone
+just before it was renewed takes over anyway (a lapsed lease is forfeit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
 
+from llmstream.core.errors import LLMStreamError
 from llmstream.core.record import AnyRedis, ClaimUnavailable, RecordStore, WorkerOp
 
-__all__ = ["Claim", "ClaimStatus", "ClaimUnavailable", "DedupStore"]
+__all__ = ["Claim", "ClaimStatus", "ClaimUnavailable", "DedupStore", "NotOwner"]
+
+log = logging.getLogger(__name__)
 
 _REDIS_ERRORS = (RedisError, RedisClusterException)
+
+
+class NotOwner(LLMStreamError):
+    """Another worker took the request over: this one neither calls, stores nor emits for it."""
 
 
 class ClaimStatus(enum.Enum):
@@ -145,6 +160,11 @@ class DedupStore:
         self._lease_until = 0.0  # event-loop time by which this worker's heartbeat surely lapsed
         self._epochs: dict[str, str] = {}  # request ID -> epoch of the claim this worker holds
         self._batcher = _Batcher(self.records, worker_token, batch_interval_s)
+        # Set by the worker's drain: no new provider attempt starts.
+        self.draining = False
+        # Tasks whose provider call is in flight, or whose answer is not stored yet: a drain
+        # never cancels them (the next owner would pay for that call again).
+        self._calling: set[asyncio.Task[Any]] = set()
 
     def key(self, request_id: str) -> str:
         return self.records.keys.record(request_id)
@@ -227,6 +247,43 @@ class DedupStore:
         epoch = self._epochs.get(request_id, "")
         answer, _ = await self._batcher(WorkerOp("o", request_id, (epoch, "", "", "")), "check")
         return answer == "1"
+
+    async def before_call(self, request_id: str) -> None:
+        """Just before each provider attempt for ``request_id``: return only while this worker's
+        lease is live and the claim still its own, and then count the task as calling.
+
+        Raises :class:`NotOwner` when another worker took the claim over, and cancels the task
+        (``CancelledError``: not acked, the next owner reads the event again) when draining.
+        While this worker's own lease is lapsed or Redis is unreachable, it waits.
+        """
+        delay = 0.05
+        while True:
+            if self.draining:
+                raise asyncio.CancelledError("draining: no new provider attempt")
+            try:
+                owner = await self.still_owner(request_id)
+                break
+            except ClaimUnavailable as exc:
+                log.warning("no provider call for %s until the lease is live: %s", request_id, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        if not owner:
+            self._epochs.pop(request_id, None)
+            log.warning("%s was taken over by another worker; not calling", request_id)
+            raise NotOwner(f"{request_id} was taken over by another worker")
+        task = asyncio.current_task()
+        if task is not None:
+            self._calling.add(task)
+
+    def call_over(self) -> None:
+        """The current task holds no call any more: it failed, or its answer is stored."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._calling.discard(task)
+
+    def calling(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` has a provider call in flight or an answer not yet stored."""
+        return task in self._calling
 
     async def settle(self, request_id: str, *, failed: bool, payload: bytes, now_ms: int) -> bool:
         """Store the outcome before it is emitted. False when another worker took the claim."""

@@ -26,7 +26,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import Field, State, Stored
-from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore
+from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.settings import WorkerSettings
@@ -39,13 +39,7 @@ from llmstream.schemas.codec import (
     encode,
     peek_request_id,
 )
-from llmstream.schemas.models import (
-    LLMError,
-    LLMMetric,
-    LLMRequest,
-    LLMResponse,
-    MetricStatus,
-)
+from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,6 +116,7 @@ class RequestProcessor:
             log.exception("unexpected failure processing %s", request.request_id)
             await self._after_bug(request, exc, source)
         finally:
+            self._dedup.call_over()
             del self._local[request.request_id]
             done.set_result(None)
 
@@ -205,7 +200,12 @@ class RequestProcessor:
         # latency nor the worker's overhead.
         traffic = TrafficProgress()
         try:
-            completion, attempts = await self._traffic.complete(request, provider, model, traffic)
+            completion, attempts = await self._traffic.complete(
+                request, provider, model, traffic, gate=self._dedup
+            )
+        except NotOwner:  # taken over while this worker stalled: the taker emits, ack this copy
+            self._metrics.dedup.labels("fenced").inc()
+            return
         except ProviderError as exc:
             provider_s = time.perf_counter() - provider_started - traffic.waited_s
             self._metrics.provider_latency.labels(
@@ -385,6 +385,7 @@ class RequestProcessor:
             ),
             "store the outcome",
         )
+        self._dedup.call_over()  # stored: a drain may cancel this task now, nothing is lost
         if not settled:
             self._metrics.dedup.labels("fenced").inc()
             log.warning("claim on %s was taken over; outcome not emitted here", request_id)

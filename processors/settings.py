@@ -42,6 +42,10 @@ class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
     max_in_flight: int = Field(500, ge=1, le=100_000)
     # A crashed worker's claims are taken over this long after its last heartbeat.
     lease_ms: int = Field(10_000, ge=1_000)
+    # On SIGTERM, how long requests that wait (not calling) may take to finish before they are
+    # handed over. Provider calls in flight are not cut at its end (see Worker._drain), so a
+    # stop grace period must cover LLMSTREAM_PROVIDER_TIMEOUT_S as well.
+    shutdown_grace_s: float = Field(30.0, ge=0.0)
     # How often Redis is checked (reachable, still holding the deployment epoch), and how long
     # one check may take: claims pause, and /ready answers 503, within about one interval.
     redis_check_interval_s: float = Field(0.5, gt=0.0, le=10.0)

@@ -26,6 +26,10 @@ settle. For one request:
    retryable failures are retried with full-jitter backoff, up to ``LLMSTREAM_MAX_ATTEMPTS``.
 6. **Cost** from the price table (:mod:`processors.pricing`), counted per provider, model, client.
 
+No attempt starts without the request's :class:`CallGate` (the worker's dedup store) saying so,
+asked after every wait, just before the call: a worker whose lease lapsed while it waited, or
+whose request was taken over meanwhile, does not call.
+
 Waits (for budget, a pause or a circuit) give the request's in-flight slot back
 (:mod:`processors.backpressure`); they never count as retries, and the request's dedup claim
 stays alive through the worker's heartbeat. The deadline (``deadline_ms``) bounds everything; a
@@ -41,6 +45,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -58,13 +63,23 @@ from llmstream.processors.retry import Charge, RetriesExhausted, call_with_retri
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.models import LLMRequest
 
-__all__ = ["TrafficControl", "TrafficProgress"]
+__all__ = ["CallGate", "TrafficControl", "TrafficProgress"]
 
 log = logging.getLogger(__name__)
 
 # Errors after which a fallback is worth trying: everything but a request that is itself wrong,
 # or one whose deadline (its own, or LLMSTREAM_MAX_QUEUE_S) passed.
 _NO_FALLBACK = ("invalid_request", "expired", "provider_unavailable")
+
+
+class CallGate(Protocol):
+    """Asked just before each provider attempt (see :class:`processors.dedup.DedupStore`)."""
+
+    async def before_call(self, request_id: str) -> None:
+        """Return to let the call go; raise to stop the request without calling."""
+
+    def call_over(self) -> None:
+        """The attempt failed: the task holds nothing of it any more."""
 
 
 @dataclass
@@ -96,6 +111,7 @@ class _ModelCalls:
     stay: Stay
     # The request's deadline_ms, or the LLMSTREAM_MAX_QUEUE_S bound when it has none.
     deadline_ms: int
+    gate: CallGate | None = None
     probe: bool = False
     grant: Grant | None = None
     sent_at_ms: float = 0.0
@@ -223,10 +239,15 @@ class TrafficControl:
     # -- one request ------------------------------------------------------------------------
 
     async def complete(
-        self, request: LLMRequest, provider: Provider, model: str, progress: TrafficProgress
+        self,
+        request: LLMRequest,
+        provider: Provider,
+        model: str,
+        progress: TrafficProgress,
+        gate: CallGate | None = None,
     ) -> tuple[Completion, int]:
         """The answer to ``request`` and the number of calls made; raises ProviderError (with
-        ``attempts``) when no candidate answered."""
+        ``attempts``) when no candidate answered. ``gate`` is asked before every attempt."""
         stay = self.room.stay()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -243,7 +264,7 @@ class TrafficControl:
                     progress.cost_usd = 0.0  # no call, nothing paid
                     return hit, 0
             completion, by_primary = await self._first_answer(
-                request, provider, model, progress, stay, deadline_ms
+                request, provider, model, progress, stay, deadline_ms, gate
             )
             progress.cost_usd = self._cost(request, completion)
             if cache_key is not None and by_primary:
@@ -272,6 +293,7 @@ class TrafficControl:
         progress: TrafficProgress,
         stay: Stay,
         deadline_ms: int,
+        gate: CallGate | None,
     ) -> tuple[Completion, bool]:
         """The answer of the first candidate model that gives one, and whether that was the
         request's own model."""
@@ -287,6 +309,7 @@ class TrafficControl:
                 continue
             has_next = index < len(candidates) - 1
             calls = self._model_calls(candidate, *target, has_next, progress, stay, deadline_ms)
+            calls.gate = gate
             try:
                 return await self._call_model(calls), index == 0
             except _CircuitOpen:
@@ -390,6 +413,10 @@ class TrafficControl:
         """One call, once the circuit, a pause and the rate budget let it go."""
         await self._admit(calls)
         await calls.stay.resume()
+        if calls.gate is not None:
+            # After every wait and right before the call: a lease that lapsed or a claim taken
+            # over while this request waited stops it here.
+            await calls.gate.before_call(calls.request.request_id)
         calls.retrying = False
         calls.progress.attempts += 1
         grant = calls.grant
@@ -397,6 +424,8 @@ class TrafficControl:
         try:
             completion = await calls.provider.complete(calls.request, calls.model)
         except ProviderError as error:
+            if calls.gate is not None:
+                calls.gate.call_over()
             calls.progress.last_error = error
             if grant is not None and grant.tokens:
                 await self.limiter.correct(grant, 0)

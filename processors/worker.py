@@ -119,14 +119,16 @@ class Worker:
         *,
         providers: ProviderSettings | None = None,
         registry: CollectorRegistry | None = None,
-        shutdown_grace_s: float = 30.0,
+        shutdown_grace_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.providers = providers or ProviderSettings()
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
         self.app = create_faust_app(settings)
         self.acks: OrderedAcks[Any] = OrderedAcks(self._ack)
-        self._shutdown_grace_s = shutdown_grace_s
+        self._shutdown_grace_s = (
+            settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
+        )
         self._tasks: set[asyncio.Task[None]] = set()
         self._token = f"{settings.worker_id}-{uuid.uuid4().hex[:8]}"
         self._assigned = False
@@ -155,15 +157,19 @@ class Worker:
         _DrainingFaustWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
 
     async def drain(self) -> None:
-        """Stop admitting events, let those in flight finish (bounded), commit what is done.
+        """Stop admitting events and starting provider attempts, let requests in flight finish
+        (see :meth:`_drain`), hand the rest over, commit what is done.
 
         Runs before faust stops its consumer and producer: faust's own shutdown does not wait
         for tasks of ours, and closes the loop under them.
         """
         self._stopping = True
-        drained = await self._drain()
-        if drained and self._dedup is not None:
-            # Nothing of ours is in flight: let other workers see at once that we are gone.
+        if self._dedup is not None:
+            self._dedup.draining = True  # no new provider attempt: the next owner makes it
+        await self._drain()
+        if self._dedup is not None:
+            # Every task of ours has finished, so nothing of ours is still calling: let other
+            # workers take the unfinished claims over at once rather than one lease later.
             with contextlib.suppress(ClaimUnavailable):
                 await self._dedup.resign()
         with contextlib.suppress(Exception):
@@ -285,19 +291,31 @@ class Worker:
             await redis.aclose()
 
     async def _drain(self) -> bool:
-        """Let in-flight requests finish (bounded); True when none had to be cancelled."""
+        """Let in-flight requests finish; True when none had to be cancelled.
+
+        Requests waiting (for a retry, rate budget, a circuit or their claim) get the grace
+        (``LLMSTREAM_SHUTDOWN_GRACE_S``), then are cancelled. A provider call in flight is never
+        cut short, nor an answer not yet stored: the next owner would pay for that call again.
+        Those are bounded by the call's own timeout (``LLMSTREAM_PROVIDER_TIMEOUT_S``); only past
+        grace plus that timeout (Redis unreachable while storing) is everything cancelled.
+        Cancelled tasks are awaited, so nothing of theirs runs when the claims are resigned.
+        """
         if not self._tasks:
             return True
-        log.info(
-            "waiting up to %.0f s for %d requests in flight",
-            self._shutdown_grace_s,
-            len(self._tasks),
-        )
-        _, pending = await asyncio.wait(set(self._tasks), timeout=self._shutdown_grace_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        return not pending
+        grace = self._shutdown_grace_s
+        log.info("waiting up to %.0f s for %d requests in flight", grace, len(self._tasks))
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        cancelled = bool(pending)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.providers.timeout_s
+        calling = self._dedup.calling if self._dedup is not None else None
+        while pending:
+            for task in pending:
+                holds_a_call = calling is not None and calling(task)
+                if not task.cancelling() and (not holds_a_call or loop.time() >= give_up):
+                    task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.2)
+        return not cancelled
 
     async def _watch_redis(self, guard: RedisGuard, dedup: DedupStore) -> None:
         """Check Redis every ``LLMSTREAM_REDIS_CHECK_INTERVAL_S`` and renew the lease several

@@ -172,6 +172,21 @@ def test_compose_stack_starts_in_order_on_kafka_kraft(compose_default: dict[str,
     assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
 
 
+def worker_drain_bound_s() -> float:
+    """How long a worker's drain may take with the default settings: waiting requests get
+    ``LLMSTREAM_SHUTDOWN_GRACE_S``, calls in flight are never cut and end within
+    ``LLMSTREAM_PROVIDER_TIMEOUT_S``; then storing, emitting and the commit (15 s of room). A
+    stop grace period shorter than this kills calls the next owner pays for again."""
+    grace = WorkerSettings.model_fields["shutdown_grace_s"].default
+    return float(max(grace, ProviderSettings.model_fields["timeout_s"].default) + 15)
+
+
+def test_compose_gives_the_worker_its_drain(compose_default: dict[str, Any]) -> None:
+    stop = compose_default["services"]["worker"]["stop_grace_period"]
+    minutes, _, seconds = stop.rstrip("s").rpartition("m")
+    assert int(minutes or 0) * 60 + int(seconds or 0) >= worker_drain_bound_s()
+
+
 def _volumes(service: dict[str, Any]) -> dict[str, str]:
     """target -> source of a rendered service's volumes (v1 renders strings, v2 mappings)."""
     out = {}
@@ -438,6 +453,9 @@ def test_kubernetes_manifests_render_with_probes_on_the_real_endpoints(target: s
     )
     target_port = service["spec"]["ports"][0]["targetPort"]
     assert target_port in {p["name"] for p in spec["ports"]} | {INGRESS_PORT}
+
+    pod = worker["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] >= worker_drain_bound_s()
 
     [hpa] = by_kind(objects, "HorizontalPodAutoscaler").values()
     assert hpa["spec"]["scaleTargetRef"]["name"] == "llmstream-worker"

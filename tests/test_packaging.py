@@ -43,7 +43,15 @@ def _part(module: str) -> str:
 
 
 def _modules() -> Iterator[tuple[str, Path]]:
-    for path in sorted(PACKAGE.rglob("*.py")):  # rglob follows the links to the top-level folders
+    # os.walk, not Path.rglob: before Python 3.13 rglob does not follow the links to the
+    # top-level folders, and the contract, the processor and the ingress would go unchecked.
+    paths = [
+        Path(folder, name)
+        for folder, _, names in os.walk(PACKAGE, followlinks=True)
+        for name in names
+        if name.endswith(".py")
+    ]
+    for path in sorted(paths):
         relative = path.relative_to(ROOT).with_suffix("")
         names = list(relative.parts)
         if names[-1] == "__init__":
@@ -58,6 +66,12 @@ def _imports(path: Path) -> Iterator[str]:
             yield from (alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             yield node.module
+
+
+def test_the_walk_reaches_every_part() -> None:
+    parts = {_part(module) for module, _ in _modules()}
+    assert parts == set(ALLOWED), parts
+    assert "llmstream.processors.providers.openai" in dict(_modules())
 
 
 def test_every_module_imports_only_the_parts_below_it() -> None:

@@ -4,8 +4,14 @@ faust commits the offset after the highest run of acked messages, and its gap gu
 (faust-streaming #606): acks that arrive out of order can commit past a message still in flight,
 and a crash then loses it. Requests here finish in any order (a retry waits seconds, its neighbours
 do not), so this gate holds each finished event until every earlier event of its partition has
-finished, and only then hands it to faust. faust never sees a gap, so it can only commit offsets
-whose requests are done.
+finished, and only then hands its offset to faust. faust never sees a gap, so it can only commit
+offsets whose requests are done.
+
+The gate keeps offsets only, never an event or its payload: a request that stays unfinished at the
+head of its partition (a slow provider, a long wait for budget) holds up every later one, and the
+memory so held must stay small. Past ``max_held`` finished events behind one unfinished head the
+partition is paused (``pause``) so the worker stops reading it, and resumed once its held events
+fall to half the limit: the head finished, or the partition was taken away.
 
 A partition taken away by a rebalance is dropped here: its unfinished events are never acked by
 this worker (the new owner re-reads them from the committed offset; dedup stops a second call).
@@ -20,31 +26,49 @@ from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from typing import Generic, TypeVar
 
-E = TypeVar("E")
+P = TypeVar("P", bound=Hashable)
 
 
-class Ticket(Generic[E]):
-    """One admitted event; :meth:`OrderedAcks.finish` it when its outcome is on the broker."""
+class Ticket(Generic[P]):
+    """One admitted event's place; :meth:`OrderedAcks.finish` it when its outcome is on the
+    broker."""
 
-    __slots__ = ("done", "event", "generation", "offset", "partition")
+    __slots__ = ("done", "generation", "offset", "partition")
 
-    def __init__(self, event: E, partition: Hashable, offset: int, generation: int) -> None:
-        self.event = event
+    def __init__(self, partition: P, offset: int, generation: int) -> None:
         self.partition = partition
         self.offset = offset
         self.generation = generation
         self.done = False
 
 
-class OrderedAcks(Generic[E]):
-    """Per-partition queues of admitted events; releases the finished prefix of each, in order."""
+def _ignore(partition: object) -> None:
+    return None
 
-    def __init__(self, ack: Callable[[E], object]) -> None:
+
+class OrderedAcks(Generic[P]):
+    """Per-partition queues of admitted offsets; releases the finished prefix of each, in order,
+    to ``ack(partition, offset)``."""
+
+    def __init__(
+        self,
+        ack: Callable[[P, int], object],
+        *,
+        max_held: int = 10_000,
+        pause: Callable[[P], object] = _ignore,
+        resume: Callable[[P], object] = _ignore,
+    ) -> None:
         self._ack = ack
-        self._queues: dict[Hashable, deque[Ticket[E]]] = {}
-        self._generations: dict[Hashable, int] = {}
+        self._max_held = max_held
+        self._pause = pause
+        self._resume = resume
+        self._queues: dict[P, deque[Ticket[P]]] = {}
+        self._generations: dict[P, int] = {}
+        # Finished events waiting behind an unfinished one, per partition.
+        self._held: dict[P, int] = {}
+        self._paused: set[P] = set()
 
-    def admit(self, event: E, partition: Hashable, offset: int) -> Ticket[E]:
+    def admit(self, partition: P, offset: int) -> Ticket[P]:
         """Record an event in arrival (offset) order before its processing starts."""
         queue = self._queues.get(partition)
         if queue and offset <= queue[-1].offset:
@@ -52,33 +76,58 @@ class OrderedAcks(Generic[E]):
             queue = None
         if queue is None:
             queue = self._queues[partition] = deque()
-        ticket = Ticket(event, partition, offset, self._generations.get(partition, 0))
+        ticket = Ticket(partition, offset, self._generations.get(partition, 0))
         queue.append(ticket)
         return ticket
 
-    def finish(self, ticket: Ticket[E]) -> int:
+    def finish(self, ticket: Ticket[P]) -> int:
         """Mark ``ticket`` done and ack every done event at the head of its partition.
 
         Returns how many events were acked. A ticket of a revoked partition acks nothing.
         """
         ticket.done = True
-        if ticket.generation != self._generations.get(ticket.partition, 0):
+        partition = ticket.partition
+        if ticket.generation != self._generations.get(partition, 0):
             return 0
-        queue = self._queues.get(ticket.partition)
+        queue = self._queues[partition]
+        held = self._held.get(partition, 0) + 1
         acked = 0
         while queue and queue[0].done:
-            self._ack(queue.popleft().event)
+            self._ack(partition, queue.popleft().offset)
             acked += 1
+        held -= acked
+        self._held[partition] = held
+        if partition in self._paused:
+            if held <= self._max_held // 2:
+                self._paused.discard(partition)
+                self._resume(partition)
+        elif held > self._max_held:
+            self._paused.add(partition)
+            self._pause(partition)
         return acked
 
-    def revoke(self, partitions: Iterable[Hashable]) -> int:
-        """Forget the events of partitions this worker no longer owns; returns how many."""
+    def revoke(self, partitions: Iterable[P]) -> int:
+        """Forget the events of partitions this worker no longer owns (resuming those it
+        paused); returns how many were unfinished."""
         dropped = 0
         for partition in partitions:
             self._generations[partition] = self._generations.get(partition, 0) + 1
-            dropped += len(self._queues.pop(partition, ()))
+            queue = self._queues.pop(partition, ())
+            dropped += len(queue) - self._held.pop(partition, 0)
+            if partition in self._paused:
+                self._paused.discard(partition)
+                self._resume(partition)
         return dropped
 
     def pending(self) -> int:
         """Events admitted and not yet acked, over all partitions."""
         return sum(len(q) for q in self._queues.values())
+
+    def held(self) -> int:
+        """Finished events not yet acked because an earlier one is unfinished, over all
+        partitions."""
+        return sum(self._held.values())
+
+    def paused(self) -> frozenset[P]:
+        """The partitions paused because they hold more than ``max_held`` finished events."""
+        return frozenset(self._paused)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -15,6 +15,7 @@ _OVERHEAD_BUCKETS = (
     *(i / 1000 for i in (17.5, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1000, 2500)),
 )
 _OTHER = "other"
+_UNKNOWN = "unknown"
 _PREFIX = "llmstream_"
 
 
@@ -60,12 +61,23 @@ class BoundedLabel:
         return _OTHER
 
 
+def provider_label(name: str | None, known: Callable[[str], object]) -> str:
+    """A provider name fit for a label: an event's provider field, or the first segment of its
+    model, can be anything, so only providers this worker has configured (``known(name)`` is
+    truthy) label a series; any other name is ``other``, none at all ``unknown``."""
+    if not name:
+        return _UNKNOWN
+    return name if known(name) else _OTHER
+
+
 class WorkerMetrics:
     """Every metric the worker exports, prefixed ``llmstream_``."""
 
     def __init__(self, registry: CollectorRegistry, *, max_models: int = 200) -> None:
         self.registry = registry
         self.model_label = BoundedLabel(max_models)
+        # Error types are the pipeline's own; bounded anyway, as they travel in stored events.
+        self.error_type_label = BoundedLabel(64)
         self.requests = _counter(
             registry,
             "requests_total",
@@ -143,6 +155,18 @@ class WorkerMetrics:
             registry,
             "acked_events_total",
             "Events whose offsets were released for commit, in order.",
+        )
+        self.held_acks = _gauge(
+            registry,
+            "held_acks",
+            "Finished events whose offsets wait for an earlier, unfinished event of their "
+            "partition before they can be committed.",
+        )
+        self.paused_partitions = _gauge(
+            registry,
+            "paused_partitions",
+            "Partitions not read because they hold more than "
+            "LLMSTREAM_MAX_PENDING_ACKS_PER_PARTITION finished events behind an unfinished one.",
         )
 
 

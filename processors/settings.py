@@ -59,6 +59,10 @@ class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
     rebalance_timeout_s: float = Field(60.0, ge=1.0)
     heartbeat_interval_s: float = Field(3.0, gt=0.0)
     commit_interval_s: float = Field(1.0, gt=0.0)
+    # Finished events a partition may hold behind an unfinished one (they cannot be committed
+    # before it) before this worker pauses reading that partition; it resumes when the head
+    # finishes. Bounds the ack gate's memory when one request waits long (processors/acks.py).
+    max_pending_acks_per_partition: int = Field(10_000, ge=1)
     # Where a new consumer group starts: "earliest" so nothing produced before it is skipped.
     auto_offset_reset: str = "earliest"
     # A request without its own deadline_ms fails as provider_unavailable when it has no answer

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiokafka.errors import KafkaError
 from faust.exceptions import ProducerSendError
 from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
-from faust.types import ProducerT
+from faust.types import TP, Message, ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from llmstream.core.connections import faust_options, idempotence_wanted, redis_client
@@ -125,7 +125,12 @@ class Worker:
         self.providers = providers or ProviderSettings()
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
         self.app = create_faust_app(settings)
-        self.acks: OrderedAcks[Any] = OrderedAcks(self._ack)
+        self.acks: OrderedAcks[TP] = OrderedAcks(
+            self._ack,
+            max_held=settings.max_pending_acks_per_partition,
+            pause=self._pause,
+            resume=self._resume,
+        )
         self._shutdown_grace_s = (
             settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
         )
@@ -191,21 +196,21 @@ class Worker:
                     slots.release()
                     continue
                 message = event.message
-                ticket = self.acks.admit(event, message.tp, message.offset)
+                ticket = self.acks.admit(message.tp, message.offset)
                 source = Source(message.topic, message.partition, message.offset)
-                task = asyncio.create_task(self._run_one(processor, ticket, source, slots))
+                task = asyncio.create_task(self._run_one(processor, message, ticket, source, slots))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
     async def _run_one(
         self,
         processor: RequestProcessor,
-        ticket: Ticket[Any],
+        message: Message,
+        ticket: Ticket[TP],
         source: Source,
         slots: asyncio.Semaphore,
     ) -> None:
         self.metrics.in_flight.inc()
-        message = ticket.event.message
         try:
             await processor.process(message.value, message.key, source)
         except asyncio.CancelledError:
@@ -217,15 +222,38 @@ class Worker:
             raise
         else:
             self.metrics.committable.inc(self.acks.finish(ticket))
+            self.metrics.held_acks.set(self.acks.held())
         finally:
             self.metrics.in_flight.dec()
             slots.release()
 
-    def _ack(self, event: Any) -> None:
-        event.ack()
+    def _ack(self, tp: TP, offset: int) -> None:
+        # The gate keeps offsets, not faust's message (its payload would stay in memory as
+        # long as the partition's head is unfinished): faust's consumer needs only where it is.
+        self.app.consumer.ack(
+            Message(tp.topic, tp.partition, offset, 0.0, 0, None, None, None, None, tp=tp)
+        )
+
+    def _pause(self, tp: TP) -> None:
+        log.warning(
+            "%s holds more than %d finished events behind an unfinished one: not read until it "
+            "finishes (LLMSTREAM_MAX_PENDING_ACKS_PER_PARTITION)",
+            tp,
+            self.settings.max_pending_acks_per_partition,
+        )
+        self.app.consumer.pause_partitions({TP(tp.topic, tp.partition)})
+        self.metrics.paused_partitions.set(len(self.acks.paused()))
+
+    def _resume(self, tp: TP) -> None:
+        log.info("%s read again: its held events were committed or handed over", tp)
+        # faust's own TP: resume_partitions adds what it is given to its active set as is, and
+        # the message's tp is the driver's (aiokafka's) type, which faust's fetcher rejects.
+        self.app.consumer.resume_partitions({TP(tp.topic, tp.partition)})
+        self.metrics.paused_partitions.set(len(self.acks.paused()))
 
     async def _on_revoked(self, sender: object, revoked: set[Any], **kwargs: object) -> None:
         dropped = self.acks.revoke(revoked)
+        self.metrics.held_acks.set(self.acks.held())
         if dropped:
             log.info("partitions revoked; %d unfinished events left to their next owner", dropped)
 

@@ -27,7 +27,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import Field, State, Stored
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
-from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.metrics import WorkerMetrics, provider_label
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
@@ -555,11 +555,14 @@ class RequestProcessor:
 
     def _count(self, metric: LLMMetric) -> None:
         with _bookkeeping(metric.request_id):
-            self._metrics.requests.labels(
-                metric.status, metric.provider or "", self._metrics.model_label(metric.model)
-            ).inc()
+            provider = provider_label(metric.provider, self._router.get)
+            # A model of no configured provider is junk: it must not take one of the bounded
+            # model label's places from the models really called.
+            known = provider == metric.provider
+            model = self._metrics.model_label(metric.model) if known else provider
+            self._metrics.requests.labels(metric.status, provider, model).inc()
             if metric.error_type is not None:
-                self._metrics.errors.labels(metric.error_type).inc()
+                self._metrics.errors.labels(self._metrics.error_type_label(metric.error_type)).inc()
 
     def _observe_overhead(self, started: float, provider_s: float) -> None:
         with _bookkeeping(None):

@@ -4,8 +4,9 @@
 epoch, :mod:`llmstream.core.record.epoch`) and answers None (claims may go on) or why not:
 
 - unreachable: the GET failed or took longer than ``LLMSTREAM_REDIS_CHECK_TIMEOUT_S``;
-- lost state: Redis answers but holds no epoch while the consumer group has committed offsets,
-  so records of completed requests may be gone, and claiming could call them again. This lasts
+- lost state: Redis answers but holds no epoch, while this worker saw one before or the consumer
+  group has committed offsets, so records of completed requests may be gone, and claiming could
+  call them again. This lasts
   until an operator runs ``llmstream recover-redis --accept-loss`` (which writes a new epoch).
 
 An absent epoch with a group that has committed nothing is a first start: the guard writes it.
@@ -70,8 +71,10 @@ class RedisGuard:
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             return f"unreachable: claims are paused (fail closed): {type(exc).__name__}"
         if current is None:
-            current = await self._absent()
+            # Gone after this worker saw it: lost, whatever the group committed since.
+            current = None if self._known is not None else await self._absent()
             if current is None:
+                self._report_lost()
                 return f"lost its state: claims are paused until an operator runs `{RECOVERY}`"
         elif self._known is not None and current != self._known:
             log.warning(
@@ -107,18 +110,21 @@ class RedisGuard:
                 created,
             )
             return created
-        if not self._lost:
-            self._lost = True
-            # The one line an operator must see: what happened, what it risks, what to do.
-            log.error(
-                "Redis at %s lost its state (no deployment epoch under %r, but consumer group %s "
-                "has committed offsets: restarted without persistence, failed over, flushed or "
-                "evicted): claims are paused so no completed request is called again. To accept "
-                "that requests whose records were lost are called again if their events are "
-                "read again, run `%s` (docs/operations.md)",
-                redact_url(s.redis_url),
-                self.epoch.key,
-                s.consumer_group,
-                RECOVERY,
-            )
         return None
+
+    def _report_lost(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        s = self._settings
+        # The one line an operator must see: what happened, what it risks, what to do.
+        log.error(
+            "Redis at %s lost its state (no deployment epoch under %r, which this worker saw "
+            "before or the group's committed offsets imply: restarted without persistence, "
+            "failed over, flushed or evicted): claims are paused so no completed request is "
+            "called again. To accept that requests whose records were lost are called again if "
+            "their events are read again, run `%s` (docs/operations.md)",
+            redact_url(s.redis_url),
+            self.epoch.key,
+            RECOVERY,
+        )

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -84,10 +86,13 @@ async def test_a_short_redis_outage_shows_on_ready(
     async with harness.running_worker(
         own, simulator.url, f"g-{unique}", tmp_path, LLMSTREAM_LEASE_MS="10000"
     ) as worker:
-        redis_process = _redis_process(own_redis)
-        redis_process.stop()
-        during = await _poll_ready(worker, 503, polls=40)  # 4 s: well within the lease
-        redis_process.start()
+        # Redis hangs (SIGSTOP) and comes back with its state (SIGCONT): an outage, not a loss.
+        redis_pid = _redis_process(own_redis).pid
+        os.kill(redis_pid, signal.SIGSTOP)
+        try:
+            during = await _poll_ready(worker, 503, polls=50)  # 5 s: half the lease
+        finally:
+            os.kill(redis_pid, signal.SIGCONT)
         after = await _poll_ready(worker, 200)
     assert during.status_code == 503
     assert during.json()["checks"]["redis"].startswith("unreachable: claims are paused")

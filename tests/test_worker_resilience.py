@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -67,6 +69,16 @@ async def test_redis_outage_pauses_processing_and_loses_nothing(
             assert not any(rid.startswith("during-") for rid in calls_during_outage)
 
             redis_process.start()  # the same port, and (no persistence) empty
+            # Redis lost its state: the worker waits for the operator's decision.
+            recovered = subprocess.run(
+                [sys.executable, "-m", "llmstream.cli", "recover-redis", "--accept-loss"],
+                env=harness.worker_env(own, simulator.url, None),
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert recovered.returncode == 0, recovered.stdout + recovered.stderr
             responses = await harness.read_answers(own, 100, timeout=60)
     finally:
         own_redis.stop()

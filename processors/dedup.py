@@ -36,7 +36,13 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.errors import LLMStreamError
-from llmstream.core.record import AnyRedis, ClaimUnavailable, RecordStore, WorkerOp
+from llmstream.core.record import (
+    AnyRedis,
+    ClaimUnavailable,
+    RecordStore,
+    StoredOutcome,
+    WorkerOp,
+)
 
 __all__ = ["Claim", "ClaimStatus", "ClaimUnavailable", "DedupStore", "NotOwner"]
 
@@ -293,6 +299,24 @@ class DedupStore:
         if answer != "1":
             self._epochs.pop(request_id, None)
         return answer == "1"
+
+    async def release(self, request_id: str) -> bool:
+        """Give back the claim on ``request_id`` of a task that ended without settling it (a bug,
+        or cancelled outside a drain), so that another worker takes it at once rather than once
+        this worker's lease ends. True when released; False when this worker held no unsettled
+        claim (the record is untouched: a stored outcome, or a claim taken over, stays)."""
+        epoch = self._epochs.pop(request_id, None)
+        if epoch is None:
+            return False
+        answer, _ = await self._batcher(WorkerOp("u", request_id, (epoch, "", "", "")), "release")
+        return answer == "1"
+
+    async def outcome(self, request_id: str) -> StoredOutcome | None:
+        """The outcome stored for ``request_id`` and whether it was emitted (None: none yet)."""
+        try:
+            return await self.records.outcome(request_id)
+        except _REDIS_ERRORS as exc:
+            raise ClaimUnavailable(f"cannot read the record: {exc}") from exc
 
     async def mark_emitted(self, request_ids: Sequence[str]) -> None:
         """Record that these outcomes are on the broker: later copies are duplicates."""

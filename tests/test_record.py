@@ -302,3 +302,79 @@ async def test_the_ingress_reserves_and_releases_many_ids_at_once(records: Recor
     ]
     assert await records.release("t", ids) == len(ids)
     assert [await records.get(r) for r in ids] == [None] * len(ids)
+
+
+async def test_a_claim_given_back_is_free_at_once_and_fences_the_giver(
+    records: RecordStore, a: DedupStore, b: DedupStore
+) -> None:
+    await records.reserve([("r1", "d")], client="alice", token="t", now_ms=0, requeue_after_ms=0)
+    assert (await a.claim("r1", 1)).status is ClaimStatus.CLAIMED
+    assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY  # a lives: b would wait
+    assert await a.release("r1")
+    stored = await records.get("r1")
+    assert stored and (stored.state, stored.client) == ("queued", "alice")  # pending, still hers
+    claim = await b.claim("r1", 3)
+    assert claim.status is ClaimStatus.CLAIMED and not claim.takeover  # a is alive, no lease wait
+    # Whatever a's ended task left behind cannot store: its epoch is gone.
+    assert not await a.settle("r1", failed=False, payload=b'{"stale": 1}', now_ms=4)
+    assert not await a.release("r1")  # nothing held any more: no-op
+    assert await b.settle("r1", failed=False, payload=b'{"fresh": 1}', now_ms=5)
+    stored = await records.get("r1")
+    assert stored and stored.payload == b'{"fresh": 1}'
+
+
+async def test_giving_back_never_touches_an_outcome_or_a_claim_taken_over(
+    client: AnyRedis, records: RecordStore, a: DedupStore, b: DedupStore
+) -> None:
+    await a.claim("r1", 0)
+    assert await a.settle("r1", failed=False, payload=b'{"answer": 1}', now_ms=1)
+    assert not await a.release("r1")  # stored, not emitted: the outcome stands, a still owns it
+    stored = await records.get("r1")
+    assert stored and (stored.state, stored.payload) == ("completed", b'{"answer": 1}')
+    assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY
+
+    await a.claim("r2", 3)
+    await _lapse(client, a)
+    assert (await b.claim("r2", 4)).status is ClaimStatus.CLAIMED  # taken over
+    await a.heartbeat()
+    assert not await a.release("r2")  # b's now: a gives back nothing
+    assert await b.still_owner("r2")
+
+
+async def test_the_outcome_says_whether_it_was_emitted(records: RecordStore, a: DedupStore) -> None:
+    assert await records.outcome("r1") is None  # no record
+    await a.claim("r1", 0)
+    assert await a.outcome("r1") is None  # claimed: nothing stored yet
+    await a.settle("r1", failed=True, payload=b'{"error_type": "x"}', now_ms=1)
+    stored = await a.outcome("r1")
+    assert stored and (stored.state, stored.payload, stored.emitted) == (
+        "failed",
+        b'{"error_type": "x"}',
+        False,
+    )
+    await a.mark_emitted(["r1"])
+    assert (stored := await records.outcome("r1")) and stored.emitted
+
+
+async def test_an_authenticated_client_cannot_republish_a_request_of_nobody(
+    records: RecordStore,
+) -> None:
+    async def reserve(client: str | None, now_ms: int, request_id: str = "r1") -> Reservation:
+        [found] = await records.reserve(
+            [(request_id, "d")],
+            client=client,
+            token=f"t{now_ms}",
+            now_ms=now_ms,
+            requeue_after_ms=1000,
+        )
+        return found
+
+    assert (await reserve(None, 0)).publish  # queued while authentication was off
+    # Stale and identical, but nobody's: alice may not republish it, nor read it.
+    taken = await reserve("alice", 5000)
+    assert not taken.publish and taken.existing and taken.existing.client is None
+    assert (await reserve(None, 10_000)).publish  # without authentication it still may
+
+    assert (await reserve("alice", 0, "r2")).publish
+    assert not (await reserve("bob", 5000, "r2")).publish  # alice's
+    assert (await reserve("alice", 10_000, "r2")).publish  # hers, stale: published again

@@ -12,6 +12,7 @@ Transitions (``owner``/``epoch`` change only where said)::
     (none)|queued --claim---------------> claimed    owner = worker, epoch + 1
     claimed   --claim, owner seen dead--> claimed    owner = taker, epoch + 1 (takeover)
     claimed   --settle (owner + epoch)--> completed | failed, emitted = 0
+    claimed   --unclaim (owner + epoch)-> queued     owner dropped, epoch + 1 (task ended unsettled)
     completed|failed --mark emitted-----> emitted = 1: later claims answer done
     completed|failed, not emitted, owner seen dead --claim--> recover: owner = taker, epoch + 1
     failed    --replay reset------------> queued     outcome dropped, epoch + 1
@@ -57,6 +58,7 @@ from llmstream.core.record.store import (
     Reservation,
     Status,
     Stored,
+    StoredOutcome,
     WorkerOp,
 )
 
@@ -72,6 +74,7 @@ __all__ = [
     "State",
     "Status",
     "Stored",
+    "StoredOutcome",
     "WorkerOp",
     "by_slot",
     "slot",

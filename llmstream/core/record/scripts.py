@@ -9,11 +9,12 @@ from __future__ import annotations
 #   s (settle)       c|f (completed/failed), payload, now_ms, own epoch
 #   m (mark emitted) -
 #   o (still owner)  own epoch
+#   u (unclaim)      own epoch
 # Reply: {answers, extra, ...}; answers is one space-separated string (redis-py spends far more
 # CPU per reply element it parses than Redis spends running the script), one answer per call:
 #   claim   claimed:<epoch> | takeover:<epoch> | busy:<epoch> (+ owner in extra)
 #           | done:<state> (+ payload) | recover:<state>:<epoch> (+ payload)
-#   settle  1 stored | 0 fenced;   still owner  1 | 0;   mark  -
+#   settle  1 stored | 0 fenced;   still owner  1 | 0;   mark  -;   unclaim  1 | 0
 WORKER = """
 local token, ttl = ARGV[1], ARGV[2]
 
@@ -61,6 +62,19 @@ local function settle(key, code, payload, now, my_epoch)
   return {'1'}
 end
 
+-- A task that ended without settling gives its claim back, so another worker need not wait for
+-- this worker's lease to end. Only a claim still ours, at our epoch and still 'claimed': a stored
+-- outcome is never touched, nor a claim taken over meanwhile. Back to 'queued' (what the ingress
+-- shows as pending); the epoch moves on, so nothing the ended task left behind can settle.
+local function unclaim(key, my_epoch)
+  local h = redis.call('HMGET', key, 'state', 'owner', 'epoch')
+  if h[1] ~= 'claimed' or h[2] ~= token or h[3] ~= my_epoch then return {'0'} end
+  redis.call('HDEL', key, 'owner', 'claimed_at_ms')
+  redis.call('HSET', key, 'state', 'queued')
+  redis.call('HINCRBY', key, 'epoch', 1)
+  return {'1'}
+end
+
 local answers, reply = {}, {''}
 for i, key in ipairs(KEYS) do
   local at = 2 + (i - 1) * 5
@@ -71,6 +85,8 @@ for i, key in ipairs(KEYS) do
     r = settle(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   elseif kind == 'o' then
     r = {ours(key, ARGV[at + 2]) and '1' or '0'}
+  elseif kind == 'u' then
+    r = unclaim(key, ARGV[at + 2])
   else
     -- Only an existing record: an expired one is not recreated without a TTL.
     if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'emitted', '1') end
@@ -101,8 +117,9 @@ for i, key in ipairs(KEYS) do
   local h = redis.call('HMGET', key, 'state', 'client', 'queued_at_ms', 'response', 'error',
                        'digest')
   local state, client, known = h[1], h[2], h[6]
-  local same = (ARGV[3] == '' or not client or client == ARGV[3])
-               and (not known or known == digest)
+  -- Published again only for whom it was queued: a record of nobody (queued while
+  -- authentication was off) is not an authenticated client's to republish.
+  local same = (ARGV[3] == '' or client == ARGV[3]) and (not known or known == digest)
   if not state then
     redis.call('HSET', key, 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_by', ARGV[5],
                'digest', digest)

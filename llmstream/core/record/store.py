@@ -49,6 +49,15 @@ class Stored:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredOutcome:
+    """A request's stored outcome, and whether it is on the broker already."""
+
+    state: str  # State.COMPLETED or State.FAILED
+    payload: bytes  # the LLMResponse or LLMError JSON
+    emitted: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Reservation:
     """What :meth:`RecordStore.reserve` found for one request ID."""
 
@@ -61,7 +70,7 @@ class Reservation:
 class WorkerOp:
     """One call of the worker's batched script (see :data:`scripts.WORKER`)."""
 
-    kind: Literal["c", "s", "m", "o"]  # claim, settle, mark emitted, still owner
+    kind: Literal["c", "s", "m", "o", "u"]  # claim, settle, mark emitted, still owner, unclaim
     request_id: str
     args: tuple[Any, Any, Any, Any] = ("", "", "", "")
 
@@ -189,6 +198,18 @@ class RecordStore:
         text = _text(state)
         payload = response if text == State.COMPLETED else error if text == State.FAILED else None
         return Stored(text, _text(client) if client else None, _bytes(payload))
+
+    async def outcome(self, request_id: str) -> StoredOutcome | None:
+        """The outcome stored for ``request_id`` and whether it was emitted; None while there is
+        none (no record, queued or claimed). One read: state, payload and mark agree."""
+        state, response, error, emitted = await self.redis.hmget(
+            self.keys.record(request_id), [Field.STATE, Field.RESPONSE, Field.ERROR, Field.EMITTED]
+        )
+        text = _text(state) if state is not None else None
+        payload = response if text == State.COMPLETED else error if text == State.FAILED else None
+        if text is None or payload is None:
+            return None
+        return StoredOutcome(text, _bytes(payload) or b"", _text(emitted or b"") == "1")
 
     async def rejection(self, request_id: str) -> Stored | None:
         """Why the worker rejected an event with this ID (failed, no client), if it did."""

@@ -18,16 +18,15 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
-from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.record import Field, State, Stored
+from llmstream.core.record import State
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
 from llmstream.processors.metrics import WorkerMetrics, provider_label
+from llmstream.processors.outcomes import Outcomes, Output, Source
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
@@ -41,24 +40,10 @@ from llmstream.schemas.codec import (
 )
 from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
 
+__all__ = ["Emitter", "Output", "RequestProcessor", "Source"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class Source:
-    """Where an event came from, for ``llm-errors`` and logs."""
-
-    topic: str
-    partition: int
-    offset: int
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    topic: str
-    key: bytes | None
-    value: bytes
 
 
 class Emitter(Protocol):
@@ -89,7 +74,7 @@ class RequestProcessor:
         # Every provider call goes through it: cache, limits, circuits, fallbacks, retries, cost.
         self._traffic = traffic
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self._format: WireFormat = settings.output_format
+        self._events = Outcomes(settings)  # what each outcome looks like on the broker
         # Request IDs in flight in this process: a second copy waits on the first locally.
         self._local: dict[str, asyncio.Future[None]] = {}
 
@@ -117,8 +102,21 @@ class RequestProcessor:
             await self._after_bug(request, exc, source)
         finally:
             self._dedup.call_over()
-            del self._local[request.request_id]
-            done.set_result(None)
+            try:
+                if not self._dedup.draining:  # a drain resigns the whole lease once tasks stop
+                    await self._give_back(request.request_id)
+            finally:
+                del self._local[request.request_id]
+                done.set_result(None)
+
+    async def _give_back(self, request_id: str) -> None:
+        """A task that ends with its claim unsettled (a bug escaping the catch-all, or cancelled
+        outside a drain) gives the claim back: nobody waits for this worker's lease to end."""
+        try:
+            if await self._dedup.release(request_id):
+                log.warning("%s ended unsettled; its claim was given back", request_id)
+        except ClaimUnavailable as exc:
+            log.warning("claim on %s frees when this worker's lease ends: %s", request_id, exc)
 
     async def _after_bug(self, request: LLMRequest, exc: Exception, source: Source) -> None:
         """Settle a request whose handling raised, by what its record holds.
@@ -128,11 +126,11 @@ class RequestProcessor:
         was not yet, as a recovery would. Only when nothing is stored is the request failed as
         ``internal_error``, carrying the full request on ``llm-errors`` so it can be replayed.
         """
-        stored, emitted = await self._until_ok(
-            lambda: self._read_outcome(request.request_id), "read the request's record"
+        stored = await self._until_ok(
+            lambda: self._dedup.outcome(request.request_id), "read the request's record"
         )
-        if stored is not None and stored.payload is not None:  # completed or failed
-            if emitted:
+        if stored is not None:  # completed or failed
+            if stored.emitted:
                 return
             try:
                 await self._emit_stored(request, stored.state, stored.payload)
@@ -143,7 +141,7 @@ class RequestProcessor:
                     "stored outcome of %s not emitted; readable via the ingress", request.request_id
                 )
             return
-        error = self._error(
+        error = self._events.error(
             request,
             "internal_error",
             f"{type(exc).__name__}: {exc}"[:500],
@@ -151,16 +149,6 @@ class RequestProcessor:
             attempts=0,
         )
         await self._finish_failed(request, error)
-
-    async def _read_outcome(self, request_id: str) -> tuple[Stored | None, bool]:
-        """The request's record, and whether its outcome was emitted (read first: a worker
-        emitting meanwhile costs at most a second emission, never a lost one)."""
-        records = self._dedup.records
-        try:
-            emitted = await records.redis.hget(records.keys.record(request_id), Field.EMITTED)
-            return await records.get(request_id), emitted in (b"1", "1")
-        except (RedisError, RedisClusterException) as exc:
-            raise ClaimUnavailable(f"cannot read the record: {exc}") from exc
 
     async def _handle(
         self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
@@ -178,7 +166,7 @@ class RequestProcessor:
             queue_ms = max(0, picked_up_ms - request.created_at_ms)
             self._metrics.queue_time.observe(queue_ms / 1000)
         if request.deadline_ms is not None and request.deadline_ms <= picked_up_ms:
-            error = self._error(
+            error = self._events.error(
                 request,
                 "expired",
                 "the request's deadline_ms passed before it was picked up",
@@ -192,7 +180,9 @@ class RequestProcessor:
             provider, model = self._router.resolve(request)
         except ProviderError as exc:
             await self._finish_failed(
-                request, self._provider_error(request, exc, source, attempts=0), queue_ms=queue_ms
+                request,
+                self._events.provider_error(request, exc, source, attempts=0),
+                queue_ms=queue_ms,
             )
             return
 
@@ -211,7 +201,7 @@ class RequestProcessor:
             self._metrics.provider_latency.labels(
                 provider.name, self._metrics.model_label(model)
             ).observe(provider_s)
-            error = self._provider_error(request, exc, source, attempts=exc.attempts)
+            error = self._events.provider_error(request, exc, source, attempts=exc.attempts)
             await self._finish_failed(
                 request, error, queue_ms=queue_ms, latency_ms=int(provider_s * 1000)
             )
@@ -264,7 +254,9 @@ class RequestProcessor:
         )
         if not await self._store(request.request_id, response):
             return
-        await self._emit_and_mark(request.request_id, response, self._success_metric(response))
+        await self._emit_and_mark(
+            request.request_id, response, self._events.success_metric(response)
+        )
         if cached:
             return  # no provider call: no provider latency, attempts or tokens
         with _bookkeeping(request.request_id):
@@ -289,7 +281,9 @@ class RequestProcessor:
     ) -> None:
         if not await self._store(request.request_id, error):
             return
-        metric = self._error_metric(error, status=status, queue_ms=queue_ms, latency_ms=latency_ms)
+        metric = self._events.error_metric(
+            error, status=status, queue_ms=queue_ms, latency_ms=latency_ms
+        )
         await self._emit_and_mark(request.request_id, error, metric)
 
     async def _duplicate(self, request: LLMRequest, claim: Claim) -> None:
@@ -303,11 +297,11 @@ class RequestProcessor:
             worker_id=self._settings.worker_id,
             occurred_at_ms=wall_clock_ms(),
         )
-        outputs = [self._output(self._settings.metrics_topic, request.request_id, metric)]
+        outputs = [self._events.output(self._settings.metrics_topic, request.request_id, metric)]
         if self._settings.reemit_duplicates and claim.state == "completed" and claim.payload:
             response = decode(claim.payload, LLMResponse)
             outputs.append(
-                self._output(self._settings.responses_topic, request.request_id, response)
+                self._events.output(self._settings.responses_topic, request.request_id, response)
             )
         self._count(metric)
         await self._until_ok(lambda: self._emitter.emit(outputs), "emit a duplicate's metric")
@@ -323,11 +317,11 @@ class RequestProcessor:
         outcome: LLMResponse | LLMError
         if state == State.COMPLETED:
             outcome = decode(payload, LLMResponse)
-            metric = self._success_metric(outcome)
+            metric = self._events.success_metric(outcome)
         else:
             outcome = decode(payload, LLMError)
             status: MetricStatus = "expired" if outcome.error_type == "expired" else "error"
-            metric = self._error_metric(outcome, status=status)
+            metric = self._events.error_metric(outcome, status=status)
         await self._emit_and_mark(request.request_id, outcome, metric)
 
     async def _reject(
@@ -364,10 +358,10 @@ class RequestProcessor:
                 lambda: self._dedup.record_rejection(request_id, error=stored, field=exc.field),
                 "record a rejected event",
             )
-        metric = self._error_metric(error, status="error")
+        metric = self._events.error_metric(error, status="error")
         outputs = [
-            self._output(self._settings.errors_topic, request_id, error),
-            self._output(self._settings.metrics_topic, request_id, metric),
+            self._events.output(self._settings.errors_topic, request_id, error),
+            self._events.output(self._settings.metrics_topic, request_id, metric),
         ]
         await self._until_ok(lambda: self._emitter.emit(outputs), "emit a rejected event")
         self._count(metric)
@@ -417,8 +411,8 @@ class RequestProcessor:
             else self._settings.errors_topic
         )
         outputs = [
-            self._output(topic, request_id, outcome),
-            self._output(self._settings.metrics_topic, request_id, metric),
+            self._events.output(topic, request_id, outcome),
+            self._events.output(self._settings.metrics_topic, request_id, metric),
         ]
         try:
             await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
@@ -436,10 +430,10 @@ class RequestProcessor:
                 attempts=metric.attempts,
                 occurred_at_ms=wall_clock_ms(),
             )
-            metric = self._error_metric(error, status="error")
+            metric = self._events.error_metric(error, status="error")
             outputs = [
-                self._output(self._settings.errors_topic, request_id, error),
-                self._output(self._settings.metrics_topic, request_id, metric),
+                self._events.output(self._settings.errors_topic, request_id, error),
+                self._events.output(self._settings.metrics_topic, request_id, metric),
             ]
             await self._until_ok(lambda: self._emitter.emit(outputs), "emit the outcome")
         await self._until_ok(lambda: self._dedup.mark_emitted([request_id]), "mark emitted")
@@ -463,95 +457,6 @@ class RequestProcessor:
             log.warning("cannot %s (%s); retrying in %.1f s", what, failed, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-    def _output(
-        self, topic: str, request_id: str | None, event: LLMResponse | LLMError | LLMMetric
-    ) -> Output:
-        key = request_id.encode() if request_id is not None else None
-        return Output(topic, key, encode(event, self._format))
-
-    def _error(
-        self,
-        request: LLMRequest,
-        error_type: str,
-        message: str,
-        *,
-        source: Source,
-        attempts: int,
-        status_code: int | None = None,
-        retryable: bool = False,
-        provider: str | None = None,
-    ) -> LLMError:
-        return LLMError(
-            request_id=request.request_id,
-            error_type=error_type,
-            message=message,
-            status_code=status_code,
-            retryable=retryable,
-            attempts=attempts,
-            provider=provider or request.provider,
-            model=request.model,
-            client_id=request.client_id,
-            request=request,
-            source_topic=source.topic,
-            source_partition=source.partition,
-            source_offset=source.offset,
-            occurred_at_ms=wall_clock_ms(),
-        )
-
-    def _provider_error(
-        self, request: LLMRequest, exc: ProviderError, source: Source, attempts: int
-    ) -> LLMError:
-        return self._error(
-            request,
-            exc.error_type,
-            str(exc),
-            source=source,
-            attempts=attempts,
-            status_code=exc.status_code,
-            retryable=exc.retryable,
-            provider=exc.provider,
-        )
-
-    def _success_metric(self, response: LLMResponse) -> LLMMetric:
-        return LLMMetric(
-            request_id=response.request_id,
-            status="cache_hit" if response.cached else "success",
-            provider=response.provider,
-            model=response.model,
-            client_id=response.client_id,
-            latency_ms=response.latency_ms,
-            queue_ms=response.queue_ms,
-            attempts=response.attempts,
-            prompt_tokens=response.prompt_tokens,
-            completion_tokens=response.completion_tokens,
-            total_tokens=response.total_tokens,
-            cost_usd=response.cost_usd,
-            worker_id=self._settings.worker_id,
-            occurred_at_ms=wall_clock_ms(),
-        )
-
-    def _error_metric(
-        self,
-        error: LLMError,
-        *,
-        status: MetricStatus,
-        queue_ms: int | None = None,
-        latency_ms: int | None = None,
-    ) -> LLMMetric:
-        return LLMMetric(
-            request_id=error.request_id,
-            status=status,
-            provider=error.provider,
-            model=error.model,
-            client_id=error.client_id,
-            latency_ms=latency_ms,
-            queue_ms=queue_ms,
-            attempts=error.attempts,
-            error_type=error.error_type,
-            worker_id=self._settings.worker_id,
-            occurred_at_ms=wall_clock_ms(),
-        )
 
     def _count(self, metric: LLMMetric) -> None:
         with _bookkeeping(metric.request_id):

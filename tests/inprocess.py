@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, SecretStr
 
+from llmstream.core.record import AnyRedis
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.dedup import DedupStore
 from llmstream.processors.metrics import WorkerMetrics
@@ -78,7 +79,7 @@ class Rig:
     dedup: DedupStore
     metrics: WorkerMetrics
     sim: SimulatorServer
-    redis: aioredis.Redis
+    redis: AnyRedis
     router: ProviderRouter
 
     async def process(self, request: LLMRequest | bytes) -> None:
@@ -134,9 +135,14 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
 
 
 @asynccontextmanager
-async def rig(sim: SimulatorServer, settings: WorkerSettings) -> AsyncIterator[Rig]:
-    """The worker's request path against ``sim`` and the settings' Redis."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
+async def rig(
+    sim: SimulatorServer, settings: WorkerSettings, *, redis: AnyRedis | None = None
+) -> AsyncIterator[Rig]:
+    """The worker's request path against ``sim`` and the settings' Redis, or ``redis`` (a
+    single Redis or Redis Cluster client the caller owns and closes)."""
+    own = redis is None
+    if redis is None:
+        redis = aioredis.Redis.from_url(settings.redis_url)
     http = create_http_client(timeout_s=10.0, max_connections=50)
     providers = ProviderSettings(
         openai_base_url=f"{sim.url}/v1",
@@ -166,4 +172,5 @@ async def rig(sim: SimulatorServer, settings: WorkerSettings) -> AsyncIterator[R
         yield Rig(settings, processor, traffic, emitter, dedup, metrics, sim, redis, router)
     finally:
         await http.aclose()
-        await redis.aclose()
+        if own:
+            await redis.aclose()

@@ -122,7 +122,7 @@ async def connect(
             state.publisher = Publisher(producer, ledger, settings, metrics)
             state.listener = listener
             state.quota = ClientQuota(
-                redis,  # type: ignore[arg-type]  # one key per script: Redis Cluster serves too
+                redis,  # one key per script: Redis Cluster serves too
                 key_prefix=settings.redis_key_prefix,
                 per_minute=settings.rate_limit_per_minute,
                 burst=settings.rate_limit_burst,

@@ -20,8 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
+from llmstream.core.record import AnyRedis
 from llmstream.ingress.errors import ApiError
 
 # KEYS[1] the client's key; ARGV: emission interval (µs), burst tolerance (µs), '1' to count
@@ -80,7 +79,7 @@ class ClientQuota:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         key_prefix: str,
         per_minute: int,

@@ -1,7 +1,8 @@
 """Adaptive send rate per provider: what to do when a provider answers 429 although the limiter
 let the call through (its real limit is lower than configured, or others share the key).
 
-State lives in one Redis hash per provider (``{prefix}ad:{provider}``), shared by every worker::
+State lives in one Redis hash per provider (``{prefix}{traffic}ad:{provider}``), shared by every
+worker::
 
     f       send-rate factor after the last decrease (1 = the configured limit)
     r       when recovery starts (ms): the factor grows linearly from ``f`` after ``r``
@@ -36,14 +37,27 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from pydantic import Field
 
+from llmstream.core.record import AnyRedis
 from llmstream.processors.retry import RetryAfterCap
 
-__all__ = ["RING_SLOTS", "AdaptiveControl", "AdaptiveParams", "lua_factor"]
+__all__ = ["RING_SLOTS", "AdaptiveControl", "AdaptiveParams", "lua_factor", "traffic_key_prefix"]
 
 RING_SLOTS = 64  # ring size; the window is the last 60 of them
+
+
+def traffic_key_prefix(key_prefix: str) -> str:
+    """The prefix of every traffic-control key (adaptive rates, rate limits, circuits).
+
+    One Redis Cluster hash tag for all of them: a limiter decision takes a provider's adaptive
+    hash and its provider, model and client buckets in one script, so on Redis Cluster they must
+    share a slot (else CROSSSLOT). They are few (per provider, model and client) and small, so
+    one slot holds them easily. A key prefix with a hash tag of its own decides the slot instead:
+    still one slot for all of them.
+    """
+    return f"{key_prefix}{{traffic}}"
+
 
 # Shared by the scripts here and the limiter's: the factor now, from its stored form.
 lua_factor = """
@@ -175,14 +189,14 @@ class AdaptiveControl:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         key_prefix: str,
         params: AdaptiveParams,
         provider_rpm: dict[str, float],
     ) -> None:
         self.params = params
-        self._prefix = f"{key_prefix}ad:"
+        self._prefix = f"{traffic_key_prefix(key_prefix)}ad:"
         self._provider_rpm = provider_rpm
         self._report = redis.register_script(_REPORT_429)
         self._read = redis.register_script(_READ)

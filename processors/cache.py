@@ -22,9 +22,9 @@ import logging
 from typing import Any, Literal
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from llmstream.core.record import AnyRedis
 from llmstream.processors.providers import Completion
 from llmstream.schemas.models import LLMRequest
 
@@ -55,7 +55,7 @@ def cache_key_material(request: LLMRequest, provider: str, model: str) -> bytes:
 class ResponseCache:
     """Cached answers keyed by what was asked; see the module docstring."""
 
-    def __init__(self, redis: aioredis.Redis, *, key_prefix: str, ttl_s: int) -> None:
+    def __init__(self, redis: AnyRedis, *, key_prefix: str, ttl_s: int) -> None:
         self._redis = redis
         self._prefix = f"{key_prefix}cache:"
         self._ttl_s = ttl_s

@@ -1,6 +1,6 @@
 """Circuit breaking per ``provider/model``, with the state shared by every worker in Redis.
 
-One hash per circuit (``{prefix}cb:{provider}/{model}``)::
+One hash per circuit (``{prefix}{traffic}cb:{provider}/{model}``)::
 
     st      "o" while open; absent when closed
     until   when the cool-down ends (ms); then one probe call may go (half-open)
@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from llmstream.processors.adaptive import lua_factor
+from llmstream.core.record import AnyRedis
+from llmstream.processors.adaptive import lua_factor, traffic_key_prefix
 from llmstream.processors.providers import ProviderError
 
 __all__ = ["CircuitAdmission", "CircuitBreakers", "CircuitParams", "OutageWatch", "is_outage"]
@@ -179,7 +179,7 @@ class CircuitBreakers:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         key_prefix: str,
         worker_token: str,
@@ -189,7 +189,7 @@ class CircuitBreakers:
         self.params = params
         # How stale the local view may be: :meth:`sync` runs this often (traffic_sync_s).
         self._sync_s = sync_s
-        self._prefix = f"{key_prefix}cb:"
+        self._prefix = f"{traffic_key_prefix(key_prefix)}cb:"
         self._token = worker_token
         self._failure = redis.register_script(_FAILURE)
         self._sync = redis.register_script(_SYNC)

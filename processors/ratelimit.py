@@ -36,11 +36,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-import redis.asyncio as aioredis
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from llmstream.processors.adaptive import AdaptiveControl, lua_factor
+from llmstream.core.record import AnyRedis
+from llmstream.processors.adaptive import AdaptiveControl, lua_factor, traffic_key_prefix
 from llmstream.processors.backpressure import Stay
 from llmstream.schemas.models import LLMRequest
 
@@ -187,7 +187,7 @@ class RateLimiter:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         *,
         key_prefix: str,
         limits: Mapping[str, RateLimit],
@@ -196,7 +196,7 @@ class RateLimiter:
         margin: float = 0.02,
         horizon_s: float = 0.5,
     ) -> None:
-        self._prefix = f"{key_prefix}rl:"
+        self._prefix = f"{traffic_key_prefix(key_prefix)}rl:"
         self._limits = dict(limits)
         self._quotas = dict(client_quotas)
         self.adaptive = adaptive

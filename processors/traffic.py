@@ -47,10 +47,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
+from llmstream.core.record import AnyRedis
 from llmstream.processors.adaptive import AdaptiveControl
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
@@ -162,7 +162,7 @@ class TrafficControl:
         cls,
         settings: WorkerSettings,
         *,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         router: ProviderRouter,
         metrics: WorkerMetrics,
         worker_token: str,

@@ -54,10 +54,19 @@ class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
     # offsets.retention.minutes outlasts LLMSTREAM_RESULT_TTL_S (or is infinite): an event read
     # again after its record expired is then called again. Without it the worker refuses.
     accept_retention_beyond_ttl: bool = False
-    # Kafka group membership. Apache Kafka accepts session timeouts from 6 s (its default minimum).
-    session_timeout_s: float = Field(30.0, ge=1.0)
+    # Kafka group membership. A killed worker's partitions wait for its session to time out
+    # (it sends no LeaveGroup), and every worker stops in the rebalance that follows: 10 s
+    # rather than 30 cut that stall from ~57 s to ~12 s on the embedded broker. Apache Kafka
+    # accepts sessions from 6 s (group.min.session.timeout.ms); a heartbeat is a third of one.
+    session_timeout_s: float = Field(10.0, ge=1.0)
     rebalance_timeout_s: float = Field(60.0, ge=1.0)
     heartbeat_interval_s: float = Field(3.0, gt=0.0)
+    # Static membership (KIP-345, Apache Kafka 2.3+): a stable identity per worker, unique in
+    # the group, such as the pod's name. A worker restarted under the same identity within the
+    # session timeout gets its partitions back with no rebalance of the others; a worker that
+    # stops for good keeps its partitions unserved until its session times out, because a
+    # static member sends no LeaveGroup. Unset: dynamic membership.
+    group_instance_id: str | None = Field(None, min_length=1, max_length=249)
     commit_interval_s: float = Field(1.0, gt=0.0)
     # Finished events a partition may hold behind an unfinished one (they cannot be committed
     # before it) before this worker pauses reading that partition; it resumes when the head

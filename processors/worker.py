@@ -77,6 +77,7 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         broker_session_timeout=settings.session_timeout_s,
         broker_rebalance_timeout=settings.rebalance_timeout_s,
         broker_heartbeat_interval=settings.heartbeat_interval_s,
+        consumer_group_instance_id=settings.group_instance_id,
         broker_commit_interval=settings.commit_interval_s,
         # Enough buffered events per partition to keep max_in_flight busy.
         stream_buffer_maxsize=max(4096, settings.max_in_flight),

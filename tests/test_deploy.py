@@ -486,16 +486,6 @@ def test_kubernetes_manifests_render_with_probes_on_the_real_endpoints(target: s
         assert secrets == {} and secret_refs == {"llmstream-secrets"}
 
 
-@pytest.mark.parametrize("target", ["base", "overlays/dev", "overlays/prod"])
-def test_each_worker_pod_joins_the_group_as_a_static_member_named_after_it(target: str) -> None:
-    worker = by_kind(kustomize(target), "Deployment")["llmstream-worker"]
-    env = {e["name"]: e for e in container(worker).get("env", [])}
-    assert set(env) <= known_variables(), f"variables no setting reads: {sorted(env)}"
-    # The pod's name: unique in the group, and kept when the worker's container is restarted.
-    member = env["LLMSTREAM_GROUP_INSTANCE_ID"]
-    assert member["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
-
-
 def _as_settings(env: dict[str, str]) -> dict[str, Any]:
     """Environment variables (as a ConfigMap holds them) -> WorkerSettings arguments."""
     aliases = {"KAFKA_BOOTSTRAP_SERVERS": "kafka_bootstrap_servers", "REDIS_URL": "redis_url"}

@@ -8,15 +8,32 @@ request has, this module says what that outcome looks like on ``llm-responses``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.processors.providers import ProviderError
+from llmstream.processors.providers import Completion, ProviderError
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.codec import WireFormat, encode
 from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
 
 __all__ = ["Outcomes", "Output", "Source"]
+
+# Whose request an event is about: every event carries these, under the same names, copied
+# from the event (or request) it follows from.
+_WHO = {"request_id", "provider", "model", "client_id"}
+# What a response carries of its request, as the application sent it.
+_CARRIED = {"request_id", "client_id", "metadata", "created_at_ms"}
+# What a response's metric copies of the response.
+_RESPONSE_MEASURES = _WHO | {
+    "latency_ms",
+    "queue_ms",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +43,14 @@ class Source:
     topic: str
     partition: int
     offset: int
+
+    def error_fields(self) -> dict[str, Any]:
+        """The fields of an error event that say where its event came from."""
+        return {
+            "source_topic": self.topic,
+            "source_partition": self.partition,
+            "source_offset": self.offset,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +73,30 @@ class Outcomes:
         """``event`` encoded for ``topic``, keyed by its request ID."""
         key = request_id.encode() if request_id is not None else None
         return Output(topic, key, encode(event, self._format))
+
+    def response(
+        self,
+        request: LLMRequest,
+        completion: Completion,
+        *,
+        attempts: int,
+        latency_ms: int,
+        queue_ms: int | None,
+        cost_usd: float | None,
+        cached: bool,
+    ) -> LLMResponse:
+        """The response event of ``request``: the completion as the provider gave it, with what
+        the worker measured and what the request asked to be carried along."""
+        return LLMResponse(
+            **asdict(completion),
+            **request.model_dump(include=_CARRIED),
+            cost_usd=cost_usd,
+            latency_ms=latency_ms,
+            queue_ms=queue_ms,
+            attempts=attempts,
+            cached=cached,
+            completed_at_ms=wall_clock_ms(),
+        )
 
     def error(
         self,
@@ -73,9 +122,7 @@ class Outcomes:
             model=request.model,
             client_id=request.client_id,
             request=request,
-            source_topic=source.topic,
-            source_partition=source.partition,
-            source_offset=source.offset,
+            **source.error_fields(),
             occurred_at_ms=wall_clock_ms(),
         )
 
@@ -94,21 +141,47 @@ class Outcomes:
             provider=exc.provider,
         )
 
+    def rejection(
+        self,
+        request_id: str | None,
+        kind: str,
+        message: str,
+        *,
+        source: Source,
+        picked_up_ms: int,
+        raw_payload: bytes | None,
+        raw_payload_size: int | None,
+        raw_payload_sha256: str | None,
+    ) -> LLMError:
+        """The error event of an event that is not a valid request, carrying (some of) its bytes."""
+        return LLMError(
+            request_id=request_id,
+            error_type=kind,
+            message=message,
+            retryable=False,
+            raw_payload=raw_payload,
+            raw_payload_size=raw_payload_size,
+            raw_payload_sha256=raw_payload_sha256,
+            **source.error_fields(),
+            occurred_at_ms=picked_up_ms,
+        )
+
+    def too_large(self, metric: LLMMetric, size: int) -> LLMError:
+        """The error event that stands in for an outcome of ``size`` bytes the broker refused;
+        ``metric`` is the refused outcome's metric, which says whose request it was."""
+        return LLMError(
+            **metric.model_dump(include=_WHO | {"attempts"}),
+            error_type="output_too_large",
+            message=f"the outcome ({size} bytes) is larger than the broker accepts "
+            "(max.message.bytes); it is stored and readable via the ingress",
+            occurred_at_ms=wall_clock_ms(),
+        )
+
     def success_metric(self, response: LLMResponse) -> LLMMetric:
         """The metric event of a response (``cache_hit`` when it came from the cache)."""
         return LLMMetric(
-            request_id=response.request_id,
+            **response.model_dump(include=_RESPONSE_MEASURES),
             status="cache_hit" if response.cached else "success",
-            provider=response.provider,
-            model=response.model,
-            client_id=response.client_id,
-            latency_ms=response.latency_ms,
-            queue_ms=response.queue_ms,
-            attempts=response.attempts,
-            prompt_tokens=response.prompt_tokens,
-            completion_tokens=response.completion_tokens,
-            total_tokens=response.total_tokens,
-            cost_usd=response.cost_usd,
             worker_id=self._worker_id,
             occurred_at_ms=wall_clock_ms(),
         )
@@ -123,15 +196,19 @@ class Outcomes:
     ) -> LLMMetric:
         """The metric event of an error."""
         return LLMMetric(
-            request_id=error.request_id,
+            **error.model_dump(include=_WHO | {"attempts", "error_type"}),
             status=status,
-            provider=error.provider,
-            model=error.model,
-            client_id=error.client_id,
             latency_ms=latency_ms,
             queue_ms=queue_ms,
-            attempts=error.attempts,
-            error_type=error.error_type,
+            worker_id=self._worker_id,
+            occurred_at_ms=wall_clock_ms(),
+        )
+
+    def duplicate_metric(self, request: LLMRequest) -> LLMMetric:
+        """The metric event of a request whose outcome another copy already settled."""
+        return LLMMetric(
+            **request.model_dump(include=_WHO),
+            status="duplicate",
             worker_id=self._worker_id,
             occurred_at_ms=wall_clock_ms(),
         )

@@ -232,25 +232,14 @@ class RequestProcessor:
         cost_usd: float | None = None,
         cached: bool = False,
     ) -> None:
-        latency_ms = int(provider_s * 1000)
-        response = LLMResponse(
-            request_id=request.request_id,
-            provider=completion.provider,
-            model=completion.model,
-            content=completion.content,
-            finish_reason=completion.finish_reason,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            total_tokens=completion.total_tokens,
-            cost_usd=cost_usd,
-            latency_ms=latency_ms,
-            queue_ms=queue_ms,
+        response = self._events.response(
+            request,
+            completion,
             attempts=attempts,
+            latency_ms=int(provider_s * 1000),
+            queue_ms=queue_ms,
+            cost_usd=cost_usd,
             cached=cached,
-            client_id=request.client_id,
-            metadata=request.metadata,
-            created_at_ms=request.created_at_ms,
-            completed_at_ms=wall_clock_ms(),
         )
         if not await self._store(request.request_id, response):
             return
@@ -288,15 +277,7 @@ class RequestProcessor:
 
     async def _duplicate(self, request: LLMRequest, claim: Claim) -> None:
         self._metrics.dedup.labels("duplicate").inc()
-        metric = LLMMetric(
-            request_id=request.request_id,
-            status="duplicate",
-            model=request.model,
-            provider=request.provider,
-            client_id=request.client_id,
-            worker_id=self._settings.worker_id,
-            occurred_at_ms=wall_clock_ms(),
-        )
+        metric = self._events.duplicate_metric(request)
         outputs = [self._events.output(self._settings.metrics_topic, request.request_id, metric)]
         if self._settings.reemit_duplicates and claim.state == "completed" and claim.payload:
             response = decode(claim.payload, LLMResponse)
@@ -339,16 +320,13 @@ class RequestProcessor:
         """
         request_id = peek_request_id(raw, key)
         payload, size, digest = _carried_payload(raw, self._settings.max_event_bytes)
-        error = LLMError(
-            request_id=request_id,
-            error_type=exc.kind,
-            message=str(exc),
-            retryable=False,
+        error = self._events.rejection(
+            request_id,
+            exc.kind,
+            str(exc),
+            source=source,
+            picked_up_ms=picked_up_ms,
             raw_payload=payload,
-            source_topic=source.topic,
-            source_partition=source.partition,
-            source_offset=source.offset,
-            occurred_at_ms=picked_up_ms,
             raw_payload_size=size,
             raw_payload_sha256=digest,
         )
@@ -419,17 +397,7 @@ class RequestProcessor:
         except MessageSizeTooLargeError:
             # Retrying cannot help, and waiting would stall the partition: say so on
             # llm-errors instead. The full outcome stays readable in Redis (the ingress).
-            error = LLMError(
-                request_id=request_id,
-                error_type="output_too_large",
-                message=f"the outcome ({len(outputs[0].value)} bytes) is larger than the "
-                "broker accepts (max.message.bytes); it is stored and readable via the ingress",
-                provider=metric.provider,
-                model=metric.model,
-                client_id=metric.client_id,
-                attempts=metric.attempts,
-                occurred_at_ms=wall_clock_ms(),
-            )
+            error = self._events.too_large(metric, size=len(outputs[0].value))
             metric = self._events.error_metric(error, status="error")
             outputs = [
                 self._events.output(self._settings.errors_topic, request_id, error),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmstream.core.once import warn_once
 from llmstream.core.settings import load_object_file
 
 __all__ = ["BUILTIN_PRICES", "Price", "PriceTable", "load_prices_file"]
@@ -65,8 +66,6 @@ BUILTIN_PRICES: Mapping[str, Price] = {
 
 # gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, claude-3-5-haiku-latest
 log = logging.getLogger(__name__)
-# (provider, model) pairs whose cost could not be computed, logged once per process.
-_UNUSABLE: set[tuple[str, str]] = set()
 
 _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
@@ -98,17 +97,17 @@ class PriceTable:
             return cost
         # Only a bad count or price gets here; the answer is paid for and must not become a
         # failure because the cost counter refuses the value. Unknown, not a guess.
-        if (provider, model) not in _UNUSABLE:
-            _UNUSABLE.add((provider, model))
-            log.warning(
-                "cost of %s/%s came out as %r (%d prompt, %d completion tokens); reported as "
-                "unknown (said once per process)",
-                provider,
-                model,
-                cost,
-                prompt_tokens,
-                completion_tokens,
-            )
+        warn_once(
+            log,
+            (provider, model),
+            "cost of %s/%s came out as %r (%d prompt, %d completion tokens); reported as "
+            "unknown (said once per process)",
+            provider,
+            model,
+            cost,
+            prompt_tokens,
+            completion_tokens,
+        )
         return None
 
 

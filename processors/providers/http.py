@@ -20,6 +20,7 @@ import httpx
 import orjson
 from pydantic import SecretStr
 
+from llmstream.core.once import warn_once
 from llmstream.processors.providers import (
     MAX_ERROR_BODY_CHARS,
     Completion,
@@ -50,8 +51,6 @@ _REDACTED = "[REDACTED]"
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 # The most tokens one count may say: the events' token fields are 32-bit.
 MAX_TOKEN_COUNT = 2**31 - 1
-# (provider, usage field) pairs already logged as unusable: said once per process, not per call.
-_UNUSABLE_COUNTS: set[tuple[str, str]] = set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,15 +251,15 @@ def token_count(provider: str, name: str, value: object) -> int:
         count = int(value)
         if 0 <= count <= MAX_TOKEN_COUNT:
             return count
-    if (provider, name) not in _UNUSABLE_COUNTS:
-        _UNUSABLE_COUNTS.add((provider, name))
-        log.warning(
-            "%s answered usage.%s = %.40r, which is not a token count; counted as 0 "
-            "(said once per process)",
-            provider,
-            name,
-            value,
-        )
+    warn_once(
+        log,
+        (provider, name),
+        "%s answered usage.%s = %.40r, which is not a token count; counted as 0 "
+        "(said once per process)",
+        provider,
+        name,
+        value,
+    )
     return 0
 
 

@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import pytest_asyncio
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, SecretStr
 
 from llmstream.core.record import AnyRedis
-from llmstream.devtools.simulator import SimulatorServer
+from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.processors.dedup import DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output, RequestProcessor, Source
@@ -113,6 +114,14 @@ class Rig:
                 json={"request_id": request_id, "responses": responses},
             )
             answer.raise_for_status()
+
+
+@pytest_asyncio.fixture(scope="module")
+async def sim() -> AsyncIterator[SimulatorServer]:
+    """A provider simulator without latency for a module's rigs (import it to use it): every
+    test scripts what it needs per request ID, so one server serves the whole module."""
+    async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=1)) as server:
+        yield server
 
 
 def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:

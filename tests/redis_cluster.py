@@ -10,15 +10,19 @@ import random
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
+from llmstream.core.record import AnyRedis
 from llmstream.devtools.embedded import redis_server_binary
 from llmstream.devtools.processes import port_is_free
+from tests.conftest import Services
 
 _SLOTS = 16384
 _NODES = 3
@@ -115,3 +119,20 @@ def redis_cluster() -> Iterator[RedisClusterNodes]:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+@pytest.fixture(params=["single", "cluster"])
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
+    """A client of the session's single Redis, then of the Redis Cluster: a test using it runs
+    once on each. A module using it imports ``redis_cluster`` too (the cluster run needs it)."""
+    client: AnyRedis
+    if request.param == "single":
+        services: Services = request.getfixturevalue("services")
+        client = aioredis.Redis.from_url(services.redis_url)
+    else:
+        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        client = await RedisCluster.from_url(nodes.url).initialize()
+    try:
+        yield client
+    finally:
+        await client.aclose()

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-import pytest_asyncio
 
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from tests.conftest import Services
 from tests.harness import request
-from tests.inprocess import rig, worker_settings
+from tests.inprocess import rig, sim, worker_settings
 
-
-@pytest_asyncio.fixture(scope="module")
-async def sim() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=3)) as server:
-        yield server
+__all__ = ["sim"]  # the module's provider simulator fixture
 
 
 async def test_a_cancelled_request_frees_its_claim_for_another_worker_at_once(

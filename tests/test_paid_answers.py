@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmstream.core.record import RecordKeys
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output, RequestProcessor
 from llmstream.processors.pricing import Price, PriceTable
@@ -26,7 +26,9 @@ from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.conftest import Services
 from tests.harness import request
-from tests.inprocess import SOURCE, ListEmitter, Rig, rig, worker_settings
+from tests.inprocess import SOURCE, ListEmitter, Rig, rig, sim, worker_settings
+
+__all__ = ["sim"]  # the module's provider simulator fixture
 
 ABSURD = 10**12  # over the events' 32-bit token fields
 
@@ -141,12 +143,6 @@ class FailsOnceAfterStore:
             self.failed = True
             raise RuntimeError("a bug in emitting")
         await self.inner.emit(outputs)
-
-
-@pytest_asyncio.fixture(scope="module")
-async def sim() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=1)) as server:
-        yield server
 
 
 async def test_a_failure_after_the_answer_is_stored_emits_the_answer_not_an_error(

@@ -9,19 +9,15 @@ from collections.abc import AsyncIterator
 
 import pytest_asyncio
 
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.dedup import ClaimStatus, DedupStore
 from llmstream.schemas.codec import decode
 from llmstream.schemas.models import LLMResponse
 from tests.conftest import Services
 from tests.harness import request
-from tests.inprocess import Rig, rig, worker_settings
+from tests.inprocess import Rig, rig, sim, worker_settings
 
-
-@pytest_asyncio.fixture(scope="module")
-async def sim() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=1)) as server:
-        yield server
+__all__ = ["sim"]  # the module's provider simulator fixture
 
 
 @pytest_asyncio.fixture

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from llmstream.core.record import (
@@ -18,28 +16,12 @@ from llmstream.core.record import (
     slot,
 )
 from llmstream.processors.dedup import ClaimStatus, DedupStore
-from tests.conftest import Services
-from tests.redis_cluster import RedisClusterNodes, redis_cluster
+from tests.redis_cluster import any_redis, redis_cluster
 
-__all__ = ["redis_cluster"]  # the session fixture, used through `client`
+__all__ = ["any_redis", "redis_cluster"]  # fixtures: each test runs on both Redis kinds
 
 TTL_S = 600
 LEASE_MS = 30_000  # long: leases lapse here because a test deletes a heartbeat, never by waiting
-
-
-@pytest.fixture(params=["single", "cluster"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
-    redis: AnyRedis
-    if request.param == "single":
-        services: Services = request.getfixturevalue("services")
-        redis = aioredis.Redis.from_url(services.redis_url)
-    else:
-        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
-        redis = await RedisCluster.from_url(nodes.url).initialize()
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 @pytest.fixture
@@ -48,43 +30,43 @@ def prefix(unique: str) -> str:
 
 
 @pytest.fixture
-def records(client: AnyRedis, prefix: str) -> RecordStore:
+def records(any_redis: AnyRedis, prefix: str) -> RecordStore:
     """The ingress's and replay's view of the records."""
-    return RecordStore(client, key_prefix=prefix, ttl_s=TTL_S)
+    return RecordStore(any_redis, key_prefix=prefix, ttl_s=TTL_S)
 
 
-async def _worker(client: AnyRedis, prefix: str, token: str) -> DedupStore:
+async def _worker(redis: AnyRedis, prefix: str, token: str) -> DedupStore:
     store = DedupStore(
-        client, key_prefix=prefix, worker_token=token, lease_ms=LEASE_MS, result_ttl_s=TTL_S
+        redis, key_prefix=prefix, worker_token=token, lease_ms=LEASE_MS, result_ttl_s=TTL_S
     )
     await store.heartbeat()
     return store
 
 
-async def _lapse(client: AnyRedis, store: DedupStore) -> None:
+async def _lapse(redis: AnyRedis, store: DedupStore) -> None:
     """The worker stalls past its lease: its heartbeat is gone, though it does not know yet."""
-    await client.delete(store.records.keys.heartbeat(store.worker_token))
+    await redis.delete(store.records.keys.heartbeat(store.worker_token))
 
 
 @pytest.fixture
-async def a(client: AnyRedis, prefix: str) -> DedupStore:
-    return await _worker(client, prefix, "worker-a")
+async def a(any_redis: AnyRedis, prefix: str) -> DedupStore:
+    return await _worker(any_redis, prefix, "worker-a")
 
 
 @pytest.fixture
-async def b(client: AnyRedis, prefix: str) -> DedupStore:
-    return await _worker(client, prefix, "worker-b")
+async def b(any_redis: AnyRedis, prefix: str) -> DedupStore:
+    return await _worker(any_redis, prefix, "worker-b")
 
 
 async def test_one_requests_keys_share_a_slot_and_requests_spread(
-    client: AnyRedis, records: RecordStore
+    any_redis: AnyRedis, records: RecordStore
 ) -> None:
     keys = records.keys
     assert slot(keys.record("r1")) == slot(keys.rejected("r1"))
     slots = {slot(keys.record(f"r{i}")) for i in range(10)}
     assert len(slots) == 10
-    if isinstance(client, RedisCluster):
-        owners = {client.get_node_from_key(keys.record(f"r{i}")).port for i in range(10)}
+    if isinstance(any_redis, RedisCluster):
+        owners = {any_redis.get_node_from_key(keys.record(f"r{i}")).port for i in range(10)}
         assert len(owners) == 3  # every node of the cluster holds some of them
 
 
@@ -140,10 +122,10 @@ async def test_only_one_worker_wins_each_claim_across_slots(a: DedupStore, b: De
 
 
 async def test_a_lapsed_owner_is_taken_over_and_fenced(
-    client: AnyRedis, a: DedupStore, b: DedupStore
+    any_redis: AnyRedis, a: DedupStore, b: DedupStore
 ) -> None:
     assert (await a.claim("r1", 0)).status is ClaimStatus.CLAIMED
-    await _lapse(client, a)
+    await _lapse(any_redis, a)
 
     claim = await b.claim("r1", 1)
     assert claim.status is ClaimStatus.CLAIMED and claim.takeover
@@ -157,9 +139,9 @@ async def test_a_lapsed_owner_is_taken_over_and_fenced(
 
 
 async def test_a_takeover_needs_the_owner_and_epoch_that_were_seen_dead(
-    client: AnyRedis, prefix: str, a: DedupStore
+    any_redis: AnyRedis, prefix: str, a: DedupStore
 ) -> None:
-    records = RecordStore(client, key_prefix=prefix, ttl_s=TTL_S)
+    records = RecordStore(any_redis, key_prefix=prefix, ttl_s=TTL_S)
     await a.claim("r1", 0)
     [(answer, owner)] = await records.run("worker-b", [WorkerOp("c", "r1", (1, "", "", ""))])
     assert (answer, owner) == ("busy:1", b"worker-a")
@@ -172,12 +154,12 @@ async def test_a_takeover_needs_the_owner_and_epoch_that_were_seen_dead(
 
 
 async def test_an_unemitted_outcome_is_recovered_without_a_call(
-    client: AnyRedis, a: DedupStore, b: DedupStore
+    any_redis: AnyRedis, a: DedupStore, b: DedupStore
 ) -> None:
     await a.claim("r1", 0)
     assert await a.settle("r1", failed=True, payload=b'{"error_type": "x"}', now_ms=1)
     assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY
-    await _lapse(client, a)
+    await _lapse(any_redis, a)
     claim = await b.claim("r1", 3)
     assert (claim.status, claim.state, claim.payload) == (
         ClaimStatus.RECOVER,
@@ -189,10 +171,10 @@ async def test_an_unemitted_outcome_is_recovered_without_a_call(
 
 
 async def test_a_worker_whose_own_lease_lapsed_claims_and_checks_nothing(
-    client: AnyRedis, prefix: str
+    any_redis: AnyRedis, prefix: str
 ) -> None:
     store = DedupStore(
-        client, key_prefix=prefix, worker_token="x", lease_ms=LEASE_MS, result_ttl_s=TTL_S
+        any_redis, key_prefix=prefix, worker_token="x", lease_ms=LEASE_MS, result_ttl_s=TTL_S
     )
     with pytest.raises(ClaimUnavailable):
         await store.claim("r1", 0)  # never renewed
@@ -248,39 +230,39 @@ async def test_replay_resets_only_failed_and_fences_the_old_owner(
 
 
 async def test_a_rejection_is_its_own_record(
-    client: AnyRedis, records: RecordStore, a: DedupStore
+    any_redis: AnyRedis, records: RecordStore, a: DedupStore
 ) -> None:
     await a.record_rejection("r1", error=b'{"error_type": "invalid_request"}', field="messages")
     rejection = await records.rejection("r1")
     assert rejection and (rejection.status, rejection.field) == ("failed", "messages")
     assert rejection.payload == b'{"error_type": "invalid_request"}'
-    assert 0 < await client.ttl(records.keys.rejected("r1")) <= TTL_S
+    assert 0 < await any_redis.ttl(records.keys.rejected("r1")) <= TTL_S
     assert await records.get("r1") is None
     assert (await a.claim("r1", 0)).status is ClaimStatus.CLAIMED  # a valid one later: new
 
 
 async def test_ttls_are_set_on_create_and_settle_never_by_a_mark(
-    client: AnyRedis, records: RecordStore, a: DedupStore
+    any_redis: AnyRedis, records: RecordStore, a: DedupStore
 ) -> None:
     async def ttl(request_id: str) -> int:
-        return int(await client.ttl(records.keys.record(request_id)))
+        return int(await any_redis.ttl(records.keys.record(request_id)))
 
     await records.reserve([("r1", "d")], client=None, token="t", now_ms=0, requeue_after_ms=0)
     assert 0 < await ttl("r1") <= TTL_S
     await a.claim("r2", 0)
     assert 0 < await ttl("r2") <= TTL_S
-    await client.persist(records.keys.record("r2"))
+    await any_redis.persist(records.keys.record("r2"))
     await a.settle("r2", failed=False, payload=b"{}", now_ms=1)
     assert 0 < await ttl("r2") <= TTL_S
     await a.mark_emitted(["r3"])  # expired or never there: not recreated
-    assert await client.exists(records.keys.record("r3")) == 0
+    assert await any_redis.exists(records.keys.record("r3")) == 0
 
 
 async def test_an_outcome_is_stored_when_redis_lost_the_record(
-    client: AnyRedis, a: DedupStore, b: DedupStore
+    any_redis: AnyRedis, a: DedupStore, b: DedupStore
 ) -> None:
     await a.claim("r1", 0)
-    await client.delete(a.key("r1"))  # Redis restarted empty while the call ran
+    await any_redis.delete(a.key("r1"))  # Redis restarted empty while the call ran
     assert await a.still_owner("r1")
     assert await a.settle("r1", failed=False, payload=b'{"answer": 1}', now_ms=1)
     assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY
@@ -324,7 +306,7 @@ async def test_a_claim_given_back_is_free_at_once_and_fences_the_giver(
 
 
 async def test_giving_back_never_touches_an_outcome_or_a_claim_taken_over(
-    client: AnyRedis, records: RecordStore, a: DedupStore, b: DedupStore
+    any_redis: AnyRedis, records: RecordStore, a: DedupStore, b: DedupStore
 ) -> None:
     await a.claim("r1", 0)
     assert await a.settle("r1", failed=False, payload=b'{"answer": 1}', now_ms=1)
@@ -334,7 +316,7 @@ async def test_giving_back_never_touches_an_outcome_or_a_claim_taken_over(
     assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY
 
     await a.claim("r2", 3)
-    await _lapse(client, a)
+    await _lapse(any_redis, a)
     assert (await b.claim("r2", 4)).status is ClaimStatus.CLAIMED  # taken over
     await a.heartbeat()
     assert not await a.release("r2")  # b's now: a gives back nothing

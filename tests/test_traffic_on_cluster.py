@@ -6,44 +6,17 @@ shares one hash slot, so no script meets CROSSSLOT; the behaviour is the same on
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-
-import pytest
-import pytest_asyncio
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 
 from llmstream.core.record import AnyRedis, slot
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import SimulatorServer
 from tests.conftest import Services
-from tests.inprocess import rig, worker_settings
-from tests.redis_cluster import RedisClusterNodes, redis_cluster
+from tests.inprocess import rig, sim, worker_settings
+from tests.redis_cluster import any_redis, redis_cluster
 from tests.samples import request
 
-__all__ = ["redis_cluster"]  # the session fixture, used through `client`
+__all__ = ["any_redis", "redis_cluster", "sim"]  # fixtures; the test runs on both Redis kinds
 
 FALLBACK = "anthropic/claude-3-5-haiku-latest"
-
-
-@pytest_asyncio.fixture(scope="module")
-async def sim() -> AsyncIterator[SimulatorServer]:
-    async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=4)) as server:
-        yield server
-
-
-@pytest.fixture(params=["single", "cluster"])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[AnyRedis]:
-    redis: AnyRedis
-    if request.param == "single":
-        services: Services = request.getfixturevalue("services")
-        redis = aioredis.Redis.from_url(services.redis_url)
-    else:
-        nodes: RedisClusterNodes = request.getfixturevalue("redis_cluster")
-        redis = await RedisCluster.from_url(nodes.url).initialize()
-    try:
-        yield redis
-    finally:
-        await redis.aclose()
 
 
 def new_id() -> str:
@@ -51,7 +24,7 @@ def new_id() -> str:
 
 
 async def test_limits_adaptation_and_circuits_across_providers_and_models(
-    services: Services, sim: SimulatorServer, client: AnyRedis
+    services: Services, sim: SimulatorServer, any_redis: AnyRedis
 ) -> None:
     # Generous limits: every bucket is used (and corrected after the call), none makes a wait.
     settings = worker_settings(
@@ -66,7 +39,7 @@ async def test_limits_adaptation_and_circuits_across_providers_and_models(
         circuit_cooldown_s=60,
         max_attempts=5,
     )
-    async with rig(sim, settings, redis=client) as r:
+    async with rig(sim, settings, redis=any_redis) as r:
         limited, other_model, opened, routed, other_provider = (new_id() for _ in range(5))
         # A 429 pauses openai and lowers its factor; the retry then answers.
         await r.script(limited, {"status": 429, "retry_after": 0.05}, {"status": 200})
@@ -110,7 +83,7 @@ async def test_limits_adaptation_and_circuits_across_providers_and_models(
         prefix = settings.redis_key_prefix
         keys = [
             k.decode() if isinstance(k, bytes) else k
-            async for k in client.scan_iter(match=f"{prefix}{{traffic}}*")
+            async for k in any_redis.scan_iter(match=f"{prefix}{{traffic}}*")
         ]
         kinds = {k.removeprefix(f"{prefix}{{traffic}}").split(":")[0] for k in keys}
         assert {"rl", "ad", "cb"} <= kinds, keys

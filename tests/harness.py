@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
@@ -20,6 +21,9 @@ from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import WorkerProcess, free_port
 from llmstream.devtools.processes import worker_env as devtools_worker_env
 from llmstream.devtools.simulator import SimulatorServer
+from llmstream.ingress.app import connect, create_app
+from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
 from tests.samples import request
@@ -27,6 +31,7 @@ from tests.samples import request
 __all__ = [
     "WorkerProcess",
     "configure_simulator",
+    "in_process_ingress",
     "produce",
     "produce_requests",
     "provider_calls",
@@ -238,3 +243,15 @@ async def serve_app(app: ASGIApp) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.to_thread(thread.join, 30)
+
+
+@contextlib.asynccontextmanager
+async def in_process_ingress(settings: IngressSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """The whole ingress app in-process (middleware, error handlers, parts), connected to the
+    real broker and Redis; yields a client that calls it over ASGI."""
+    app = create_app(settings)
+    async with (
+        connect(settings, IngressMetrics(CollectorRegistry()), app.state),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://ingress") as client,
+    ):
+        yield client

@@ -13,7 +13,6 @@ worker's request path in-process on the same Redis."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,15 +20,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
-from llmstream.ingress.app import connect, create_app
-from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.app import create_app
 from tests.conftest import Services
-from tests.harness import produce_requests, request, running_worker, serve_app
+from tests.harness import in_process_ingress, produce_requests, request, running_worker, serve_app
 from tests.inprocess import rig, without_provider_env, worker_settings
 from tests.test_ingress import API_KEYS, KEY_A, KEY_B, chat_body, ingress_settings
 from tests.test_unavailable_providers import down_provider
@@ -37,18 +33,6 @@ from tests.test_unavailable_providers import down_provider
 pytestmark = pytest.mark.integration
 
 A, B = {"X-API-Key": KEY_A}, {"X-API-Key": KEY_B}
-
-
-@contextlib.asynccontextmanager
-async def ingress(settings: ServiceSettings, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The whole ingress app in-process, connected to the real broker and Redis."""
-    configured = ingress_settings(settings, **overrides)
-    app: FastAPI = create_app(configured)
-    async with (
-        connect(configured, IngressMetrics(CollectorRegistry()), app.state),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://ingress") as c,
-    ):
-        yield c
 
 
 async def completed(client: httpx.AsyncClient, request_id: str) -> dict[str, Any]:
@@ -83,7 +67,7 @@ async def test_requests_without_an_owner_are_shown_to_nobody_with_api_keys_on(
             settings,
             [request(nobodys, text="nobody's"), request(as_a, text="a's", client_id="a")],
         )
-        async with ingress(settings) as open_ingress:
+        async with in_process_ingress(ingress_settings(settings)) as open_ingress:
             # Submitted through the ingress while authentication was off.
             submitted = await open_ingress.post(
                 "/v1/requests", json=chat_body("while off"), headers={"Idempotency-Key": "off-1"}
@@ -92,7 +76,7 @@ async def test_requests_without_an_owner_are_shown_to_nobody_with_api_keys_on(
             for request_id in (nobodys, as_a, "off-1"):
                 assert (await completed(open_ingress, request_id))["status"] == "completed"
 
-    async with ingress(settings, api_keys=API_KEYS) as client:
+    async with in_process_ingress(ingress_settings(settings, api_keys=API_KEYS)) as client:
         gets = {
             (rid, who): (await client.get(f"/v1/requests/{rid}", headers=key)).status_code
             for rid in (nobodys, "off-1", as_a)
@@ -123,7 +107,7 @@ async def test_requests_without_an_owner_are_shown_to_nobody_with_api_keys_on(
         owner_chat = await client.post(
             "/v1/chat/completions", json=chat_body("a's"), headers={**A, "Idempotency-Key": as_a}
         )
-    async with ingress(settings) as open_ingress:
+    async with in_process_ingress(ingress_settings(settings)) as open_ingress:
         without_auth = (await open_ingress.get(f"/v1/requests/{nobodys}")).json()
 
     assert gets == {
@@ -149,7 +133,9 @@ async def test_wrong_keys_from_one_address_get_429_once_its_budget_is_spent(
     settings: ServiceSettings,
 ) -> None:
     limited = {"auth_failures_per_minute": 1, "auth_failures_burst": 3}
-    async with ingress(settings, api_keys=API_KEYS, **limited) as client:
+    async with in_process_ingress(
+        ingress_settings(settings, api_keys=API_KEYS, **limited)
+    ) as client:
         failures = [
             (await client.get("/v1/requests/x", headers=headers)).status_code
             for headers in ({"X-API-Key": "sk-guess-1"}, {"X-API-Key": "sk-guess-2"}, {})
@@ -158,7 +144,9 @@ async def test_wrong_keys_from_one_address_get_429_once_its_budget_is_spent(
         # The right key from that address is refused too while its budget is spent: otherwise
         # a guesser would tell a right guess by its not being refused.
         right_key = await client.get("/v1/requests/x", headers=A)
-    async with ingress(settings, api_keys=API_KEYS) as other_replica_same_redis:
+    async with in_process_ingress(
+        ingress_settings(settings, api_keys=API_KEYS)
+    ) as other_replica_same_redis:
         still_refused = await other_replica_same_redis.get("/v1/requests/x", headers=B)
 
     assert failures == [403, 403, 401]
@@ -178,7 +166,7 @@ async def test_a_wrong_key_is_refused_before_the_body_is_read(settings: ServiceS
             read.append(b"")
             yield b"x" * (128 * 1024)
 
-    async with ingress(settings, api_keys=API_KEYS) as client:
+    async with in_process_ingress(ingress_settings(settings, api_keys=API_KEYS)) as client:
         streamed = await client.post(
             "/v1/requests",
             content=body(),
@@ -226,7 +214,7 @@ async def test_clients_are_not_told_provider_endpoints_or_the_configured_provide
         await r.process(request(unknown, model="mistral/large", text="who", client_id="a"))
         operator_messages = {e.request_id: e.message for e in r.errors()}
 
-    async with ingress(settings, api_keys=API_KEYS) as client:
+    async with in_process_ingress(ingress_settings(settings, api_keys=API_KEYS)) as client:
         got = {
             rid: await client.get(f"/v1/requests/{rid}", headers=A) for rid in (refused, unknown)
         }

@@ -9,43 +9,31 @@ request with the ID is processed as new.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
-import httpx
 import pytest
 import redis.asyncio as aioredis
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 
 from llmstream.core.record import RecordKeys
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
-from llmstream.ingress.app import connect, create_app
-from llmstream.ingress.metrics import IngressMetrics
 from llmstream.schemas.codec import WireFormat, decode, encode
 from llmstream.schemas.models import LLMError, LLMResponse
 from tests.conftest import Services
-from tests.harness import WorkerProcess, produce, read_topic, request, worker_env
+from tests.harness import (
+    WorkerProcess,
+    in_process_ingress,
+    produce,
+    read_topic,
+    request,
+    worker_env,
+)
 from tests.inprocess import SOURCE, Rig, rig, worker_settings
 from tests.test_ingress import API_KEYS, KEY_A, chat_body, ingress_settings
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.asynccontextmanager
-async def ingress(settings: ServiceSettings, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """The whole ingress app in-process, connected to the real broker and Redis."""
-    configured = ingress_settings(settings, **overrides)
-    app: FastAPI = create_app(configured)
-    async with (
-        connect(configured, IngressMetrics(CollectorRegistry()), app.state),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://ingress") as c,
-    ):
-        yield c
 
 
 @pytest.fixture
@@ -79,7 +67,7 @@ async def test_an_invalid_event_reads_back_as_failed_and_its_id_is_then_served(
         )
         assert [(e.request_id, e.error_type) for e in errors] == [(rid, "invalid_request")]
 
-        async with ingress(settings) as client:
+        async with in_process_ingress(ingress_settings(settings)) as client:
             # Stored before it was emitted: readable as soon as the error is on the topic.
             failed = await client.get(f"/v1/requests/{rid}")
             assert failed.status_code == 200, failed.text
@@ -121,7 +109,7 @@ async def test_a_malformed_avro_event_is_recorded_under_the_id_it_starts_with(
         "undecodable",
         truncated,
     )
-    async with ingress(settings) as client:
+    async with in_process_ingress(ingress_settings(settings)) as client:
         body = (await client.get(f"/v1/requests/{rid}")).json()
     assert (body["status"], body["error"]["error_type"], body["error"]["field"]) == (
         "failed",
@@ -138,7 +126,7 @@ async def test_an_unreadable_payload_is_recorded_under_its_key(
     await worker_path.processor.process(b"\x00\xffnot json", rid.encode(), SOURCE)
     await worker_path.processor.process(b"\x00\xffnot json", b"bad\x00key", SOURCE)
 
-    async with ingress(settings) as client:
+    async with in_process_ingress(ingress_settings(settings)) as client:
         keyed = await client.get(f"/v1/requests/{rid}")
         control = await client.get("/v1/requests/bad%00key")
     assert keyed.status_code == 200 and keyed.json()["error"]["error_type"] == "undecodable"
@@ -154,7 +142,7 @@ async def test_a_rejection_never_replaces_a_real_requests_outcome(
     await worker_path.process(invalid_json(rid))
 
     assert [e.request_id for e in worker_path.errors()] == [rid]  # still reported
-    async with ingress(settings) as client:
+    async with in_process_ingress(ingress_settings(settings)) as client:
         body = (await client.get(f"/v1/requests/{rid}")).json()
     assert (body["status"], body["response"]["content"]) == ("completed", "echo: first")
 
@@ -165,9 +153,9 @@ async def test_with_api_keys_on_a_rejected_event_belongs_to_nobody(
     rid = f"private-{unique}"
     await worker_path.process(invalid_json(rid))
 
-    async with ingress(settings, api_keys=API_KEYS) as client:
+    async with in_process_ingress(ingress_settings(settings, api_keys=API_KEYS)) as client:
         with_key = await client.get(f"/v1/requests/{rid}", headers={"X-API-Key": KEY_A})
-    async with ingress(settings) as client:
+    async with in_process_ingress(ingress_settings(settings)) as client:
         without_auth = await client.get(f"/v1/requests/{rid}")
 
     assert with_key.status_code == 404

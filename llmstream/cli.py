@@ -227,6 +227,20 @@ def _simulate_environment() -> str:
     return environment_help(SimulatorSettings)
 
 
+# What each command runs.
+_RUN: dict[str, Callable[[argparse.Namespace], int]] = {
+    "worker": _worker,
+    "simulate": _simulate,
+    "ingress": _ingress,
+    "replay": _replay,
+    "recover-redis": _recover_redis,
+    "healthcheck": _healthcheck,
+    "bench": _bench,
+    "bench-traffic": _bench_traffic,
+    "dev": _dev,
+}
+
+# The environment variables each command's help lists.
 _ENVIRONMENT: dict[str, Callable[[], str]] = {
     "worker": _worker_environment,
     "ingress": _ingress_environment,
@@ -246,10 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"llmstream {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    worker = commands.add_parser(
+    commands.add_parser(
         "worker", help="consume llm-requests and emit responses, metrics and errors"
     )
-    worker.set_defaults(func=_worker)
 
     simulate = commands.add_parser("simulate", help="run the provider simulator (OpenAI/Anthropic)")
     simulate.add_argument("--host", help="listen address (LLMSTREAM_SIM_HOST, default 127.0.0.1)")
@@ -257,14 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--latency-ms", type=float)
     simulate.add_argument("--error-rate", type=float)
     simulate.add_argument("--rpm-limit", type=int)
-    simulate.set_defaults(func=_simulate)
 
     ingress = commands.add_parser(
         "ingress", help="HTTP API (and OpenAI-compatible front) that publishes to llm-requests"
     )
     ingress.add_argument("--host", help="listen address (LLMSTREAM_HOST, default 0.0.0.0)")
     ingress.add_argument("--port", type=int, help="listen port (LLMSTREAM_PORT, default 8080)")
-    ingress.set_defaults(func=_ingress)
 
     replay = commands.add_parser(
         "replay", help="publish the requests of selected llm-errors events to llm-requests again"
@@ -287,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also replay requests whose record expired (it may have succeeded since)",
     )
-    replay.set_defaults(func=_replay)
 
     recover_redis = commands.add_parser(
         "recover-redis",
@@ -298,14 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="accept that requests whose records were lost are called again if read again",
     )
-    recover_redis.set_defaults(func=_recover_redis)
 
     healthcheck = commands.add_parser(
         "healthcheck", help="exit 0 when this container's worker, ingress or simulator is alive"
     )
     healthcheck.add_argument("url", nargs="*", help="default: each service's health URL")
     healthcheck.add_argument("--timeout", type=float, default=3.0)
-    healthcheck.set_defaults(func=_healthcheck)
 
     bench = commands.add_parser(
         "bench", help="measure throughput per core, CPU per request and overhead (make bench)"
@@ -320,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--quick", action="store_true", help="a smoke run: 5000 requests, 15 s of steady load"
     )
-    bench.set_defaults(func=_bench)
 
     bench_traffic = commands.add_parser(
         "bench-traffic",
@@ -335,14 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     bench_traffic.add_argument(
         "--scale", type=float, default=1.0, help="time scale: 10 runs ten times faster (1)"
     )
-    bench_traffic.set_defaults(func=_bench_traffic)
 
     dev = commands.add_parser(
         "dev", help="start broker, Redis, simulator and a worker, and show requests flowing"
     )
     dev.add_argument("--requests", type=int, default=5, help="sample requests to produce")
     dev.add_argument("--partitions", type=int, default=4)
-    dev.set_defaults(func=_dev)
 
     for name, command in commands.choices.items():
         command.environment = _ENVIRONMENT.get(name)
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llmstream {args.command}: {notice}", file=sys.stderr)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        return int(args.func(args))
+        return _RUN[args.command](args)
     except LLMStreamError as exc:
         # A setup the command cannot run with (a broker refusing what the settings insist on, a
         # service that did not start): one line that says what to change, not a traceback.

@@ -153,21 +153,22 @@ async def test_a_takeover_needs_the_owner_and_epoch_that_were_seen_dead(
     assert (second, owner) == ("busy:2", b"worker-b")
 
 
+@pytest.mark.parametrize(
+    ("failed", "state", "payload"),
+    [(False, "completed", b'{"answer": 42}'), (True, "failed", b'{"error_type": "x"}')],
+)
 async def test_an_unemitted_outcome_is_recovered_without_a_call(
-    any_redis: AnyRedis, a: DedupStore, b: DedupStore
+    any_redis: AnyRedis, a: DedupStore, b: DedupStore, failed: bool, state: str, payload: bytes
 ) -> None:
     await a.claim("r1", 0)
-    assert await a.settle("r1", failed=True, payload=b'{"error_type": "x"}', now_ms=1)
-    assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY
-    await _lapse(any_redis, a)
+    assert await a.settle("r1", failed=failed, payload=payload, now_ms=1)
+    assert (await b.claim("r1", 2)).status is ClaimStatus.BUSY  # a lives: b waits
+    await _lapse(any_redis, a)  # a died before emitting
     claim = await b.claim("r1", 3)
-    assert (claim.status, claim.state, claim.payload) == (
-        ClaimStatus.RECOVER,
-        "failed",
-        b'{"error_type": "x"}',
-    )
+    assert (claim.status, claim.state, claim.payload) == (ClaimStatus.RECOVER, state, payload)
     await b.mark_emitted(["r1"])
-    assert (await a.claim("r1", 4)).status is ClaimStatus.DONE
+    done = await a.claim("r1", 4)
+    assert (done.status, done.payload) == (ClaimStatus.DONE, payload)
 
 
 async def test_a_worker_whose_own_lease_lapsed_claims_and_checks_nothing(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -27,22 +28,27 @@ from tests.redis_cluster import RedisClusterNodes, redis_cluster  # noqa: F401 -
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
+@dataclass(frozen=True)
+class OwnRedis:
+    """A redis-server of this test alone, and this test's settings pointed at it."""
+
+    process: ChildProcess
+    settings: ServiceSettings
+
+
 @pytest.fixture
-def own_redis(services: Services, tmp_path: Path) -> Iterator[EmbeddedServices]:
-    """A redis-server of this test alone (no persistence), so stopping it disturbs no other."""
+def own_redis(services: Services, settings: ServiceSettings, tmp_path: Path) -> Iterator[OwnRedis]:
+    """A redis-server of this test alone (no persistence), so stopping it disturbs no other;
+    with this test's settings on it."""
     redis = EmbeddedServices(
         kafka_bootstrap_servers=services.kafka_bootstrap_servers, log_dir=tmp_path / "redis"
     )
     redis.start()
     try:
-        yield redis
+        (process,) = redis._processes
+        yield OwnRedis(process, settings.model_copy(update={"redis_url": redis.redis_url}))
     finally:
         redis.stop()
-
-
-def _redis_process(redis: EmbeddedServices) -> ChildProcess:
-    (process,) = redis._processes
-    return process
 
 
 async def _ready(worker: harness.WorkerProcess) -> httpx.Response:
@@ -75,19 +81,15 @@ def _recover(settings: ServiceSettings, *flags: str) -> subprocess.CompletedProc
 
 
 async def test_a_short_redis_outage_shows_on_ready(
-    settings: ServiceSettings,
-    simulator: SimulatorServer,
-    own_redis: EmbeddedServices,
-    unique: str,
-    tmp_path: Path,
+    own_redis: OwnRedis, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
-    own = settings.model_copy(update={"redis_url": own_redis.redis_url})
+    own = own_redis.settings
     # The default lease (10 s): readiness must not wait for it to lapse.
     async with harness.running_worker(
         own, simulator.url, f"g-{unique}", tmp_path, LLMSTREAM_LEASE_MS="10000"
     ) as worker:
         # Redis hangs (SIGSTOP) and comes back with its state (SIGCONT): an outage, not a loss.
-        redis_pid = _redis_process(own_redis).pid
+        redis_pid = own_redis.process.pid
         os.kill(redis_pid, signal.SIGSTOP)
         try:
             during = await _poll_ready(worker, 503, polls=50)  # 5 s: half the lease
@@ -100,13 +102,9 @@ async def test_a_short_redis_outage_shows_on_ready(
 
 
 async def test_redis_restarted_empty_under_load_pauses_until_the_operator_recovers(
-    settings: ServiceSettings,
-    simulator: SimulatorServer,
-    own_redis: EmbeddedServices,
-    unique: str,
-    tmp_path: Path,
+    own_redis: OwnRedis, simulator: SimulatorServer, unique: str, tmp_path: Path
 ) -> None:
-    own = settings.model_copy(update={"redis_url": own_redis.redis_url})
+    own = own_redis.settings
     group = f"g-{unique}"
     worker_settings = WorkerSettings(**{**own.model_dump(), "consumer_group": group})
     before = [harness.request(f"before-{i}") for i in range(20)]
@@ -124,9 +122,8 @@ async def test_redis_restarted_empty_under_load_pauses_until_the_operator_recove
         await harness.configure_simulator(simulator, latency_ms=2500, latency_jitter=0)
         await harness.produce_requests(own, in_flight)
         await harness.wait_for_calls(simulator, in_flight=len(in_flight))
-        redis_process = _redis_process(own_redis)
-        redis_process.stop()
-        redis_process.start()  # the same port, empty: no persistence
+        own_redis.process.stop()
+        own_redis.process.start()  # the same port, empty: no persistence
         await harness.configure_simulator(simulator, latency_ms=50)
 
         paused = await _poll_ready(worker, 503)

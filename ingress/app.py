@@ -88,6 +88,11 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
     app.include_router(requests_api.routes.router())
     app.include_router(openai_compat.routes.router())
     app.include_router(operations.routes.router())
+    # Builds every route's state (and the OpenAPI document) now, in the thread that creates the
+    # app: FastAPI otherwise builds it at the first request, and apps served from several threads
+    # (two replicas in one test process) raced there on the shared Header field of
+    # Idempotency-Key.
+    app.openapi()
     return app
 
 

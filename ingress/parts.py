@@ -26,9 +26,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 class Routes:
     """A module's route declarations; :meth:`router` builds a new ``APIRouter`` from them.
 
-    Each app gets routers of its own: FastAPI builds a route's state lazily, on the router, at the
-    first request, and two apps sharing one module-level router (two ingress replicas in one test
-    process, each serving from its own thread) raced on it.
+    Each app gets routers of its own, so nothing FastAPI caches on a router (it builds a route's
+    state lazily, on the router) is shared between two apps in one process.
     """
 
     def __init__(self, **options: Any) -> None:

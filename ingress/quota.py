@@ -2,8 +2,8 @@
 
 Not the provider rate limits the worker keeps (:mod:`processors.ratelimit`): this one counts
 what each client asks of the ingress. A second, small budget counts failed authentications per
-peer address (:meth:`ClientQuota.failed`, :meth:`ClientQuota.locked`): once an address has spent
-it, every call from it is refused until the budget refills, so guessing keys is slow.
+peer address (:meth:`ClientQuota.failed`): once an address has spent it, its calls with a missing
+or wrong key are refused with 429 until the budget refills, so guessing keys is slow.
 
 GCRA (the generic cell rate algorithm): one key per client holds its "theoretical arrival time",
 so the state is one number whatever the rate, and one Lua script decides and answers how long to
@@ -106,12 +106,6 @@ class ClientQuota:
         if not self._failures_on:
             return Decision(True, 0.0, -1)
         return await self._run(self._failures_prefix + peer, [*self._failure_args, 1])
-
-    async def locked(self, peer: str) -> Decision:
-        """Whether ``peer`` has spent its failure budget (refused), without counting anything."""
-        if not self._failures_on:
-            return Decision(True, 0.0, -1)
-        return await self._run(self._failures_prefix + peer, [*self._failure_args, 0])
 
     async def _run(self, key: str, args: list[int]) -> Decision:
         allowed, wait_us, remaining = await self._script(keys=[key], args=args)

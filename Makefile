@@ -27,13 +27,15 @@ test: install deploy-tools
 	$(BIN)/python -m pytest $(TEST_PROCESSES) $(PYTEST_ARGS)
 
 # What tests/test_deploy.py runs on the deployment files, without Docker: docker-compose
-# (config), promtool (check, test rules) and kubectl (kustomize). Installed from Debian's packages
+# (config), promtool (check, test rules) and kubectl (kustomize); and curl, which the README's
+# examples use (tests/test_readme.py runs them). Installed from Debian's packages
 # when missing and apt-get can run (CI: root); otherwise the checks say what is missing.
 deploy-tools:
 	@missing=""; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; \

@@ -51,7 +51,12 @@ def services() -> Iterator[Services]:
         return
     with EmbeddedServices.from_env() as embedded:
         assert embedded.kafka_bootstrap_servers and embedded.redis_url
-        yield Services(embedded.kafka_bootstrap_servers, embedded.redis_url)
+        # KAFKA_BOOTSTRAP_SERVERS may name an Apache Kafka cluster: idempotence stays on there.
+        yield Services(
+            embedded.kafka_bootstrap_servers,
+            embedded.redis_url,
+            idempotent_producer=not embedded.embedded_broker,
+        )
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ a second or two); stopped, with its files, at the end.
 from __future__ import annotations
 
 import random
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +20,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from llmstream.core.record import AnyRedis
 from llmstream.devtools.embedded import redis_server_binary
-from llmstream.devtools.processes import port_is_free
+from llmstream.devtools.processes import ChildProcess, port_is_free
 from tests.conftest import Services
 
 _SLOTS = 16384
@@ -61,21 +60,24 @@ def _wait(what: str, ready: object, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def _start(workdir: Path) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+def _start(workdir: Path) -> tuple[list[ChildProcess], list[int]]:
     binary = redis_server_binary()
     ports = _free_ports(_NODES)
-    processes = []
-    for port in ports:
-        args = [
-            binary,
-            *("--port", str(port), "--bind", "127.0.0.1"),
-            *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
-            *("--cluster-node-timeout", "5000", "--appendonly", "no", "--save", ""),
-            *("--dir", str(workdir)),
-        ]
-        log = (workdir / f"redis-{port}.log").open("wb")
-        processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
-    return processes, ports
+    nodes = [
+        ChildProcess(
+            f"redis-cluster-{port}",
+            [
+                binary,
+                *("--port", str(port), "--bind", "127.0.0.1"),
+                *("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"),
+                *("--cluster-node-timeout", "5000", "--appendonly", "no", "--save", ""),
+                *("--dir", str(workdir)),
+            ],
+            workdir / f"redis-{port}.log",
+        ).start()
+        for port in ports
+    ]
+    return nodes, ports
 
 
 def _form(ports: list[int]) -> None:
@@ -112,13 +114,7 @@ def redis_cluster() -> Iterator[RedisClusterNodes]:
             yield RedisClusterNodes(ports, time.monotonic() - started)
         finally:
             for process in processes:
-                process.terminate()
-            for process in processes:
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+                process.stop()
 
 
 @pytest.fixture(params=["single", "cluster"])

@@ -168,8 +168,9 @@ class Stack:
             sim = stack["OPENAI_BASE_URL"].removeprefix("http://").removesuffix("/v1")
             self.substitutions["localhost:8090"] = sim
         if not port_is_free(8081):  # the README's second ingress
-            self.substitutions["localhost:8081"] = f"localhost:{free_port()}"
-            self.substitutions["--port 8081"] = f"--port {free_port()}"
+            port = free_port()
+            self.substitutions["localhost:8081"] = f"localhost:{port}"
+            self.substitutions["--port 8081"] = f"--port {port}"
 
     def output(self) -> str:
         return self.out.read_text(errors="replace")

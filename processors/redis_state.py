@@ -71,8 +71,18 @@ class RedisGuard:
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             return f"unreachable: claims are paused (fail closed): {type(exc).__name__}"
         if current is None:
-            # Gone after this worker saw it: lost, whatever the group committed since.
-            current = None if self._known is not None else await self._absent()
+            # Gone after this worker saw it: lost, whatever the group committed since. Once
+            # found lost it stays lost until the epoch is back (the recovery writes it): the
+            # group's offsets are not read again on every check.
+            if self._known is None and not self._lost:
+                try:
+                    async with asyncio.timeout(s.redis_check_timeout_s * 5):
+                        current = await self._absent()
+                except (KafkaError, OSError, TimeoutError) as exc:
+                    log.warning(
+                        "Redis holds no deployment epoch; cannot tell a first start: %s", exc
+                    )
+                    return f"no deployment epoch, and Kafka cannot tell a first start: {exc!r}"
             if current is None:
                 self._report_lost()
                 return f"lost its state: claims are paused until an operator runs `{RECOVERY}`"
@@ -90,14 +100,10 @@ class RedisGuard:
         return None
 
     async def _absent(self) -> str | None:
-        """The epoch after finding none: created on a first start, else None (lost state)."""
+        """The epoch after finding none: created on a first start, else None (lost state).
+        Raises KafkaError or OSError when the group's offsets cannot be read."""
         s = self._settings
-        try:
-            committed = await group_has_commits(s)
-        except (KafkaError, OSError) as exc:
-            log.warning("Redis holds no deployment epoch; cannot tell a first start: %s", exc)
-            return None
-        if not committed:
+        if not await group_has_commits(s):
             try:
                 created = await self.epoch.create()
             except (RedisError, RedisClusterException, OSError):

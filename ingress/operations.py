@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 
-import redis.asyncio as aioredis
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
+from llmstream.core.record import AnyRedis
 from llmstream.ingress.errors import ApiError
-from llmstream.ingress.parts import MetricsDep, Routes, SettingsDep, part
+from llmstream.ingress.parts import MetricsDep, Routes, SettingsDep, part, redis_part
 from llmstream.ingress.results import ResponseListener
 from llmstream.ingress.settings import IngressSettings
 
@@ -30,7 +30,7 @@ async def health() -> dict[str, str]:
 async def ready(request: Request, settings: SettingsDep) -> JSONResponse:
     """Ready: Kafka and Redis answer, the topics exist and the response listener runs."""
     try:
-        redis = part(request, "redis", aioredis.Redis)
+        redis = redis_part(request)
         producer = part(request, "producer", AIOKafkaProducer)
         listener = part(request, "listener", ResponseListener)
     except ApiError:
@@ -57,10 +57,10 @@ async def prometheus(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-async def _redis_check(redis: aioredis.Redis, settings: IngressSettings) -> str:
+async def _redis_check(redis: AnyRedis, settings: IngressSettings) -> str:
     try:
         await asyncio.wait_for(redis.ping(), settings.ready_timeout_s)
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         return f"unreachable: {type(exc).__name__}"
     return "ok"
 

@@ -12,7 +12,10 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
+from llmstream.core.record import AnyRedis
 from llmstream.ingress.errors import ApiError
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.publish import Publisher
@@ -58,8 +61,20 @@ def part(request: Request, name: str, kind: type[T]) -> T:
     """``app.state.<name>``; 503 while it is not there (the app is starting or stopping)."""
     value = getattr(request.app.state, name, None)
     if not isinstance(value, kind):
-        raise ApiError(503, "the ingress is not running (starting or stopping)")
+        raise _not_running()
     return value
+
+
+def redis_part(request: Request) -> AnyRedis:
+    """``app.state.redis``: a Redis client, or a Redis Cluster one (``LLMSTREAM_REDIS_CLUSTER``)."""
+    value = getattr(request.app.state, "redis", None)
+    if not isinstance(value, Redis | RedisCluster):
+        raise _not_running()
+    return value
+
+
+def _not_running() -> ApiError:
+    return ApiError(503, "the ingress is not running (starting or stopping)")
 
 
 def _settings(request: Request) -> IngressSettings:

@@ -418,10 +418,7 @@ class RequestProcessor:
             except (ClaimUnavailable, KafkaError, OSError, TimeoutError) as exc:
                 failed = exc
             else:
-                self._metrics.redis_up.set(1)
                 return result
-            if isinstance(failed, ClaimUnavailable):
-                self._metrics.redis_up.set(0)
             log.warning("cannot %s (%s); retrying in %.1f s", what, failed, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

@@ -299,14 +299,14 @@ class TrafficControl:
         request's own model."""
         candidates = self._candidates(request, f"{provider.name}/{model}")
         for index, (candidate, label) in enumerate(candidates):
+            target = (provider, model) if index == 0 else self._resolve(candidate, label, progress)
+            if target is None:
+                continue  # an unknown or unconfigured fallback is skipped, not taken
             if index:
                 self.metrics.fallbacks.labels(
                     self.metrics.model_label(candidates[index - 1][1]),
                     self.metrics.model_label(label),
                 ).inc()
-            target = (provider, model) if index == 0 else self._resolve(candidate, label, progress)
-            if target is None:
-                continue
             has_next = index < len(candidates) - 1
             calls = self._model_calls(candidate, *target, has_next, progress, stay, deadline_ms)
             calls.gate = gate

@@ -60,9 +60,6 @@ class RequestLedger:
         self.records = RecordStore(redis, key_prefix=key_prefix, ttl_s=ttl_s)
         self._requeue_ms = int(requeue_after_s * 1000)
 
-    def key(self, request_id: str) -> str:
-        return self.records.keys.record(request_id)
-
     async def reserve(
         self, requests: Sequence[tuple[str, str]], client: str | None
     ) -> tuple[str, list[Reservation]]:

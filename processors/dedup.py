@@ -175,9 +175,6 @@ class DedupStore:
     def key(self, request_id: str) -> str:
         return self.records.keys.record(request_id)
 
-    def rejected_key(self, request_id: str) -> str:
-        return self.records.keys.rejected(request_id)
-
     async def record_rejection(self, request_id: str, *, error: bytes, field: str | None) -> None:
         """Keep why the event with ``request_id`` was rejected, for the result TTL."""
         try:

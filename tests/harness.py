@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
@@ -22,7 +21,6 @@ from llmstream.devtools.processes import WorkerProcess, free_port
 from llmstream.devtools.processes import worker_env as devtools_worker_env
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.ingress.app import connect, create_app
-from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import decode, encode
 from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse
@@ -251,7 +249,8 @@ async def in_process_ingress(settings: IngressSettings) -> AsyncIterator[httpx.A
     real broker and Redis; yields a client that calls it over ASGI."""
     app = create_app(settings)
     async with (
-        connect(settings, IngressMetrics(CollectorRegistry()), app.state),
+        # The app's own metrics: what the middleware counts and /metrics shows.
+        connect(settings, app.state.metrics, app.state),
         httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://ingress") as client,
     ):
         yield client

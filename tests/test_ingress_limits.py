@@ -10,14 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
 
 from llmstream.core.settings import ServiceSettings
-from llmstream.ingress.app import connect, create_app
-from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.app import create_app
 from llmstream.schemas.models import MAX_CONTENT_CHARS
-from tests.harness import read_raw
+from tests.harness import in_process_ingress, read_raw
 from tests.test_ingress import chat_body, ingress_settings
 
 pytestmark = pytest.mark.integration
@@ -29,12 +26,7 @@ TYPE_FIX = "send the body as JSON with 'Content-Type: application/json'"
 
 @pytest.fixture
 async def client(settings: ServiceSettings) -> AsyncIterator[httpx.AsyncClient]:
-    ingress = ingress_settings(settings, max_body_bytes=4 * 1024 * 1024)
-    app: FastAPI = create_app(ingress)
-    async with (
-        connect(ingress, IngressMetrics(CollectorRegistry()), app.state),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://ingress") as c,
-    ):
+    async with in_process_ingress(ingress_settings(settings, max_body_bytes=4 * 1024 * 1024)) as c:
         yield c
 
 

@@ -423,10 +423,13 @@ class TrafficControl:
         calls.sent_at_ms = grant.send_at_ms if grant is not None else float(self._now_ms())
         try:
             completion = await calls.provider.complete(calls.request, calls.model)
-        except ProviderError as error:
+        except BaseException as error:
+            # A failed call, or one cut off by the deadline or a shutdown: no tokens were used,
+            # so the estimate reserved in the shared token budget goes back.
             if calls.gate is not None:
                 calls.gate.call_over()
-            calls.progress.last_error = error
+            if isinstance(error, ProviderError):
+                calls.progress.last_error = error
             if grant is not None and grant.tokens:
                 await self.limiter.correct(grant, 0)
             raise

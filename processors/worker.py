@@ -156,10 +156,6 @@ class Worker:
 
     def run(self) -> None:
         """Run until a signal stops the process."""
-        # httpx logs every request at INFO: at a thousand calls a second that line cost more
-        # CPU than the rest of the HTTP call (measured with `llmstream bench`). Failures are
-        # classified and counted by the pipeline instead.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         _DrainingFaustWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
 
     async def drain(self) -> None:
@@ -314,7 +310,7 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await runner.cleanup()
-            await http.aclose()
+            await http.close()
             await redis.aclose()
 
     async def _drain(self) -> bool:

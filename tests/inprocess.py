@@ -180,6 +180,6 @@ async def rig(
     try:
         yield Rig(settings, processor, traffic, emitter, dedup, metrics, sim, redis, router)
     finally:
-        await http.aclose()
+        await http.close()
         if own:
             await redis.aclose()

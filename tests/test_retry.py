@@ -376,7 +376,7 @@ async def test_retries_through_the_simulator(sim: SimulatorServer, wire: str) ->
             on_retry=lambda _attempt, delay, _error: waits.append(delay),
         )
     finally:
-        await http.aclose()
+        await http.close()
 
     assert (completion.content, attempts) == ("echo: ping", 3)
     assert await calls_for(sim, request.request_id) == 3
@@ -397,7 +397,7 @@ async def test_400_through_the_simulator_is_called_once(sim: SimulatorServer) ->
                 rng=random.Random(5),
             )
     finally:
-        await http.aclose()
+        await http.close()
 
     assert (caught.value.status_code, caught.value.attempts) == (400, 1)
     assert await calls_for(sim, request.request_id) == 1

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import email.utils
 import math
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-import httpx
-from httpx_aiohttp import HttpxAiohttpClient
+import aiohttp
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.errors import LLMStreamError
@@ -194,22 +194,28 @@ class ProviderRouter:
         )
 
 
-def create_http_client(timeout_s: float, max_connections: int) -> httpx.AsyncClient:
-    """The one shared HTTP client for every adapter, on the `httpx-aiohttp` transport.
+def create_http_client(timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
+    """The one shared HTTP client for every adapter: an aiohttp session (call it in a coroutine).
 
-    httpx's default transport collapses with hundreds of calls in flight (encode/httpx#3215);
-    aiohttp's connection pool does not. ``max_connections`` bounds concurrent sockets over all
-    providers: calls beyond it wait for a free connection, within the same ``timeout_s``.
+    ``max_connections`` bounds concurrent sockets over all providers: calls beyond it wait for a
+    free connection. ``timeout_s`` bounds each phase (a free connection and connecting, then each
+    wait for bytes from the provider), not the whole call.
     """
-    limits = httpx.Limits(
-        max_connections=max_connections,
-        max_keepalive_connections=max_connections,
-        keepalive_expiry=30.0,
+    connector = aiohttp.TCPConnector(
+        limit=max_connections, limit_per_host=0, keepalive_timeout=30.0
     )
-    return HttpxAiohttpClient(timeout=httpx.Timeout(timeout_s), limits=limits)
+    timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
+    # Proxy variables (HTTPS_PROXY, NO_PROXY) are honoured when set; when none is, aiohttp is
+    # told so, which spares it reading the environment on every call.
+    return aiohttp.ClientSession(
+        connector=connector,
+        timeout=timeout,
+        trust_env=bool(urllib.request.getproxies()),
+        raise_for_status=False,
+    )
 
 
-def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """Seconds the server asks us to wait, or None.
 
     ``retry-after-ms`` (OpenAI's) wins over ``Retry-After``, which may be seconds (integer or,

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import httpx
+import aiohttp
 from pydantic import SecretStr
+from yarl import URL
 
 from llmstream.processors.providers import Completion, ErrorType, ProviderError
 from llmstream.processors.providers.http import (
@@ -68,7 +69,7 @@ class AnthropicMessages(HTTPAdapter):
     def __init__(
         self,
         name: str,
-        client: httpx.AsyncClient,
+        client: aiohttp.ClientSession,
         base_url: str,
         api_key: SecretStr | None = None,
         extra_headers: Mapping[str, str] | None = None,
@@ -78,10 +79,10 @@ class AnthropicMessages(HTTPAdapter):
         super().__init__(name, client, base_url, api_key, extra_headers)
         self._default_max_tokens = default_max_tokens
 
-    def endpoint(self, base_url: str) -> httpx.URL:
+    def endpoint(self, base_url: str) -> URL:
         # Accept a base URL that already ends in /v1, as some gateways document it.
-        base = httpx.URL(base_url)
-        base = base.copy_with(path=base.path.rstrip("/").removesuffix("/v1"))
+        base = URL(base_url)
+        base = base.with_path(base.path.rstrip("/").removesuffix("/v1"), keep_query=True)
         return endpoint_url(str(base), "/v1/messages")
 
     def wire_headers(self, api_key: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
+from yarl import URL
 
 from llmstream.processors.providers import Completion
 from llmstream.processors.providers.http import (
@@ -43,7 +43,7 @@ class OpenAICompatible(HTTPAdapter):
     )
     success_shape = "choices[0].message"
 
-    def endpoint(self, base_url: str) -> httpx.URL:
+    def endpoint(self, base_url: str) -> URL:
         return endpoint_url(base_url, "/chat/completions")
 
     def wire_headers(self, api_key: str) -> dict[str, str]:

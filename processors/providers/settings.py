@@ -30,10 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from yarl import URL
 
 from llmstream.core.settings import load_object_file, redact_url
 from llmstream.processors.providers import Provider, ProviderRouter
@@ -50,7 +51,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 
 
 def _check_base_url(value: str) -> str:
-    url = httpx.URL(value)
+    try:
+        url = URL(value)
+    except ValueError:
+        url = URL()
     if url.scheme not in ("http", "https") or not url.host:
         # Redacted: a URL may carry credentials (https://user:key@host).
         raise ValueError(
@@ -182,7 +186,7 @@ def _load_file(path: Path) -> dict[str, EndpointConfig]:
     return {name: EndpointConfig.model_validate(entry) for name, entry in raw.items()}
 
 
-def build_router(settings: ProviderSettings, client: httpx.AsyncClient) -> ProviderRouter:
+def build_router(settings: ProviderSettings, client: aiohttp.ClientSession) -> ProviderRouter:
     """Every configured provider, all sharing ``client``; the unconfigured built-ins are only
     named, with the variable each needs."""
     builtin: dict[str, Callable[[], Provider]] = {

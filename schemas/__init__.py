@@ -10,7 +10,14 @@ from llmstream.schemas.codec import (
     fingerprint_for,
     schema_for,
 )
-from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import (
+    ChatMessage,
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    LLMResponseChunk,
+)
 
 __all__ = [
     "ChatMessage",
@@ -19,6 +26,7 @@ __all__ = [
     "LLMMetric",
     "LLMRequest",
     "LLMResponse",
+    "LLMResponseChunk",
     "WireFormat",
     "decode",
     "decode_request",

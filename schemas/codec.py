@@ -1,10 +1,14 @@
-"""The one codec: the four events as JSON or as Avro single-object encoding.
+"""The one codec: the five events as JSON or as Avro single-object encoding.
 
 JSON is a UTF-8 object with exactly the model's field names; ``bytes`` fields are standard base64
 (RFC 4648 section 4; the URL-safe alphabet is accepted on decode). Avro is the single-object
 encoding of the spec: ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the schema's
 Parsing Canonical Form, then the binary body. :func:`decode` tells the two apart by the first two
 bytes, which no JSON text can start with.
+
+An event written with an earlier version of its schema (the ``*.v1.avsc`` files beside the current
+ones) still decodes: the fingerprint names the writer's schema, and Avro schema resolution reads its
+body into the current one, new fields taking their defaults.
 
 Every failure to decode, whatever the input bytes, is a :class:`DecodeError`.
 """
@@ -23,7 +27,14 @@ from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, RequestId
+from llmstream.schemas.models import (
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    LLMResponseChunk,
+    RequestId,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -75,32 +86,58 @@ class _Schema:
     flat: bool
 
 
-def _load_schemas() -> dict[type[BaseModel], _Schema]:
-    package = files("llmstream.schemas")
-    named: dict[str, Any] = {}
-    schemas: dict[type[BaseModel], _Schema] = {}
-    # LLMError refers to llmstream.LLMRequest by name, so the request schema is parsed first and
-    # `named` carries its definition into the error schema.
-    for model, filename in (
-        (LLMRequest, "llm_request.avsc"),
-        (LLMResponse, "llm_response.avsc"),
-        (LLMMetric, "llm_metric.avsc"),
-        (LLMError, "llm_error.avsc"),
-    ):
-        raw = orjson.loads(package.joinpath(filename).read_bytes())
-        # The canonical form needs every named type spelled out; parse a copy with them expanded.
-        canonical = to_parsing_canonical_form(parse_schema(raw, dict(named), expand=True))
-        fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))  # little-endian, as on the wire
-        parsed = parse_schema(raw, named)
-        assert isinstance(parsed, dict)
-        schemas[model] = _Schema(
-            name=model.__name__,
-            parsed=parsed,
-            header=_AVRO_MAGIC + fp,
-            fingerprint=int.from_bytes(fp, "little"),
-            flat=not any(_has_record(field["type"]) for field in raw["fields"]),
-        )
-    return schemas
+@dataclass(frozen=True, slots=True)
+class _Writer:
+    """An earlier version of an event's schema, which events on the topics may still be in."""
+
+    schema: _Schema
+    reader: _Schema
+
+
+# Each event's schema files, oldest first, the current one last. LLMError refers to
+# llmstream.LLMRequest by name: each of its versions is parsed with the names of the request schema
+# of the same version, so the two lists are as long as each other.
+_VERSIONS: tuple[tuple[type[BaseModel], tuple[str, ...]], ...] = (
+    (LLMRequest, ("llm_request.v1.avsc", "llm_request.avsc")),
+    (LLMResponse, ("llm_response.v1.avsc", "llm_response.avsc")),
+    (LLMMetric, ("llm_metric.v1.avsc", "llm_metric.avsc")),
+    (LLMError, ("llm_error.v1.avsc", "llm_error.avsc")),
+    (LLMResponseChunk, ("llm_response_chunk.avsc",)),
+)
+
+
+def _read_schema(model: type[BaseModel], filename: str, named: dict[str, Any]) -> _Schema:
+    raw = orjson.loads(files("llmstream.schemas").joinpath(filename).read_bytes())
+    # The canonical form needs every named type spelled out; parse a copy with them expanded.
+    canonical = to_parsing_canonical_form(parse_schema(raw, dict(named), expand=True))
+    fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))  # little-endian, as on the wire
+    parsed = parse_schema(raw, named)
+    assert isinstance(parsed, dict)
+    return _Schema(
+        name=model.__name__,
+        parsed=parsed,
+        header=_AVRO_MAGIC + fp,
+        fingerprint=int.from_bytes(fp, "little"),
+        flat=not any(_has_record(field["type"]) for field in raw["fields"]),
+    )
+
+
+def _load_schemas() -> tuple[dict[type[BaseModel], _Schema], dict[bytes, _Writer]]:
+    current: dict[type[BaseModel], _Schema] = {}
+    earlier: dict[bytes, _Writer] = {}
+    request_names: list[dict[str, Any]] = []
+    for model, filenames in _VERSIONS:
+        versions = []
+        for version, filename in enumerate(filenames):
+            # Each file gets its own names, so two files may each define a record (ToolCall).
+            named = dict(request_names[version]) if model is LLMError else {}
+            versions.append(_read_schema(model, filename, named))
+            if model is LLMRequest:
+                request_names.append(named)
+        *older, current[model] = versions
+        for schema in older:
+            earlier[schema.header] = _Writer(schema, reader=current[model])
+    return current, earlier
 
 
 def _has_record(avro_type: Any) -> bool:
@@ -116,7 +153,7 @@ def _has_record(avro_type: Any) -> bool:
     return "." in avro_type  # a named type referred to by its full name
 
 
-_SCHEMAS = _load_schemas()
+_SCHEMAS, _EARLIER = _load_schemas()
 _BY_HEADER = {schema.header: schema for schema in _SCHEMAS.values()}
 
 
@@ -152,7 +189,7 @@ def _json_default(value: object) -> object:
 
 
 def encode(event: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
-    """The bytes of ``event`` (one of the four events) in ``fmt``."""
+    """The bytes of ``event`` (one of the five events) in ``fmt``."""
     if fmt == WireFormat.JSON:
         # The model's own __dict__ holds validated field values in order; no copy is needed.
         return orjson.dumps(event.__dict__, default=_json_default)
@@ -196,20 +233,17 @@ def _read_avro(data: bytes, schema: _Schema) -> Any:
             "undecodable",
             f"truncated Avro single-object header: {len(header)} of {_AVRO_HEADER_SIZE} bytes",
         )
+    writer = schema
     if header != schema.header:
-        other = _BY_HEADER.get(header)
-        what = f"an {other.name}" if other else "not a known llmstream schema"
-        # Printed as the bytes on the wire: the fingerprint is little-endian there, and an
-        # integer would invite writing it the wrong way round.
-        raise DecodeError(
-            "undecodable",
-            f"Avro single-object header {header.hex(' ')} is {what}; {schema.name} events start "
-            f"with {schema.header.hex(' ')}",
-        )
+        earlier = _EARLIER.get(header)
+        if earlier is None or earlier.reader is not schema:
+            raise _wrong_header(header, schema)
+        writer = earlier.schema
     buffer = BytesIO(data)
     buffer.seek(_AVRO_HEADER_SIZE)
     try:
-        record = schemaless_reader(buffer, schema.parsed, None)
+        reader = None if writer is schema else schema.parsed  # resolution only when needed
+        record = schemaless_reader(buffer, writer.parsed, reader)
     # fastavro reports a malformed body through whatever its reader trips on (EOFError,
     # ValueError, IndexError, UnicodeDecodeError, ...); all of them mean the same thing here.
     except Exception as exc:
@@ -222,6 +256,19 @@ def _read_avro(data: bytes, schema: _Schema) -> Any:
             "undecodable", f"{trailing} unexpected bytes after the Avro {schema.name} body"
         )
     return record
+
+
+def _wrong_header(header: bytes, schema: _Schema) -> DecodeError:
+    earlier = _EARLIER.get(header)
+    other = _BY_HEADER.get(header) or (earlier.schema if earlier else None)
+    what = f"an {other.name}" if other else "not a known llmstream schema"
+    # Printed as the bytes on the wire: the fingerprint is little-endian there, and an integer
+    # would invite writing it the wrong way round.
+    return DecodeError(
+        "undecodable",
+        f"Avro single-object header {header.hex(' ')} is {what}; {schema.name} events start "
+        f"with {schema.header.hex(' ')}",
+    )
 
 
 def _from_validation_error(exc: ValidationError) -> DecodeError:

@@ -1,4 +1,4 @@
-"""Pydantic models of the four events, mirroring the `.avsc` files field by field.
+"""Pydantic models of the five events, mirroring the `.avsc` files field by field.
 
 The `.avsc` files beside this module are the source of truth; `tests/test_schemas.py` proves the
 models agree with them (names, types, nullability, defaults). Validation limits live here so every
@@ -40,6 +40,7 @@ Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_META
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 NonNegativeMs = Annotated[int, Field(ge=0, le=2**63 - 1)]
+NonNegativeInt32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
 
 
 class _Event(BaseModel):
@@ -88,6 +89,7 @@ class LLMRequest(_Event):
     cache: bool = False
     deadline_ms: NonNegativeMs | None = None
     created_at_ms: NonNegativeMs | None = None
+    stream: bool = False
 
 
 class LLMResponse(_Event):
@@ -152,3 +154,22 @@ class LLMError(_Event):
     occurred_at_ms: Int64
     raw_payload_size: Int64 | None = None
     raw_payload_sha256: str | None = None
+
+
+class LLMResponseChunk(_Event):
+    """A piece of a streamed answer on `llm-response-chunks`, keyed by `request_id`.
+
+    Chunks of one provider call share ``attempt`` and are numbered by ``index``; a retry starts a
+    new attempt. The answer is the chunks of ``attempt == LLMResponse.attempts`` in ``index`` order
+    (the schema's doc states the whole consumer rule).
+    """
+
+    request_id: str
+    attempt: NonNegativeInt32
+    index: NonNegativeInt32
+    delta: str
+    finish_reason: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    client_id: str | None = None
+    created_at_ms: Int64

@@ -25,6 +25,7 @@ from llmstream.schemas import (
     LLMMetric,
     LLMRequest,
     LLMResponse,
+    LLMResponseChunk,
     WireFormat,
     decode,
     decode_request,
@@ -41,8 +42,34 @@ FUZZ = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
+# Chunks of a streamed answer: a middle one with every field set, and the cache's single chunk.
+CHUNKS: dict[str, BaseModel] = {
+    "chunk": LLMResponseChunk(
+        request_id="req-1",
+        attempt=2,
+        index=3,
+        delta="Hel ✓",
+        finish_reason="stop",
+        provider="openai",
+        model="gpt-4o-mini",
+        client_id="client-a",
+        created_at_ms=1_700_000_000_500,
+    ),
+    "chunk-minimal": LLMResponseChunk(
+        request_id="r", attempt=0, index=0, delta="", created_at_ms=0
+    ),
+}
+ALL = {**EVENTS, **CHUNKS}
+SCHEMA_FILES = {
+    LLMRequest: "llm_request.avsc",
+    LLMResponse: "llm_response.avsc",
+    LLMMetric: "llm_metric.avsc",
+    LLMError: "llm_error.avsc",
+    LLMResponseChunk: "llm_response_chunk.avsc",
+}
+
 BOTH = pytest.mark.parametrize("fmt", list(WireFormat), ids=str)
-ALL_EVENTS = pytest.mark.parametrize("event", list(EVENTS.values()), ids=list(EVENTS))
+ALL_EVENTS = pytest.mark.parametrize("event", list(ALL.values()), ids=list(ALL))
 
 
 def crc64_avro(data: bytes) -> int:
@@ -115,7 +142,7 @@ def test_avro_is_single_object_encoding(event: BaseModel) -> None:
     model = type(event)
     named: dict[str, Any] = {}
     parse_schema(load_avsc("llm_request.avsc"), named)  # LLMError refers to it by name
-    raw = load_avsc(f"llm_{model.__name__.removeprefix('LLM').lower()}.avsc")
+    raw = load_avsc(SCHEMA_FILES[model])
     canonical = to_parsing_canonical_form(parse_schema(raw, named, expand=True))
     fp = crc64_avro(canonical.encode())
 
@@ -365,7 +392,7 @@ json_values = st.recursive(
 request_keys = st.sampled_from([*LLMRequest.model_fields, "role", "content", "name", "extra"])
 
 
-models = st.sampled_from([LLMRequest, LLMResponse, LLMMetric, LLMError])
+models = st.sampled_from(list(SCHEMA_FILES))
 
 
 @FUZZ

@@ -16,13 +16,21 @@ import pytest
 from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
-from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import (
+    ChatMessage,
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    LLMResponseChunk,
+)
 
 SCHEMA_FILES = {
     LLMRequest: "llm_request.avsc",
     LLMResponse: "llm_response.avsc",
     LLMMetric: "llm_metric.avsc",
     LLMError: "llm_error.avsc",
+    LLMResponseChunk: "llm_response_chunk.avsc",
 }
 NAMESPACE = "llmstream"
 INT_RANGE = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
@@ -33,7 +41,7 @@ def load_avsc(filename: str) -> Any:
 
 
 def named_records() -> dict[str, dict[str, Any]]:
-    """Every named record of the four files, by full name, so references can be followed."""
+    """Every named record of the schema files, by full name, so references can be followed."""
     found: dict[str, dict[str, Any]] = {}
 
     def collect(avro_type: Any) -> None:

@@ -7,7 +7,18 @@ response shapes, usage fields, error bodies and rate-limit headers. Point an ada
 
 The answer is deterministic: ``"echo: <last user message>"`` (truncated to 200 characters), cut
 at the first stop sequence (``finish_reason`` ``stop`` / ``stop_sequence``) and at ``max_tokens``
-words (``length`` / ``max_tokens``). A token is a whitespace-separated word.
+words (``length`` / ``max_tokens``). A token is a whitespace-separated word. A body that offers
+tools gets tool calls, then a text quoting the tool results (:mod:`llmstream.devtools.sim_tools`);
+an OpenAI ``response_format`` asking for JSON gets a JSON object (:mod:`llmstream.devtools.wire`).
+
+With ``"stream": true`` the same answer comes as server-sent events in the provider's format
+(:mod:`llmstream.devtools.sim_stream`): the text, and each tool call's arguments, in
+``stream_chunks`` pieces ``stream_chunk_delay_ms`` apart. Errors (401, 429, 5xx) are answered
+before any event. A stream breaks half-way (the first half of the pieces, then the connection
+is dropped without the terminating event) for ``stream_break_rate`` of streams, for a scripted
+step with ``"break_stream": true``, and for the first stream of a request whose last user message
+holds ``[break-stream]`` (the request is its ``X-Client-Request-Id``, else its exact body); later
+streams of that request complete.
 
 Each call, in order: counted under its ``X-Client-Request-Id`` (``""`` without one); a scripted
 response for that ID, if any, is used instead of everything below (``status`` 200 is a normal
@@ -18,19 +29,24 @@ allows ``rpm_limit * rate_window_s / 60``, for time-scaled tests) → 429 with `
 → 400; then the latency, then ``error_rate`` of calls get ``error_status`` (500).
 
 A call keeps running when its client goes away, as it would at a provider (which still bills
-it): ``in_flight`` counts calls not yet answered, whoever is still listening.
+it): ``in_flight`` counts calls not yet answered, whoever is still listening. A stream whose
+client goes away stops there.
 
 Control, for tests::
 
     GET  /_sim/stats   {"calls_total", "completed_total", "in_flight", "calls_by_request_id",
-                        "status_counts", "config"}
-    GET  /_sim/calls   {"calls": [{"request_id", "api", "status", "finished"}, ...]} in arrival
-                       order (the last 100,000)
-    POST /_sim/reset   back to the start: counters, call log, scripts, rate window and config
+                        "streams_by_request_id", "streams_broken_total", "status_counts",
+                        "config"}
+    GET  /_sim/calls   {"calls": [{"request_id", "api", "status", "finished", "stream",
+                       "broken"}, ...]} in arrival order (the last 100,000)
+    POST /_sim/reset   back to the start: counters, call log, scripts, rate window, config and
+                       which marked requests already broke
     POST /_sim/config  {"latency_ms", "latency_jitter", "error_rate", "error_status",
-                        "rpm_limit", "rate_window_s"} (any subset)
+                        "rpm_limit", "rate_window_s", "stream_chunks", "stream_chunk_delay_ms",
+                        "stream_break_rate"} (any subset)
     POST /_sim/script  {"request_id": "r1", "responses": [{"status": 500},
-                        {"status": 429, "retry_after": 1.5}, {"status": 200, "delay_ms": 50}]}
+                        {"status": 429, "retry_after": 1.5}, {"status": 200, "delay_ms": 50},
+                        {"status": 200, "break_stream": true}]}
 
 A new script for a request ID replaces the one it had. Nothing is logged per request.
 """
@@ -38,6 +54,7 @@ A new script for a request ID replaces the one it had. Nothing is logged per req
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import itertools
 import math
@@ -53,13 +70,22 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmstream.devtools.sim_stream import (
+    Frame,
+    anthropic_frames,
+    break_point,
+    openai_frames,
+    write_frames,
+)
 from llmstream.devtools.wire import (
     Wire,
     anthropic_message,
     check_anthropic,
     check_openai,
     error_body,
+    last_user_text,
     openai_completion,
+    reply_to,
 )
 
 __all__ = [
@@ -73,6 +99,7 @@ _Body = TypeVar("_Body", bound=BaseModel)
 
 RATE_WINDOW_S = 60.0
 CALL_LOG_SIZE = 100_000
+BREAK_MARKER = "[break-stream]"
 
 
 class SimulatorSettings(BaseSettings):
@@ -88,6 +115,9 @@ class SimulatorSettings(BaseSettings):
     error_status: int = Field(default=500, ge=500, le=599)
     rpm_limit: int | None = Field(default=None, ge=1)
     rate_window_s: float = Field(default=RATE_WINDOW_S, gt=0, le=3600)
+    stream_chunks: int = Field(default=8, ge=1, le=100_000)
+    stream_chunk_delay_ms: float = Field(default=20.0, ge=0)
+    stream_break_rate: float = Field(default=0.0, ge=0, le=1)
     api_key: SecretStr | None = None
     seed: int | None = None
 
@@ -101,6 +131,9 @@ class _ConfigUpdate(BaseModel):
     error_status: int | None = Field(default=None, ge=500, le=599)
     rpm_limit: int | None = Field(default=None, ge=0)  # 0 turns the limit off
     rate_window_s: float | None = Field(default=None, gt=0, le=3600)
+    stream_chunks: int | None = Field(default=None, ge=1, le=100_000)
+    stream_chunk_delay_ms: float | None = Field(default=None, ge=0)
+    stream_break_rate: float | None = Field(default=None, ge=0, le=1)
 
 
 class _Step(BaseModel):
@@ -109,6 +142,7 @@ class _Step(BaseModel):
     status: int = Field(default=200, ge=200, le=599)
     retry_after: float | None = Field(default=None, ge=0)
     delay_ms: float | None = Field(default=None, ge=0)
+    break_stream: bool = False  # a streamed answer is cut half-way
 
 
 class _Script(BaseModel):
@@ -125,6 +159,8 @@ class _Call:
     request_id: str
     api: Wire
     status: int | None = None
+    stream: bool = False
+    broken: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -132,6 +168,8 @@ class _Call:
             "api": self.api,
             "status": self.status,
             "finished": self.status is not None,
+            "stream": self.stream,
+            "broken": self.broken,
         }
 
 
@@ -153,6 +191,9 @@ class _State:
         self.completed_total = 0
         self.calls: deque[_Call] = deque(maxlen=CALL_LOG_SIZE)
         self.calls_by_request_id: dict[str, int] = {}
+        self.streams_by_request_id: dict[str, int] = {}
+        self.streams_broken_total = 0
+        self.broken_by_marker: set[str] = set()
         self.status_counts: Counter[int] = Counter()
         self.scripts: dict[str, deque[_Step]] = {}
         self.window: deque[float] = deque()
@@ -163,6 +204,8 @@ class _State:
             "completed_total": self.completed_total,
             "in_flight": self.in_flight,
             "calls_by_request_id": self.calls_by_request_id,
+            "streams_by_request_id": self.streams_by_request_id,
+            "streams_broken_total": self.streams_broken_total,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "config": self.config_json(),
         }
@@ -269,7 +312,7 @@ async def serve_simulator(settings: SimulatorSettings) -> None:
 # --- the two wire formats ------------------------------------------------------------------
 
 
-async def _handle(request: web.Request, wire: Wire) -> web.Response:
+async def _handle(request: web.Request, wire: Wire) -> web.StreamResponse:
     state = request.app[_STATE]
     request_id = request.headers.get("X-Client-Request-Id", "")
     state.calls_total += 1
@@ -278,7 +321,7 @@ async def _handle(request: web.Request, wire: Wire) -> web.Response:
     state.calls.append(call)
     state.in_flight += 1
     try:
-        response = await _respond(state, request, wire, request_id)
+        response = await _respond(state, request, call)
     finally:
         state.in_flight -= 1
     call.status = response.status
@@ -286,21 +329,20 @@ async def _handle(request: web.Request, wire: Wire) -> web.Response:
     return response
 
 
-async def _respond(
-    state: _State, request: web.Request, wire: Wire, request_id: str
-) -> web.Response:
+async def _respond(state: _State, request: web.Request, call: _Call) -> web.StreamResponse:
     raw = await request.read()
+    wire = call.api
 
-    script = state.scripts.get(request_id)
+    script = state.scripts.get(call.request_id)
     if script:
         step = script.popleft()
         if not script:
-            del state.scripts[request_id]
+            del state.scripts[call.request_id]
         if step.delay_ms:
             await asyncio.sleep(step.delay_ms / 1000)
         if step.status != 200:
             return _error(state, wire, step.status, step.retry_after)
-        return _answer(state, wire, request, raw)
+        return await _answer(state, request, call, raw, break_stream=step.break_stream)
 
     if state.api_key is not None and not _authorized(request, wire, state.api_key):
         return _error(state, wire, 401)
@@ -312,7 +354,7 @@ async def _respond(
         await asyncio.sleep(latency)
     if state.config.error_rate and state.rng.random() < state.config.error_rate:
         return _error(state, wire, state.config.error_status)
-    return _answer(state, wire, request, raw)
+    return await _answer(state, request, call, raw)
 
 
 def _authorized(request: web.Request, wire: Wire, key: bytes) -> bool:
@@ -325,7 +367,10 @@ def _authorized(request: web.Request, wire: Wire, key: bytes) -> bool:
     return hmac.compare_digest(given.encode(), key)
 
 
-def _answer(state: _State, wire: Wire, request: web.Request, raw: bytes) -> web.Response:
+async def _answer(
+    state: _State, request: web.Request, call: _Call, raw: bytes, *, break_stream: bool = False
+) -> web.StreamResponse:
+    wire = call.api
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -337,9 +382,60 @@ def _answer(state: _State, wire: Wire, request: web.Request, raw: bytes) -> web.
     )
     if problem:
         return _error(state, wire, 400, message=problem)
-    if wire == "openai":
-        return _json(state, 200, openai_completion(body, next(state.ids)))
-    return _json(state, 200, anthropic_message(body, next(state.ids)))
+    if body.get("stream") is not True:
+        if wire == "openai":
+            return _json(state, 200, openai_completion(body, next(state.ids)))
+        return _json(state, 200, anthropic_message(body, next(state.ids)))
+
+    call.stream = True
+    streams = state.streams_by_request_id
+    streams[call.request_id] = streams.get(call.request_id, 0) + 1
+    build = openai_frames if wire == "openai" else anthropic_frames
+    frames = build(body, reply_to(wire, body), next(state.ids), state.config.stream_chunks)
+    if break_stream or _breaks(state, wire, body, call.request_id, raw):
+        call.broken = True
+        state.streams_broken_total += 1
+        frames = frames[: break_point(frames)]
+    return await _stream(state, request, frames, complete=not call.broken)
+
+
+def _breaks(state: _State, wire: Wire, body: dict[str, Any], request_id: str, raw: bytes) -> bool:
+    """Whether this stream is cut half-way: the first stream of a request whose last user message
+    holds the marker, or by chance (``stream_break_rate``)."""
+    if BREAK_MARKER in last_user_text(wire, body):
+        # Without an ID header, the same body is the same request.
+        key = request_id or "body:" + hashlib.sha256(raw).hexdigest()
+        if key not in state.broken_by_marker:
+            state.broken_by_marker.add(key)
+            return True
+        return False
+    rate = state.config.stream_break_rate
+    return bool(rate) and state.rng.random() < rate
+
+
+async def _stream(
+    state: _State, request: web.Request, frames: list[Frame], *, complete: bool
+) -> web.StreamResponse:
+    """Send ``frames`` as server-sent events; when not ``complete``, then drop the connection
+    (no terminating event, no end of the chunked body), as a provider's stream breaks."""
+    state.status_counts[200] += 1
+    response = web.StreamResponse(
+        status=200,
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"},
+    )
+    if not complete:
+        response.force_close()
+    try:
+        await response.prepare(request)
+        await write_frames(response, frames, state.config.stream_chunk_delay_ms / 1000)
+        if complete:
+            await response.write_eof()
+    except ConnectionError:
+        # The client went away mid-stream; the provider stops generating.
+        return response
+    if not complete and request.transport is not None:
+        request.transport.abort()
+    return response
 
 
 def _error(

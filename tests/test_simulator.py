@@ -344,12 +344,17 @@ def test_settings_from_environment_and_overrides(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("LLMSTREAM_SIM_PORT", "9100")
     monkeypatch.setenv("LLMSTREAM_SIM_LATENCY_MS", "50")
     monkeypatch.setenv("LLMSTREAM_SIM_RPM_LIMIT", "600")
+    monkeypatch.setenv("LLMSTREAM_SIM_STREAM_CHUNKS", "3")
+    monkeypatch.setenv("LLMSTREAM_SIM_STREAM_BREAK_RATE", "0.25")
 
     from_env = SimulatorSettings()
     explicit = SimulatorSettings(port=0, latency_ms=0)
 
     assert (from_env.port, from_env.latency_ms, from_env.rpm_limit) == (9100, 50.0, 600)
     assert (from_env.host, from_env.latency_jitter, from_env.error_rate) == ("127.0.0.1", 0.2, 0.0)
+    assert (from_env.stream_chunks, from_env.stream_break_rate) == (3, 0.25)
+    fields = SimulatorSettings.model_fields
+    assert (fields["stream_chunks"].default, fields["stream_chunk_delay_ms"].default) == (8, 20.0)
     assert (explicit.port, explicit.latency_ms) == (0, 0.0)
     assert SimulatorSettings.model_fields["port"].default == 8090
 

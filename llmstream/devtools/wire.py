@@ -29,11 +29,15 @@ __all__ = [
     "ECHO_PREFIX",
     "Reply",
     "Wire",
+    "anthropic_envelope",
     "anthropic_message",
     "check_anthropic",
     "check_openai",
     "error_body",
+    "last_user_text",
     "openai_completion",
+    "openai_id",
+    "openai_usage",
     "reply_to",
 ]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import email.utils
 import math
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -27,6 +27,7 @@ from llmstream.schemas.models import LLMRequest
 __all__ = [
     "Completion",
     "ErrorType",
+    "OnDelta",
     "Provider",
     "ProviderError",
     "ProviderRouter",
@@ -54,7 +55,8 @@ MAX_ERROR_BODY_CHARS = 1024
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    """One successful, non-streamed answer, in the provider-neutral shape the worker publishes."""
+    """One successful answer, streamed or not, in the provider-neutral shape the worker
+    publishes; a streamed answer's ``content`` is its deltas joined."""
 
     content: str
     finish_reason: str | None
@@ -65,12 +67,23 @@ class Completion:
     model: str
 
 
+# Called with each piece of a streamed answer's text as it arrives, and once more at the end of
+# a stream that completed, with its finish reason (the text may then be ""). The worker produces
+# each call as one chunk event; awaiting it is how a slow producer slows the read down.
+OnDelta = Callable[[str, str | None], Awaitable[None]]
+
+
 class Provider(Protocol):
     """Anything that answers an :class:`LLMRequest`; ``model`` comes without its provider prefix."""
 
     name: str
 
-    async def complete(self, request: LLMRequest, model: str) -> Completion: ...
+    async def complete(self, request: LLMRequest, model: str) -> Completion:
+        """One call; the whole answer at once."""
+
+    async def stream(self, request: LLMRequest, model: str, on_delta: OnDelta) -> Completion:
+        """One call in streaming mode: ``on_delta`` gets the text as it comes, then the whole
+        answer is returned. A stream that breaks off is a retryable ``connection_error``."""
 
 
 class ProviderError(LLMStreamError):

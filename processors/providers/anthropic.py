@@ -14,6 +14,13 @@ How the provider-neutral request is translated:
   previous assistant turn, and the event carries neither, so a structured block would be
   rejected. Consecutive ``user`` turns are combined into one by the API;
 - user and assistant turns are sent in the order given.
+
+Streamed (``"stream": true``), the answer comes as named events: ``message_start`` (the model and
+the prompt's usage), ``content_block_start`` / ``content_block_delta`` (``text_delta``) /
+``content_block_stop`` per block, ``message_delta`` (``stop_reason`` and the output's usage),
+``message_stop``; ``ping`` at any time. An ``error`` event is the provider failing mid-stream
+(e.g. ``overloaded_error``), classified by its type. Other events and deltas (thinking, tool
+input) add no text, as only text blocks do in a whole answer.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import aiohttp
+import orjson
 from pydantic import SecretStr
 from yarl import URL
 
@@ -30,11 +38,13 @@ from llmstream.processors.providers.http import (
     MAX_TOKEN_COUNT,
     ErrorFields,
     HTTPAdapter,
+    StreamedAnswer,
     endpoint_url,
     present,
     text_field,
     token_count,
 )
+from llmstream.processors.providers.sse import ServerSentEvent
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicMessages"]
@@ -48,7 +58,7 @@ _PROMPT_TOKEN_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read
 
 
 class AnthropicMessages(HTTPAdapter):
-    """An adapter for Anthropic's Messages API (non-streaming)."""
+    """An adapter for Anthropic's Messages API."""
 
     error_types: ClassVar[Mapping[str, ErrorType]] = {
         "invalid_request_error": "invalid_request",
@@ -61,6 +71,19 @@ class AnthropicMessages(HTTPAdapter):
         "overloaded_error": "provider_error",
         "billing_error": "provider_error",
         "timeout_error": "timeout",
+    }
+    # The status each error type comes with, for an error event in a stream.
+    error_statuses: ClassVar[Mapping[str, int]] = {
+        "invalid_request_error": 400,
+        "authentication_error": 401,
+        "billing_error": 402,
+        "permission_error": 403,
+        "not_found_error": 404,
+        "request_too_large": 413,
+        "rate_limit_error": 429,
+        "api_error": 500,
+        "timeout_error": 504,
+        "overloaded_error": 529,
     }
     # A 429 carrying this error_code is the monthly spend cap, not a rate limit.
     quota_codes = frozenset({"enforced_spend_limit_reached"})
@@ -128,21 +151,63 @@ class AnthropicMessages(HTTPAdapter):
         usage = data.get("usage")
         if not isinstance(usage, dict):
             usage = {}  # usage is bookkeeping: without it the answer still counts
-        prompt = min(
-            sum(token_count(self.name, key, usage.get(key)) for key in _PROMPT_TOKEN_KEYS),
-            MAX_TOKEN_COUNT,
-        )
+        prompt = self._prompt_tokens(usage)
         completion = token_count(self.name, "output_tokens", usage.get("output_tokens"))
-        stop = data.get("stop_reason")
         return Completion(
             content=text,
-            finish_reason=FINISH_REASONS.get(stop, stop) if isinstance(stop, str) else None,
+            finish_reason=_finish_reason(data.get("stop_reason")),
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=min(prompt + completion, MAX_TOKEN_COUNT),
             provider=self.name,
             model=str(data.get("model") or requested_model),
         )
+
+    def _prompt_tokens(self, usage: Mapping[str, Any]) -> int:
+        return min(
+            sum(token_count(self.name, key, usage.get(key)) for key in _PROMPT_TOKEN_KEYS),
+            MAX_TOKEN_COUNT,
+        )
+
+    def stream_fields(self) -> dict[str, Any]:
+        return {"stream": True}
+
+    def read_event(self, event: ServerSentEvent, answer: StreamedAnswer) -> str:
+        kind = event.event
+        if kind == "ping":
+            return ""
+        data = orjson.loads(event.data)
+        kind = kind or data["type"]
+        if kind == "content_block_delta":
+            delta = data["delta"]
+            return str(delta["text"]) if delta.get("type") == "text_delta" else ""
+        if kind == "content_block_start":
+            block = data["content_block"]
+            return str(block.get("text") or "") if block.get("type") == "text" else ""
+        if kind == "message_start":
+            message = data["message"]
+            answer.model = str(message.get("model") or answer.model)
+            self._stream_usage(message.get("usage"), answer)
+        elif kind == "message_delta":
+            answer.finish_reason = _finish_reason(data["delta"].get("stop_reason"))
+            self._stream_usage(data.get("usage"), answer)
+        elif kind == "message_stop":
+            answer.done = True
+        elif kind == "error":
+            raise self.stream_error(data.get("error"), event.data)
+        return ""
+
+    def _stream_usage(self, usage: object, answer: StreamedAnswer) -> None:
+        """Usage from ``message_start`` (the prompt's) or ``message_delta`` (cumulative output
+        counts, and the prompt's again on newer API versions): a count given replaces the last."""
+        if not isinstance(usage, dict):
+            return
+        if any(usage.get(key) is not None for key in _PROMPT_TOKEN_KEYS):
+            answer.prompt_tokens = self._prompt_tokens(usage)
+        if usage.get("output_tokens") is not None:
+            answer.completion_tokens = token_count(
+                self.name, "output_tokens", usage["output_tokens"]
+            )
 
     def error_fields(self, error: Mapping[str, Any]) -> ErrorFields:
         details = error.get("details")
@@ -151,3 +216,8 @@ class AnthropicMessages(HTTPAdapter):
             code=text_field(details.get("error_code")) if isinstance(details, dict) else "",
             message=text_field(error.get("message")),
         )
+
+
+def _finish_reason(stop: object) -> str | None:
+    """Anthropic's ``stop_reason`` in OpenAI's words where they have one."""
+    return FINISH_REASONS.get(stop, stop) if isinstance(stop, str) else None

@@ -1,9 +1,15 @@
 """What every JSON-over-HTTP adapter shares: the call, and turning each failure into ProviderError.
 
 An adapter subclasses :class:`HTTPAdapter` and supplies its wire format only: the endpoint, the
-headers it needs, the request body, and how to read a success body and an error body. Sending
-with the injected client, redacting secrets, classifying statuses and transport failures,
-reading ``retry-after`` and spotting quota-exhausted 429s happen here, once.
+headers it needs, the request body, and how to read a success body, an error body and the events
+of a stream. Sending with the injected client, redacting secrets, classifying statuses, error
+events and transport failures, reading ``retry-after``, spotting quota-exhausted 429s and reading
+a stream's Server-Sent Events (:mod:`.sse`) happen here, once.
+
+A streamed call (:meth:`HTTPAdapter.stream`) fails as a non-streamed one does until its status
+arrives; after that, an error event in the stream is classified by its type as the status it
+stands for would be, and a stream that breaks off, or ends without its terminating event, is a
+retryable ``connection_error``.
 
 Calls go through aiohttp directly: this is the per-request path, and httpx's layer on top of
 aiohttp cost about 250 µs of CPU per call here (40 % of the worker's CPU at full load).
@@ -16,7 +22,7 @@ import math
 import urllib.parse
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import aiohttp
@@ -30,15 +36,18 @@ from llmstream.processors.providers import (
     MAX_ERROR_BODY_CHARS,
     Completion,
     ErrorType,
+    OnDelta,
     ProviderError,
     parse_retry_after,
 )
+from llmstream.processors.providers.sse import ServerSentEvent, SSEDecoder
 from llmstream.schemas.models import LLMRequest
 
 __all__ = [
     "Answer",
     "ErrorFields",
     "HTTPAdapter",
+    "StreamedAnswer",
     "endpoint_label",
     "endpoint_url",
     "present",
@@ -57,6 +66,9 @@ _REDACTED = "[REDACTED]"
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 # The most tokens one count may say: the events' token fields are 32-bit.
 MAX_TOKEN_COUNT = 2**31 - 1
+# What a stream that completed without saying why it stopped is taken to have ended with: its
+# last chunk must say it is the last.
+DEFAULT_FINISH_REASON = "stop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +90,9 @@ class HTTPAdapter(ABC):
     quota_codes: ClassVar[frozenset[str]] = frozenset()
     # What a success body must hold, for the message when it does not.
     success_shape: ClassVar[str]
+    # An error event in a stream has no status of its own: the status its kind stands for.
+    # A numeric ``code`` (OpenRouter's) is the status itself; an unknown kind counts as 500.
+    error_statuses: ClassVar[Mapping[str, int]] = {}
 
     def __init__(
         self,
@@ -119,6 +134,16 @@ class HTTPAdapter(ABC):
     def error_fields(self, error: Mapping[str, Any]) -> ErrorFields:
         """What the ``error`` object of an error body says."""
 
+    @abstractmethod
+    def stream_fields(self) -> dict[str, Any]:
+        """What the body adds to ask for a stream."""
+
+    @abstractmethod
+    def read_event(self, event: ServerSentEvent, answer: StreamedAnswer) -> str:
+        """The text one event of a stream adds (``""`` for none); records the rest (usage, finish
+        reason, the end) on ``answer``. An error event raises :meth:`stream_error`'s error; any
+        lookup error means a malformed event."""
+
     async def complete(self, request: LLMRequest, model: str) -> Completion:
         """Make one call; raise ProviderError on any failure."""
         content = orjson.dumps(self.request_body(request, model))
@@ -134,24 +159,132 @@ class HTTPAdapter(ABC):
             raise self._transport_error(exc) from exc
         if not 200 <= answer.status < 300:
             raise self._status_error(answer)
+        return self._parsed(answer, model)
+
+    async def stream(self, request: LLMRequest, model: str, on_delta: OnDelta) -> Completion:
+        """Make one call in streaming mode, passing the text to ``on_delta`` as it arrives;
+        raise ProviderError on any failure.
+
+        The deltas one read from the socket brings are passed together: a stream read as fast
+        as it comes gives a chunk per delta, one that arrives faster than the worker reads
+        (a loaded worker) gives fewer, larger chunks. The finish reason is passed only once the
+        stream's terminating event arrived. Each read waits at most the client's ``sock_read``
+        timeout, and there is no total timeout, so a long answer is never cut.
+        """
+        body = {**self.request_body(request, model), **self.stream_fields()}
+        headers = {
+            **self._headers,
+            "accept": "text/event-stream",
+            "x-client-request-id": request_id_header(request.request_id),
+        }
+        try:
+            async with self._client.post(
+                self._url, data=orjson.dumps(body), headers=headers, allow_redirects=False
+            ) as response:
+                if not 200 <= response.status < 300:
+                    raise self._status_error(
+                        Answer(response.status, response.headers, await response.read())
+                    )
+                if response.content_type == "application/json":
+                    # A server that does not stream answered whole: one delta.
+                    answer = Answer(response.status, response.headers, await response.read())
+                    completion = self._parsed(answer, model)
+                    finish = completion.finish_reason or DEFAULT_FINISH_REASON
+                    await on_delta(completion.content, finish)
+                    return completion
+                return await self._read_stream(response, StreamedAnswer(model), on_delta)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise self._transport_error(exc) from exc
+
+    async def _read_stream(
+        self, response: aiohttp.ClientResponse, answer: StreamedAnswer, on_delta: OnDelta
+    ) -> Completion:
+        decoder = SSEDecoder()
+        async for piece in response.content.iter_any():
+            texts = []
+            try:
+                for event in decoder.feed(piece):
+                    texts.append(self.read_event(event, answer))
+                    if answer.done:
+                        break  # nothing after the end belongs to this answer
+            except _SHAPE_ERRORS as exc:
+                raise self._malformed_stream(response.status, exc) from None
+            delta = "".join(texts)
+            if delta:
+                answer.parts.append(delta)
+            if answer.done:
+                answer.finish_reason = answer.finish_reason or DEFAULT_FINISH_REASON
+                await on_delta(delta, answer.finish_reason)
+                return answer.completion(self.name)
+            if delta:
+                await on_delta(delta, None)
+        raise ProviderError(
+            f"{self.name}: the stream from {endpoint_label(self._url)} ended before its "
+            "terminating event",
+            provider=self.name,
+            error_type="connection_error",
+            retryable=True,
+            status_code=response.status,
+        )
+
+    def _parsed(self, answer: Answer, model: str) -> Completion:
         try:
             return self.parse_completion(orjson.loads(answer.body), model)
         except _SHAPE_ERRORS as exc:
             reason = f"no {self.success_shape} ({type(exc).__name__})"
             raise self._malformed_response(answer, reason) from None
 
-    def _status_error(self, response: Answer) -> ProviderError:
-        """A non-2xx answer: classified by its status, refined by the error body."""
-        error_type, retryable = status_classification(response.status)
-        fields = self._read_error_body(response.body)
+    def stream_error(self, error: object, data: str) -> ProviderError:
+        """An error event in a stream that began with a 2xx: ``error`` is its error object,
+        ``data`` the event's data. Classified as its kind's status (:attr:`error_statuses`)
+        would be, with no status code of its own."""
+        fields = self.error_fields(error) if isinstance(error, dict) else ErrorFields()
+        error_type, retryable = self._classified(self._status_of(fields), fields)
+        detail = self._detail(fields) or "no details"
+        return ProviderError(
+            f"{self.name}: error event in the stream from {endpoint_label(self._url)}: {detail}",
+            provider=self.name,
+            error_type=error_type,
+            retryable=retryable,
+            body=redact(data[: MAX_ERROR_BODY_CHARS * 4], self._secrets),
+        )
+
+    def _status_of(self, fields: ErrorFields) -> int:
+        if fields.code.isdigit() and 100 <= int(fields.code) <= 599:
+            return int(fields.code)
+        return self.error_statuses.get(fields.kind, 500)
+
+    def _classified(self, status: int, fields: ErrorFields) -> tuple[ErrorType, bool]:
+        """``(error_type, retryable)`` of a failure with ``status`` whose body said ``fields``."""
+        error_type, retryable = status_classification(status)
         error_type = self.error_types.get(fields.kind, error_type)
-        if response.status == 429 and not self.quota_codes.isdisjoint((fields.kind, fields.code)):
+        if status == 429 and not self.quota_codes.isdisjoint((fields.kind, fields.code)):
             retryable = False
+        return error_type, retryable
+
+    def _detail(self, fields: ErrorFields) -> str:
         label = "/".join(part for part in (fields.kind, fields.code) if part)
         detail = redact(f"{label}: {fields.message}" if label else fields.message, self._secrets)
+        return detail[:_MAX_MESSAGE_DETAIL_CHARS]
+
+    def _malformed_stream(self, status: int, exc: Exception) -> ProviderError:
+        return ProviderError(
+            f"{self.name}: malformed event in the stream from {endpoint_label(self._url)} "
+            f"({type(exc).__name__})",
+            provider=self.name,
+            error_type="provider_error",
+            retryable=False,
+            status_code=status,
+        )
+
+    def _status_error(self, response: Answer) -> ProviderError:
+        """A non-2xx answer: classified by its status, refined by the error body."""
+        fields = self._read_error_body(response.body)
+        error_type, retryable = self._classified(response.status, fields)
+        detail = self._detail(fields)
         message = f"{self.name}: HTTP {response.status} from {endpoint_label(self._url)}"
         if detail:
-            message = f"{message}: {detail[:_MAX_MESSAGE_DETAIL_CHARS]}"
+            message = f"{message}: {detail}"
         return ProviderError(
             message,
             provider=self.name,
@@ -209,6 +342,31 @@ class HTTPAdapter(ABC):
             provider=self.name,
             error_type=error_type,
             retryable=retryable,
+        )
+
+
+@dataclass(slots=True)
+class StreamedAnswer:
+    """What a stream said so far; the wire format's :meth:`HTTPAdapter.read_event` fills it."""
+
+    model: str  # the model asked for, until the stream names the one that answers
+    parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    done: bool = False  # the terminating event arrived
+
+    def completion(self, provider: str) -> Completion:
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        return Completion(
+            content="".join(self.parts),
+            finish_reason=self.finish_reason,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            total_tokens=self.total_tokens or min(prompt + completion, MAX_TOKEN_COUNT),
+            provider=provider,
+            model=self.model,
         )
 
 

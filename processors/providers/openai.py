@@ -3,13 +3,20 @@
 ``POST {base_url}/chat/completions`` with ``base_url`` given the way ``OPENAI_BASE_URL`` is
 (``https://api.openai.com/v1``). Errors arrive as ``{"error": {"message", "type", "param",
 "code"}}``; OpenRouter puts the HTTP status in ``code``.
+
+Streamed (``"stream": true`` with ``stream_options.include_usage``): ``data:`` lines, each a
+``chat.completion.chunk`` whose ``choices[0].delta.content`` is the next text and whose last
+choice carries ``finish_reason``; then a chunk with empty ``choices`` and the ``usage``; then
+``data: [DONE]``. An ``{"error": ...}`` object in a data line is the provider failing mid-stream
+(OpenRouter sends its HTTP status as the ``code``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
+import orjson
 from yarl import URL
 
 from llmstream.processors.providers import Completion
@@ -17,11 +24,13 @@ from llmstream.processors.providers.http import (
     MAX_TOKEN_COUNT,
     ErrorFields,
     HTTPAdapter,
+    StreamedAnswer,
     endpoint_url,
     present,
     text_field,
     token_count,
 )
+from llmstream.processors.providers.sse import ServerSentEvent
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["OpenAICompatible"]
@@ -42,6 +51,15 @@ class OpenAICompatible(HTTPAdapter):
         }
     )
     success_shape = "choices[0].message"
+    error_statuses: ClassVar[Mapping[str, int]] = {
+        "invalid_request_error": 400,
+        "authentication_error": 401,
+        "permission_error": 403,
+        "not_found_error": 404,
+        "rate_limit_error": 429,
+        "insufficient_quota": 429,
+        "server_error": 500,
+    }
 
     def endpoint(self, base_url: str) -> URL:
         return endpoint_url(base_url, "/chat/completions")
@@ -93,3 +111,37 @@ class OpenAICompatible(HTTPAdapter):
             code=text_field(error.get("code")),
             message=text_field(error.get("message")),
         )
+
+    def stream_fields(self) -> dict[str, Any]:
+        return {"stream": True, "stream_options": {"include_usage": True}}
+
+    def read_event(self, event: ServerSentEvent, answer: StreamedAnswer) -> str:
+        if event.data.startswith("[DONE]"):
+            answer.done = True
+            return ""
+        data = orjson.loads(event.data)
+        error = data.get("error")
+        if error:
+            raise self.stream_error(error, event.data)
+        if data.get("model"):
+            answer.model = str(data["model"])
+        usage = data.get("usage")
+        if isinstance(usage, dict):  # the last chunk's, with include_usage
+            answer.prompt_tokens = token_count(
+                self.name, "prompt_tokens", usage.get("prompt_tokens")
+            )
+            answer.completion_tokens = token_count(
+                self.name, "completion_tokens", usage.get("completion_tokens")
+            )
+            answer.total_tokens = token_count(self.name, "total_tokens", usage.get("total_tokens"))
+        text = ""
+        for choice in data.get("choices") or ():
+            if choice.get("index", 0) != 0:
+                continue  # n is never sent: only one choice is asked for
+            content = (choice.get("delta") or {}).get("content")
+            if isinstance(content, str):
+                text = content
+            finish_reason = choice.get("finish_reason")
+            if isinstance(finish_reason, str):
+                answer.finish_reason = finish_reason
+        return text

@@ -85,6 +85,9 @@ def _simulate(args: argparse.Namespace) -> int:
             ("latency_ms", args.latency_ms),
             ("error_rate", args.error_rate),
             ("rpm_limit", args.rpm_limit),
+            ("stream_chunks", args.stream_chunks),
+            ("stream_chunk_delay_ms", args.stream_chunk_delay_ms),
+            ("stream_break_rate", args.stream_break_rate),
         )
         if value is not None
     }
@@ -277,6 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     simulate.add_argument("--latency-ms", type=float)
     simulate.add_argument("--error-rate", type=float)
     simulate.add_argument("--rpm-limit", type=int)
+    simulate.add_argument(
+        "--stream-chunks",
+        type=int,
+        help="pieces a streamed answer comes in (LLMSTREAM_SIM_STREAM_CHUNKS, default 8)",
+    )
+    simulate.add_argument(
+        "--stream-chunk-delay-ms",
+        type=float,
+        help="wait between two pieces (LLMSTREAM_SIM_STREAM_CHUNK_DELAY_MS, default 20)",
+    )
+    simulate.add_argument(
+        "--stream-break-rate",
+        type=float,
+        help="share of streams cut half-way (LLMSTREAM_SIM_STREAM_BREAK_RATE, default 0)",
+    )
 
     ingress = commands.add_parser(
         "ingress", help="HTTP API (and OpenAI-compatible front) that publishes to llm-requests"

@@ -3,7 +3,7 @@ outputs that carry them to the broker.
 
 Pure construction, no I/O: :class:`processors.pipeline.RequestProcessor` decides which outcome a
 request has, this module says what that outcome looks like on ``llm-responses``,
-``llm-errors`` and ``llm-metrics``.
+``llm-errors`` and ``llm-metrics`` (and encodes the chunks of :mod:`processors.streaming`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.providers import Completion, ProviderError
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.codec import WireFormat, encode
-from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
+from llmstream.schemas.models import (
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    LLMResponseChunk,
+    MetricStatus,
+)
 
 __all__ = ["Outcomes", "Output", "Source"]
 
@@ -68,7 +75,10 @@ class Outcomes:
         self._format: WireFormat = settings.output_format
 
     def output(
-        self, topic: str, request_id: str | None, event: LLMResponse | LLMError | LLMMetric
+        self,
+        topic: str,
+        request_id: str | None,
+        event: LLMResponse | LLMError | LLMMetric | LLMResponseChunk,
     ) -> Output:
         """``event`` encoded for ``topic``, keyed by its request ID."""
         key = request_id.encode() if request_id is not None else None

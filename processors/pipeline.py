@@ -1,7 +1,9 @@
 """What happens to one event of ``llm-requests``, from raw bytes to the outcomes on the broker.
 
 decode → claim (dedup) → deadline → traffic control (cache, limits, circuits, fallbacks and the
-retry loop: :mod:`processors.traffic`) → store → emit → mark emitted.
+retry loop: :mod:`processors.traffic`) → store → emit → mark emitted. A request that streams has
+its chunks produced during the calls (:mod:`processors.streaming`), all acknowledged before the
+outcome is stored.
 
 :meth:`RequestProcessor.process` returns only once the event's outcomes are acknowledged by the
 broker (or the event is a duplicate whose outcome already was), and never raises for bad input,
@@ -29,6 +31,7 @@ from llmstream.processors.metrics import WorkerMetrics, provider_label
 from llmstream.processors.outcomes import Outcomes, Output, Source
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.streaming import AnswerStream, ChunkSender
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
 from llmstream.schemas.codec import (
     DecodeError,
@@ -46,8 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class Emitter(Protocol):
-    """Sends outputs and returns once the broker acknowledged every one of them."""
+class Emitter(ChunkSender, Protocol):
+    """Sends outputs and returns once the broker acknowledged every one of them; ``send`` (for
+    chunks) hands one over without waiting."""
 
     async def emit(self, outputs: Sequence[Output]) -> None: ...
 
@@ -189,15 +193,17 @@ class RequestProcessor:
         # Time spent waiting for rate budget or an open circuit is neither the provider's
         # latency nor the worker's overhead.
         traffic = TrafficProgress()
+        chunks = self._answer_stream(request, started)
         try:
             completion, attempts = await self._traffic.complete(
-                request, provider, model, traffic, gate=self._dedup
+                request, provider, model, traffic, gate=self._dedup, chunks=chunks
             )
         except NotOwner:  # taken over while this worker stalled: the taker emits, ack this copy
             self._metrics.dedup.labels("fenced").inc()
             return
         except ProviderError as exc:
             provider_s = time.perf_counter() - provider_started - traffic.waited_s
+            await self._delivered(chunks)
             self._metrics.provider_latency.labels(
                 provider.name, self._metrics.model_label(model)
             ).observe(provider_s)
@@ -208,6 +214,7 @@ class RequestProcessor:
             self._observe_overhead(started, provider_s + traffic.waited_s)
             return
         provider_s = time.perf_counter() - provider_started - traffic.waited_s
+        await self._delivered(chunks)
         await self._finish_completed(
             request,
             completion,
@@ -345,6 +352,24 @@ class RequestProcessor:
         self._count(metric)
 
     # -- helpers ------------------------------------------------------------------------------
+
+    def _answer_stream(self, request: LLMRequest, picked_up: float) -> AnswerStream | None:
+        if not request.stream:
+            return None
+        return AnswerStream(
+            request,
+            topic=self._settings.chunks_topic,
+            sender=self._emitter,
+            events=self._events,
+            metrics=self._traffic.stream_metrics,
+            picked_up=picked_up,
+        )
+
+    async def _delivered(self, chunks: AnswerStream | None) -> None:
+        """Every chunk of a streamed request on the broker, before its outcome is stored: a
+        consumer that sees the outcome finds every chunk."""
+        if chunks is not None:
+            await self._until_ok(chunks.delivered, "write the streamed chunks")
 
     async def _store(self, request_id: str, outcome: LLMResponse | LLMError) -> bool:
         """Settle the claim with the outcome, before anything is emitted; False when another

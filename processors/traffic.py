@@ -26,6 +26,10 @@ settle. For one request:
    retryable failures are retried with full-jitter backoff, up to ``LLMSTREAM_MAX_ATTEMPTS``.
 6. **Cost** from the price table (:mod:`processors.pricing`), counted per provider, model, client.
 
+A request with ``stream: true`` brings its :class:`~processors.streaming.AnswerStream`: each call
+streams into it, chunks numbered by the call's number (as ``attempts`` counts), a cache hit is one
+chunk, and a stream that breaks off is a retryable ``connection_error`` like any broken call.
+
 No attempt starts without the request's :class:`CallGate` (the worker's dedup store) saying so,
 asked after every wait, just before the call: a worker whose lease lapsed while it waited, or
 whose request was taken over meanwhile, does not call.
@@ -61,6 +65,7 @@ from llmstream.processors.providers import Completion, Provider, ProviderError, 
 from llmstream.processors.ratelimit import Grant, Lane, RateLimiter, estimate_tokens
 from llmstream.processors.retry import Charge, RetriesExhausted, call_with_retries, expired
 from llmstream.processors.settings import WorkerSettings
+from llmstream.processors.streaming import AnswerStream, StreamMetrics
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["CallGate", "TrafficControl", "TrafficProgress"]
@@ -112,6 +117,7 @@ class _ModelCalls:
     # The request's deadline_ms, or the LLMSTREAM_MAX_QUEUE_S bound when it has none.
     deadline_ms: int
     gate: CallGate | None = None
+    chunks: AnswerStream | None = None  # the request streams: each call's deltas go here
     probe: bool = False
     grant: Grant | None = None
     sent_at_ms: float = 0.0
@@ -145,6 +151,7 @@ class TrafficControl:
         self._router = router
         self._retries = metrics.retries
         self.metrics = TrafficMetrics(metrics.registry, model_label=metrics.model_label)
+        self.stream_metrics = StreamMetrics(metrics.registry)
         self.room = room
         self.adaptive = adaptive
         self.limiter = limiter
@@ -245,9 +252,11 @@ class TrafficControl:
         model: str,
         progress: TrafficProgress,
         gate: CallGate | None = None,
+        chunks: AnswerStream | None = None,
     ) -> tuple[Completion, int]:
         """The answer to ``request`` and the number of calls made; raises ProviderError (with
-        ``attempts``) when no candidate answered. ``gate`` is asked before every attempt."""
+        ``attempts``) when no candidate answered. ``gate`` is asked before every attempt;
+        ``chunks``, for a request that streams, gets the answer as it comes."""
         stay = self.room.stay()
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -262,9 +271,11 @@ class TrafficControl:
                 if hit is not None:
                     progress.cached = True
                     progress.cost_usd = 0.0  # no call, nothing paid
+                    if chunks is not None:
+                        await chunks.whole(hit)
                     return hit, 0
             completion, by_primary = await self._first_answer(
-                request, provider, model, progress, stay, deadline_ms, gate
+                request, provider, model, progress, stay, deadline_ms, gate, chunks
             )
             progress.cost_usd = self._cost(request, completion)
             if cache_key is not None and by_primary:
@@ -294,6 +305,7 @@ class TrafficControl:
         stay: Stay,
         deadline_ms: int,
         gate: CallGate | None,
+        chunks: AnswerStream | None,
     ) -> tuple[Completion, bool]:
         """The answer of the first candidate model that gives one, and whether that was the
         request's own model."""
@@ -309,7 +321,7 @@ class TrafficControl:
                 ).inc()
             has_next = index < len(candidates) - 1
             calls = self._model_calls(candidate, *target, has_next, progress, stay, deadline_ms)
-            calls.gate = gate
+            calls.gate, calls.chunks = gate, chunks
             try:
                 return await self._call_model(calls), index == 0
             except _CircuitOpen:
@@ -419,10 +431,15 @@ class TrafficControl:
             await calls.gate.before_call(calls.request.request_id)
         calls.retrying = False
         calls.progress.attempts += 1
+        name = calls.provider.name
         grant = calls.grant
         calls.sent_at_ms = grant.send_at_ms if grant is not None else float(self._now_ms())
         try:
-            completion = await calls.provider.complete(calls.request, calls.model)
+            if calls.chunks is None:
+                completion = await calls.provider.complete(calls.request, calls.model)
+            else:
+                on_delta = calls.chunks.attempt(calls.progress.attempts, name, calls.model)
+                completion = await calls.provider.stream(calls.request, calls.model, on_delta)
         except BaseException as error:
             # A failed call, or one cut off by the deadline or a shutdown: no tokens were used,
             # so the estimate reserved in the shared token budget goes back.

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from typing import Any
 
 import faust
@@ -47,18 +47,21 @@ class FaustEmitter:
         self._app = app
 
     async def emit(self, outputs: Sequence[Output]) -> None:
-        producer = self._app.producer
+        pending = [await self.send(o) for o in outputs]
+        await asyncio.gather(*pending)
+
+    async def send(self, output: Output) -> Awaitable[object]:
+        """Hand ``output`` to the producer; the result resolves once the broker acked it."""
         try:
-            pending = [
-                await producer.send(o.topic, o.key, o.value, None, None, None) for o in outputs
-            ]
+            return await self._app.producer.send(
+                output.topic, output.key, output.value, None, None, None
+            )
         except ProducerSendError as exc:
             # faust wraps aiokafka's errors; the pipeline tells transient ones (retried until
             # the broker is back) from permanent ones (a message too large) by aiokafka's type.
             if isinstance(exc.__cause__, KafkaError):
                 raise exc.__cause__ from None
             raise
-        await asyncio.gather(*pending)
 
 
 def create_faust_app(settings: WorkerSettings) -> faust.App:

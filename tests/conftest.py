@@ -76,11 +76,24 @@ def scoped_test_settings(services: Services, unique: str) -> ServiceSettings:
     )
 
 
+def chunks_topic_name(unique: str) -> str:
+    """The chunks topic of the test named ``unique`` (LLMSTREAM_CHUNKS_TOPIC of its worker)."""
+    return f"{unique}-llm-response-chunks"
+
+
+@pytest.fixture
+def chunks_topic(unique: str) -> str:
+    """This test's chunks topic, created with the others by ``settings``."""
+    return chunks_topic_name(unique)
+
+
 @pytest.fixture
 async def settings(services: Services, unique: str) -> ServiceSettings:
-    """Settings naming this test's own topics (created, 4 partitions) and Redis key prefix."""
+    """Settings naming this test's own topics (created, 4 partitions, the chunks topic too) and
+    Redis key prefix."""
     result = scoped_test_settings(services, unique)
-    await create_topics(services.kafka_bootstrap_servers, topic_names(result), partitions=4)
+    topics = [*topic_names(result), chunks_topic_name(unique)]
+    await create_topics(services.kafka_bootstrap_servers, topics, partitions=4)
     return result
 
 

@@ -4,8 +4,9 @@ of the broker (the pipeline's ``Emitter``), so every branch runs in milliseconds
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,6 +65,12 @@ class ListEmitter:
 
     async def emit(self, outputs: Sequence[Output]) -> None:
         self.outputs.extend(outputs)
+
+    async def send(self, output: Output) -> Awaitable[object]:
+        self.outputs.append(output)
+        acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        acked.set_result(None)
+        return acked
 
     def events(self, topic: str, model: type[M]) -> list[M]:
         return [decode(o.value, model) for o in self.outputs if o.topic == topic]
@@ -134,6 +141,7 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
         "responses_topic": f"{unique}-llm-responses",
         "metrics_topic": f"{unique}-llm-metrics",
         "errors_topic": f"{unique}-llm-errors",
+        "chunks_topic": f"{unique}-llm-response-chunks",
         "worker_id": f"test-worker-{unique}",
         "retry_base_delay_s": 0.01,
         "retry_max_delay_s": 0.05,

@@ -29,7 +29,13 @@ __all__ = [
     "tansu_binary",
 ]
 
-DEFAULT_TOPICS = ("llm-requests", "llm-responses", "llm-metrics", "llm-errors")
+DEFAULT_TOPICS = (
+    "llm-requests",
+    "llm-responses",
+    "llm-metrics",
+    "llm-errors",
+    "llm-response-chunks",
+)
 _BROKER = "kafka (tansu)"
 KAFKA_PORT, REDIS_PORT = 9092, 6379  # where clients look when told nothing
 

@@ -7,6 +7,7 @@ import json
 import pickle
 from importlib.resources import files
 from io import BytesIO
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -59,7 +60,28 @@ CHUNKS: dict[str, BaseModel] = {
         request_id="r", attempt=0, index=0, delta="", created_at_ms=0
     ),
 }
-ALL = {**EVENTS, **CHUNKS}
+# Events using tools, sessions and tiers, as a producer would type them in JSON.
+TOOLS_DIR = Path(__file__).parent / "payloads" / "contract_tools"
+TOOL_MODELS: dict[str, type[BaseModel]] = {
+    "request": LLMRequest,
+    "response": LLMResponse,
+    "error": LLMError,
+    "metric": LLMMetric,
+}
+TOOL_EVENTS: dict[str, BaseModel] = {
+    f"{name}-tools": decode((TOOLS_DIR / f"{name}.json").read_bytes(), model)
+    for name, model in TOOL_MODELS.items()
+}
+TOOL_REQUEST = TOOL_EVENTS["request-tools"]
+assert isinstance(TOOL_REQUEST, LLMRequest)
+TOOL_EVENTS["error-with-tool-request"] = LLMError(
+    request_id=TOOL_REQUEST.request_id,
+    error_type="provider_error",
+    message="upstream 503",
+    request=TOOL_REQUEST,
+    occurred_at_ms=1,
+)
+ALL = {**EVENTS, **CHUNKS, **TOOL_EVENTS}
 SCHEMA_FILES = {
     LLMRequest: "llm_request.avsc",
     LLMResponse: "llm_response.avsc",
@@ -130,6 +152,8 @@ def test_json_nested_request_is_an_object() -> None:
         "role": "user",
         "content": "Hi ✓ \u00e9\U0001f600",
         "name": "ana",
+        "tool_calls": None,
+        "tool_call_id": None,
     }
 
 
@@ -151,8 +175,24 @@ def test_avro_is_single_object_encoding(event: BaseModel) -> None:
     assert data[2:10] == fp.to_bytes(8, "little")
     assert fingerprint_for(model) == fp
     body = BytesIO(data[10:])
-    assert schemaless_reader(body, schema_for(model), None) == event.model_dump()
+    record = schemaless_reader(body, schema_for(model), None)
+    assert with_json_objects(record) == event.model_dump(by_alias=True)
     assert body.tell() == len(data) - 10
+
+
+def with_json_objects(node: Any) -> Any:
+    """An Avro record with the JSON text of tool parameters and JSON schemas parsed."""
+    if isinstance(node, list):
+        return [with_json_objects(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    json_text = ("parameters", "schema")
+    return {
+        key: orjson.loads(value)
+        if key in json_text and isinstance(value, str)
+        else with_json_objects(value)
+        for key, value in node.items()
+    }
 
 
 @pytest.mark.parametrize(
@@ -266,7 +306,9 @@ def test_invalid_avro_request_names_the_field(case: str) -> None:
 def test_example_message_reads_well() -> None:
     data = json.dumps(request_dict(messages=[{"role": "user", "content": ""}])).encode()
     with pytest.raises(
-        DecodeError, match=r"^messages\.0\.content: String should have at least 1 character$"
+        DecodeError,
+        match=r"^messages\.0\.content: String should have at least 1 character \(only an "
+        r"assistant message with tool_calls may leave content null or empty\)$",
     ):
         decode_request(data)
 
@@ -458,6 +500,11 @@ def test_mutated_avro(data: st.DataObject) -> None:
         ("cache", 1),
         ("created_at_ms", True),
         ("created_at_ms", "1700000000000"),
+        ("stream", "true"),
+        ("stream", 1),
+        ("parallel_tool_calls", "false"),
+        ("server_tools", "web_search"),
+        ("session_id", 42),
     ],
 )
 def test_a_value_of_the_wrong_json_type_is_refused_naming_the_field(

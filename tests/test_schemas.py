@@ -18,6 +18,7 @@ from pydantic.fields import FieldInfo
 
 from llmstream.schemas.models import (
     ChatMessage,
+    JsonText,
     LLMError,
     LLMMetric,
     LLMRequest,
@@ -41,7 +42,10 @@ def load_avsc(filename: str) -> Any:
 
 
 def named_records() -> dict[str, dict[str, Any]]:
-    """Every named record of the schema files, by full name, so references can be followed."""
+    """Every named record of the schema files, by full name, so references can be followed.
+
+    A record defined in several files (ToolCall, ToolStep) must be the same in each.
+    """
     found: dict[str, dict[str, Any]] = {}
 
     def collect(avro_type: Any) -> None:
@@ -50,7 +54,9 @@ def named_records() -> dict[str, dict[str, Any]]:
                 collect(branch)
         elif isinstance(avro_type, dict):
             if avro_type["type"] == "record":
-                found[f"{NAMESPACE}.{avro_type['name']}"] = avro_type
+                name = f"{NAMESPACE}.{avro_type['name']}"
+                assert found.get(name, avro_type) == avro_type, f"{name} differs between files"
+                found[name] = avro_type
                 for field in avro_type["fields"]:
                     collect(field["type"])
             collect(avro_type.get("items"))
@@ -61,13 +67,29 @@ def named_records() -> dict[str, dict[str, Any]]:
     return found
 
 
-def split_nullable(annotation: Any) -> tuple[bool, Any]:
-    """``(True, T)`` for ``T | None``, else ``(False, annotation)``."""
+def split_nullable(annotation: Any) -> tuple[bool, list[Any]]:
+    """``(True, [T, ...])`` for ``T | ... | None``, else ``(False, [the union's members])``.
+
+    A union inside ``Annotated`` (``ToolChoice``, validated by hand) counts as its members.
+    """
     if get_origin(annotation) in (Union, types.UnionType):
-        args = [arg for arg in get_args(annotation) if arg is not type(None)]
-        assert len(args) == 1, f"only T | None unions map to Avro: {annotation}"
-        return len(args) < len(get_args(annotation)), args[0]
-    return False, annotation
+        members = [
+            member
+            for arg in get_args(annotation)
+            for member in (split_nullable(arg)[1] if is_annotated_union(arg) else [arg])
+        ]
+        args = [arg for arg in members if arg is not type(None)]
+        return len(args) < len(members), args
+    if is_annotated_union(annotation):
+        return split_nullable(get_args(annotation)[0])
+    return False, [annotation]
+
+
+def is_annotated_union(annotation: Any) -> bool:
+    return get_origin(annotation) is Annotated and get_origin(get_args(annotation)[0]) in (
+        Union,
+        types.UnionType,
+    )
 
 
 def unwrap(annotation: Any, metadata: list[Any]) -> tuple[Any, list[Any]]:
@@ -108,26 +130,34 @@ class Walk:
             record = self.named[record]
         assert isinstance(record, dict) and record["type"] == "record", f"{where}: not a record"
         assert record["name"] == model.__name__, f"{where}: record name {record['name']}"
-        assert [f["name"] for f in record["fields"]] == list(model.model_fields), (
+        # A field's name on the wire is its alias when it has one (JsonSchemaFormat.schema).
+        wire_names = {info.alias or name: info for name, info in model.model_fields.items()}
+        assert [f["name"] for f in record["fields"]] == list(wire_names), (
             f"{where}: field names or order differ"
         )
         self.visited.add(model.__name__)
         for avro_field in record["fields"]:
-            self.field(model, avro_field, f"{model.__name__}.{avro_field['name']}")
+            info = wire_names[avro_field["name"]]
+            self.field(info, avro_field, f"{model.__name__}.{avro_field['name']}")
 
-    def field(self, model: type[BaseModel], avro_field: dict[str, Any], where: str) -> None:
-        info = model.model_fields[avro_field["name"]]
-        nullable, annotation = split_nullable(info.annotation)
+    def field(self, info: FieldInfo, avro_field: dict[str, Any], where: str) -> None:
+        nullable, members = split_nullable(info.annotation)
         avro_type = avro_field["type"]
         if nullable:
             # "null" first, so that null is a legal default (Avro: a union's default is its first).
-            assert isinstance(avro_type, list) and len(avro_type) == 2 and avro_type[0] == "null", (
-                f"{where}: optional in the model, so must be ['null', T] in Avro"
+            assert isinstance(avro_type, list) and avro_type[0] == "null", (
+                f"{where}: optional in the model, so must be ['null', ...] in Avro"
             )
-            avro_type = avro_type[1]
+            branches = avro_type[1:]
         else:
             assert not isinstance(avro_type, list), f"{where}: union in Avro, not optional in model"
-        self.type(annotation, info.metadata, avro_type, where)
+            branches = [avro_type]
+        # The members of a union (tool_choice: a mode or a function) are its branches, in order.
+        assert len(members) == len(branches), (
+            f"{where}: {len(members)} types, {len(branches)} in Avro"
+        )
+        for member, branch in zip(members, branches, strict=True):
+            self.type(member, info.metadata, branch, where)
 
         if info.is_required():
             assert "default" not in avro_field, f"{where}: required in the model, defaulted in Avro"
@@ -142,7 +172,13 @@ class Walk:
     def type(self, annotation: Any, metadata: list[Any], avro_type: Any, where: str) -> None:
         annotation, metadata = unwrap(annotation, metadata)
         origin = get_origin(annotation)
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if any(isinstance(item, JsonText) for item in metadata):
+            # A JSON object in the model and in JSON; its JSON text in Avro.
+            assert origin is dict, f"{where}: JSON text holds an object (dict) in the model"
+            assert avro_type == {"type": "string", "logicalType": "json"}, (
+                f"{where}: a JSON object is a string of logicalType json in Avro, got {avro_type!r}"
+            )
+        elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
             self.record(annotation, avro_type, where)
         elif annotation is str or origin is Literal:
             if origin is Literal:
@@ -187,7 +223,20 @@ def test_model_and_avsc_agree(model: type[BaseModel]) -> None:
 def test_walk_reaches_nested_records() -> None:
     walk = Walk()
     walk.record(LLMError, load_avsc("llm_error.avsc"), "llm_error.avsc")
-    assert walk.visited == {"LLMError", "LLMRequest", "ChatMessage"}
+    assert walk.visited == {
+        "LLMError",
+        "LLMRequest",
+        "ChatMessage",
+        "ToolCall",
+        "FunctionCall",
+        "Tool",
+        "ToolFunction",
+        "ToolChoiceFunction",
+        "NamedFunction",
+        "ResponseFormat",
+        "JsonSchemaFormat",
+        "ToolStep",
+    }
     assert load_avsc("llm_error.avsc")["fields"][9]["type"] == ["null", "llmstream.LLMRequest"]
 
 

@@ -20,6 +20,7 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.processes import free_port
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.processors.providers import create_http_client
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.processors.settings import WorkerSettings
 from llmstream.schemas.models import LLMError
@@ -175,8 +176,11 @@ async def test_only_configured_providers_are_registered(
 ) -> None:
     for name, value in variables.items():
         env.setenv(name, value)
-    async with httpx.AsyncClient() as http:
+    http = create_http_client(timeout_s=5.0, max_connections=10)
+    try:
         router = build_router(ProviderSettings(), http)
+    finally:
+        await http.close()
 
     assert router.names == configured
     assert set(router.unconfigured) == {"anthropic", "ollama", "openai", "openrouter"} - set(

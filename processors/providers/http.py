@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import ContentEncodingError
 from multidict import CIMultiDictProxy
 from pydantic import SecretStr
 from yarl import URL
@@ -108,8 +109,11 @@ class HTTPAdapter(ABC):
         key = api_key.get_secret_value() if api_key is not None else ""
         extra = dict(extra_headers or {})
         self._headers = {**extra, "content-type": "application/json", **self.wire_headers(key)}
-        # Extra headers often carry credentials too (Azure's api-key).
-        self._secrets = tuple(value for value in (*extra.values(), key) if value)
+        # Extra headers often carry credentials too (Azure's api-key), and so may the URL (a
+        # password, a key in the query string), which aiohttp names whole in some errors.
+        url = self._url
+        in_url = (url.password, url.raw_password, url.query_string, url.raw_query_string)
+        self._secrets = tuple(value for value in (*extra.values(), key, *in_url) if value)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, url={endpoint_label(self._url)!r})"
@@ -331,6 +335,11 @@ class HTTPAdapter(ABC):
         elif isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
             # A misconfigured base URL: retrying cannot help.
             error_type, retryable, what = "connection_error", False, f"cannot call {where}"
+        elif isinstance(exc, aiohttp.ClientPayloadError) and isinstance(
+            exc.__cause__, ContentEncodingError
+        ):
+            # A body that does not decode as its Content-Encoding says: no transport fault.
+            error_type, retryable, what = "provider_error", False, f"unusable response from {where}"
         elif isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError):
             # Refused, reset, closed mid-answer: the next connection may well work.
             error_type, retryable, what = "connection_error", True, f"connection to {where} failed"

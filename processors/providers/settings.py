@@ -63,6 +63,16 @@ def _check_base_url(value: str) -> str:
     return value.rstrip("/")
 
 
+def _check_one_credential(name: str, base_url: str, api_key: SecretStr | None) -> None:
+    """An OpenAI-style key is sent as ``Authorization: Bearer``; a user and password in the base
+    URL would be sent in the same header: both cannot be, so the configuration must pick one."""
+    if api_key is not None and (URL(base_url).user or URL(base_url).password):
+        raise ValueError(
+            f"{name} carries a user or password and an API key is set too: both would be sent "
+            "in the Authorization header; give one of them"
+        )
+
+
 class EndpointConfig(BaseModel):
     """One extra endpoint: which wire format it speaks, where, and with which credentials."""
 
@@ -77,6 +87,12 @@ class EndpointConfig(BaseModel):
     @classmethod
     def _valid_url(cls, value: str) -> str:
         return _check_base_url(value)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> EndpointConfig:
+        if self.kind == "openai":
+            _check_one_credential("base_url", self.base_url, self.api_key)
+        return self
 
 
 class ProviderSettings(BaseSettings):
@@ -148,6 +164,14 @@ class ProviderSettings(BaseSettings):
         if self.ollama_host is None:
             missing["ollama"] = "OLLAMA_HOST"
         return missing
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> ProviderSettings:
+        _check_one_credential("OPENAI_BASE_URL", self.openai_base_url, self.openai_api_key)
+        _check_one_credential(
+            "OPENROUTER_BASE_URL", self.openrouter_base_url, self.openrouter_api_key
+        )
+        return self
 
     @model_validator(mode="after")
     def _merge_file(self) -> ProviderSettings:

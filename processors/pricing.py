@@ -17,56 +17,16 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from llmstream.core.catalog import BUILTIN_PRICES, Price, load_prices_file
 from llmstream.core.once import warn_once
-from llmstream.core.settings import load_object_file
 
+# The table and its configuration are read in core (the ingress lists the models it names).
 __all__ = ["BUILTIN_PRICES", "Price", "PriceTable", "load_prices_file"]
 
-
-class Price(BaseModel):
-    """USD per million tokens."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: float = Field(ge=0)
-    output: float = Field(ge=0)
-
-
-# List prices per million tokens (input, output), standard tier, as published on the providers'
-# pricing pages (openai.com/api/pricing, anthropic.com/pricing); checked 2025-06. Prices change:
-# override them with LLMSTREAM_PRICES rather than trusting this table for invoices.
-BUILTIN_PRICES: Mapping[str, Price] = {
-    name: Price(input=i, output=o)
-    for name, (i, o) in {
-        # OpenAI
-        "gpt-4o": (2.50, 10.00),
-        "gpt-4o-mini": (0.15, 0.60),
-        "gpt-4.1": (2.00, 8.00),
-        "gpt-4.1-mini": (0.40, 1.60),
-        "gpt-4.1-nano": (0.10, 0.40),
-        "gpt-4-turbo": (10.00, 30.00),
-        "gpt-3.5-turbo": (0.50, 1.50),
-        "o1": (15.00, 60.00),
-        "o3-mini": (1.10, 4.40),
-        "o4-mini": (1.10, 4.40),
-        # Anthropic
-        "claude-3-5-haiku": (0.80, 4.00),
-        "claude-3-5-sonnet": (3.00, 15.00),
-        "claude-3-7-sonnet": (3.00, 15.00),
-        "claude-sonnet-4": (3.00, 15.00),
-        "claude-opus-4": (15.00, 75.00),
-        "claude-3-haiku": (0.25, 1.25),
-        "claude-3-opus": (15.00, 75.00),
-    }.items()
-}
-
-# gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, claude-3-5-haiku-latest
 log = logging.getLogger(__name__)
 
+# gpt-4o-2024-08-06, claude-3-5-sonnet-20241022, claude-3-5-haiku-latest
 _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
@@ -109,9 +69,3 @@ class PriceTable:
             completion_tokens,
         )
         return None
-
-
-def load_prices_file(path: Path) -> dict[str, Price]:
-    """Prices from a JSON or TOML file (by suffix) of the ``LLMSTREAM_PRICES`` shape."""
-    raw = load_object_file(path, "LLMSTREAM_PRICES_FILE", "prices")
-    return {name: Price.model_validate(entry) for name, entry in raw.items()}

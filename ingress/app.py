@@ -5,8 +5,11 @@ Endpoints, one router per concern::
     POST /v1/requests             one request or {"requests": [...]}: published, 202 with the IDs
     GET  /v1/requests/{id}        pending | completed (with the response) | failed (with the error)
                                   (ingress.requests_api)
-    POST /v1/chat/completions     OpenAI's Chat Completions, answered when the outcome arrives
-                                  (ingress.openai_compat)
+    POST /v1/chat/completions     OpenAI's Chat Completions, answered when the outcome arrives,
+                                  or streamed with "stream": true (ingress.openai_compat)
+    GET  /v1/requests/{id}/stream a request's chunks then its outcome, as Server-Sent Events
+    WS   /v1/requests/{id}/ws     the same over a WebSocket (ingress.streaming)
+    GET  /v1/models               the provider/model names configuration knows (ingress.models_api)
     GET  /health  /ready  /metrics  (ingress.operations)    /docs  /openapi.json
 
 Every ``/v1`` call is authenticated (when API keys are configured) and counted against the
@@ -32,13 +35,15 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import llmstream
+from llmstream.core.catalog import Catalog
 from llmstream.core.connections import (
     kafka_producer_options,
     negotiate_idempotence,
     redis_client,
 )
-from llmstream.ingress import openai_compat, operations, requests_api
+from llmstream.ingress import models_api, openai_compat, operations, requests_api, streaming
 from llmstream.ingress.auth import IDENTITY, ApiKeys, authenticate
+from llmstream.ingress.chunks import ChunkHub
 from llmstream.ingress.errors import ApiError, install_error_handlers
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.publish import Publisher
@@ -49,7 +54,7 @@ from llmstream.ingress.settings import IngressSettings
 log = logging.getLogger(__name__)
 
 # What the lifespan puts on app.state, and takes off again when the app stops.
-_RUNNING_PARTS = ("redis", "producer", "ledger", "publisher", "listener", "quota")
+_RUNNING_PARTS = ("redis", "producer", "ledger", "publisher", "listener", "hub", "quota")
 
 
 def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -85,7 +90,11 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authenticate)
     app.add_middleware(CountRequests, metrics=metrics)
+    app.state.catalog = Catalog.from_settings(settings)
+    # Before requests_api: its GET /v1/requests/{id} would take "<id>/stream" for an ID.
+    app.include_router(streaming.routes.router())
     app.include_router(requests_api.routes.router())
+    app.include_router(models_api.routes.router())
     app.include_router(openai_compat.routes.router())
     app.include_router(operations.routes.router())
     # Builds every route's state (and the OpenAPI document) now, in the thread that creates the
@@ -116,16 +125,21 @@ async def connect(
         requeue_after_s=settings.requeue_after_s,
     )
     listener = ResponseListener(settings, ledger)
+    hub = ChunkHub(settings, metrics)
     try:
         await producer.start()
         try:
             await listener.start()
+            await hub.start()
             metrics.waiting.set_function(lambda: listener.waiting)
+            metrics.followers.set_function(lambda: hub.followers)
+            metrics.kept_chunk_bytes.set_function(lambda: hub.kept_bytes)
             state.redis = redis
             state.producer = producer
             state.ledger = ledger
             state.publisher = Publisher(producer, ledger, settings, metrics)
             state.listener = listener
+            state.hub = hub
             state.quota = ClientQuota(
                 redis,  # one key per script: Redis Cluster serves too
                 key_prefix=settings.redis_key_prefix,
@@ -140,6 +154,7 @@ async def connect(
                 for name in _RUNNING_PARTS:
                     delattr(state, name)
         finally:
+            await hub.stop()
             await listener.stop()
             # Sends whatever is still buffered and waits for the broker's acks.
             await producer.stop()

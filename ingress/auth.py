@@ -28,6 +28,7 @@ from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from redis.exceptions import RedisError
 from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection
 
 from llmstream.ingress.errors import ApiError, unavailable
 from llmstream.ingress.metrics import IngressMetrics
@@ -98,7 +99,7 @@ def presented_key(headers: Headers) -> str | None:
     return headers.get("x-api-key") or None
 
 
-async def authenticate(request: Request) -> Identity:
+async def authenticate(request: HTTPConnection) -> Identity:
     """The caller, from the headers alone, counted against its quota.
 
     Raises ApiError: 401/403 for a missing or wrong key, 429 for a missing or wrong key once the

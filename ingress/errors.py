@@ -71,15 +71,19 @@ class ApiError(LLMStreamError):
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
 
-    def response(self) -> JSONResponse:
-        body: dict[str, Any] = {
+    def body(self) -> dict[str, Any]:
+        """``{"error": {...}}``: the answer's body, also sent inside a stream that cannot go on."""
+        error: dict[str, Any] = {
             "message": self.message[:_MAX_MESSAGE],
             "type": self.type,
             "param": self.param,
             "code": self.code,
             **self.extra,
         }
-        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
+        return {"error": error}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # What a client is told of a failed request, by error type. The worker's message is built for

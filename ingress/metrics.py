@@ -67,5 +67,34 @@ class IngressMetrics:
             registry=registry,
         )
 
+        self.chunks_read = count(
+            "chunks_read_total",
+            "Records read from llm-response-chunks: once each, however many clients stream.",
+        )
+        self.chunk_read_backs = count(
+            "chunk_read_backs_total",
+            "Reads of a request's partition for a late follower whose chunks were not kept.",
+        )
+        self.stream_dropped = count(
+            "stream_dropped_total",
+            "Streaming clients dropped for falling too far behind "
+            "(LLMSTREAM_STREAM_CLIENT_BACKLOG).",
+        )
+        self.streams = count(
+            "streams_total",
+            "Streams served, by kind (chat, sse, websocket) and how they ended.",
+            ["kind", "end"],
+        )
+        self.followers = Gauge(
+            f"{_PREFIX}stream_followers",
+            "Clients following a request's chunks in this replica.",
+            registry=registry,
+        )
+        self.kept_chunk_bytes = Gauge(
+            f"{_PREFIX}kept_chunk_bytes",
+            "Bytes of recent chunks kept for late followers (LLMSTREAM_STREAM_BUFFER_BYTES).",
+            registry=registry,
+        )
+
     def _counter(self, name: str, documentation: str, labels: Sequence[str] = ()) -> Counter:
         return Counter(_PREFIX + name, documentation, labels, registry=self.registry)

@@ -4,8 +4,10 @@ Accepted: ``model`` (passed through as the request's model, e.g. ``openai/gpt-4o
 ``messages`` (``content`` as a string or a list of text parts, joined with newlines; the
 ``developer`` role is sent as ``system``), ``temperature``, ``top_p``, ``max_tokens`` /
 ``max_completion_tokens`` (the latter wins), ``stop`` (a string or a list), ``user`` (kept in the
-request's metadata), ``metadata``, ``n`` (1 only) and ``stream`` (false only). Anything else, such
-as ``tools`` or ``response_format``, is refused with a 400 naming it rather than silently ignored.
+request's metadata), ``metadata``, ``n`` (1 only), ``stream`` and ``stream_options``
+(``include_usage``). Anything else, such as ``tools`` or ``response_format``, is refused with a
+400 naming it rather than silently ignored. ``"stream": true`` answers OpenAI's
+``chat.completion.chunk`` Server-Sent Events (:mod:`ingress.chat_stream`).
 
 Outcomes from ``llm-errors`` map to OpenAI's error body and a status the SDK understands; see
 :func:`error_for`. :data:`routes` serves ``POST /v1/chat/completions``: it publishes the request
@@ -18,7 +20,8 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi.responses import JSONResponse
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -33,8 +36,17 @@ from pydantic_core import PydanticCustomError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.auth import CallerDep
+from llmstream.ingress.chat_stream import stream_chat
 from llmstream.ingress.errors import ApiError, failure_message, validation_error
-from llmstream.ingress.parts import ListenerDep, MetricsDep, PublisherDep, Routes, SettingsDep
+from llmstream.ingress.parts import (
+    LedgerDep,
+    ListenerDep,
+    MetricsDep,
+    PublisherDep,
+    Routes,
+    SettingsDep,
+    chunk_hub,
+)
 from llmstream.ingress.requests_api import ERROR_RESPONSES, JSON_BODY_RESPONSES, IdempotencyKey
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
@@ -123,6 +135,14 @@ class ChatCompletionMessageParam(BaseModel):
     tool_call_id: Annotated[str, StringConstraints(max_length=256)] | None = None
 
 
+class StreamOptions(BaseModel):
+    """``stream_options``: with ``include_usage``, a last chunk carries the usage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    include_usage: bool | None = None
+
+
 class ChatCompletionRequest(BaseModel):
     """The body of ``POST /v1/chat/completions`` (the subset this gateway serves)."""
 
@@ -140,23 +160,16 @@ class ChatCompletionRequest(BaseModel):
     user: Annotated[str, StringConstraints(max_length=256)] | None = None
     metadata: Metadata | None = None
     n: int | None = Field(None, description="Only 1 is supported.")
-    stream: bool | None = Field(None, description="Only false is supported.")
+    stream: bool | None = Field(
+        None, description="true: the answer as chat.completion.chunk Server-Sent Events."
+    )
+    stream_options: StreamOptions | None = None
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, value: int | None) -> int | None:
         if value not in (None, 1):
             raise PydanticCustomError("unsupported", "only n=1 is supported")
-        return value
-
-    @field_validator("stream")
-    @classmethod
-    def _not_streamed(cls, value: bool | None) -> bool | None:
-        if value:
-            raise PydanticCustomError(
-                "unsupported",
-                "stream=true is not supported: the answer comes whole, through Kafka",
-            )
         return value
 
 
@@ -218,6 +231,7 @@ def to_llm_request(
             metadata=metadata,
             client_id=client_id,
             created_at_ms=now_ms,
+            stream=bool(body.stream),
         )
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False), status=400) from None
@@ -232,9 +246,14 @@ _FINISH_REASONS = {
 }
 
 
+def finish_reason(response: LLMResponse) -> str:
+    """OpenAI's ``finish_reason`` for a response's (providers name them differently)."""
+    return _FINISH_REASONS.get(response.finish_reason, response.finish_reason) or "stop"
+
+
 def chat_completion(response: LLMResponse) -> ChatCompletion:
     """The ``chat.completion`` object for a response from ``llm-responses``."""
-    finish = _FINISH_REASONS.get(response.finish_reason, response.finish_reason) or "stop"
+    finish = finish_reason(response)
     created_ms = response.completed_at_ms or wall_clock_ms()
     return ChatCompletion(
         id=response.request_id,
@@ -291,6 +310,10 @@ routes = Routes(tags=["openai"])
     CHAT_PATH,
     response_model=ChatCompletion,
     responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "The completion; with stream=true, chat.completion.chunk events",
+        },
         400: {"description": "Invalid request (OpenAI error format)"},
         502: {"description": "The provider failed"},
         504: {"description": "No outcome in time; poll /v1/requests/{request_id}"},
@@ -305,14 +328,33 @@ async def chat_completions(
     metrics: MetricsDep,
     publisher: PublisherDep,
     listener: ListenerDep,
+    ledger: LedgerDep,
+    request: Request,
     idempotency_key: IdempotencyKey = None,
-) -> JSONResponse:
-    """OpenAI's Chat Completions, through Kafka: answered when the outcome arrives."""
+) -> Response:
+    """OpenAI's Chat Completions, through Kafka: answered when the outcome arrives, or streamed
+    as it is generated (``"stream": true``)."""
     request_id = idempotency_key or f"chatcmpl-{uuid.uuid4().hex}"
-    request = to_llm_request(
-        body, request_id=request_id, client_id=identity.client_id, now_ms=wall_clock_ms()
+    now_ms = wall_clock_ms()
+    event = publisher.event(
+        to_llm_request(body, request_id=request_id, client_id=identity.client_id, now_ms=now_ms)
     )
-    event = publisher.event(request)
+    if body.stream:
+        return await stream_chat(
+            event,
+            model=body.model,
+            created=now_ms // 1000,
+            include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            identity=identity,
+            settings=settings,
+            metrics=metrics,
+            publisher=publisher,
+            listener=listener,
+            hub=chunk_hub(request),
+            ledger=ledger,
+            finish_reason=finish_reason,
+            failure=lambda error: error_for(error, {}),
+        )
     # The request is past the point of no return once published: the SDK must not send it
     # again on its own (it would be a new request, and paid for again).
     final = {"x-request-id": request_id, "x-should-retry": "false"}

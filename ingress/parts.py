@@ -1,9 +1,10 @@
 """The parts of the ingress as routes get them: from ``request.app.state``.
 
-:func:`~llmstream.ingress.app.create_app` puts the settings, the metrics and the API keys there
-when it builds the app, and the connected parts (Redis, the producer, the ledger, the publisher,
-the response listener, the client quota) while the app runs. A route asks for what it uses
-(``ledger: LedgerDep``), so a test can serve one router with only those parts on ``app.state``.
+:func:`~llmstream.ingress.app.create_app` puts the settings, the metrics, the API keys and the
+model catalog there when it builds the app, and the connected parts (Redis, the producer, the
+ledger, the publisher, the response listener, the chunk hub, the client quota) while the app
+runs. A route asks for what it uses (``ledger: LedgerDep``), so a test can serve one router with
+only those parts on ``app.state``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Annotated, Any, TypeVar
 from fastapi import APIRouter, Depends, Request
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from starlette.requests import HTTPConnection
 
 from llmstream.core.record import AnyRedis
+from llmstream.ingress.chunks import ChunkHub
 from llmstream.ingress.errors import ApiError
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.publish import Publisher
@@ -43,6 +46,9 @@ class Routes:
     def post(self, path: str, **options: Any) -> Callable[[F], F]:
         return self._add(path, "POST", options)
 
+    def websocket(self, path: str) -> Callable[[F], F]:
+        return self._add(path, "WEBSOCKET", {})
+
     def _add(self, path: str, method: str, options: dict[str, Any]) -> Callable[[F], F]:
         def register(endpoint: F) -> F:
             self._routes.append((path, endpoint, [method], options))
@@ -53,11 +59,14 @@ class Routes:
     def router(self) -> APIRouter:
         router = APIRouter(**self._options)
         for path, endpoint, methods, options in self._routes:
-            router.add_api_route(path, endpoint, methods=methods, **options)
+            if methods == ["WEBSOCKET"]:
+                router.add_api_websocket_route(path, endpoint)
+            else:
+                router.add_api_route(path, endpoint, methods=methods, **options)
         return router
 
 
-def part(request: Request, name: str, kind: type[T]) -> T:
+def part(request: HTTPConnection, name: str, kind: type[T]) -> T:
     """``app.state.<name>``; 503 while it is not there (the app is starting or stopping)."""
     value = getattr(request.app.state, name, None)
     if not isinstance(value, kind):
@@ -97,8 +106,14 @@ def _listener(request: Request) -> ResponseListener:
     return part(request, "listener", ResponseListener)
 
 
+def chunk_hub(request: Request) -> ChunkHub:
+    """``app.state.hub``, for a route that needs it only sometimes (a streamed chat request)."""
+    return part(request, "hub", ChunkHub)
+
+
 SettingsDep = Annotated[IngressSettings, Depends(_settings)]
 MetricsDep = Annotated[IngressMetrics, Depends(_metrics)]
 LedgerDep = Annotated[RequestLedger, Depends(_ledger)]
 PublisherDep = Annotated[Publisher, Depends(_publisher)]
 ListenerDep = Annotated[ResponseListener, Depends(_listener)]
+HubDep = Annotated[ChunkHub, Depends(chunk_hub)]

@@ -32,7 +32,7 @@ from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.connections import kafka_client_options
-from llmstream.core.record import AnyRedis, Outcome, RecordStore, Reservation, Status, Stored
+from llmstream.core.record import AnyRedis, Field, Outcome, RecordStore, Reservation, Status, Stored
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMError, LLMResponse
@@ -82,6 +82,18 @@ class RequestLedger:
 
     async def get(self, request_id: str) -> Stored | None:
         return await self.records.get(request_id)
+
+    async def queued_at_ms(self, request_id: str) -> int | None:
+        """When the ingress recorded the request as queued (its last publication), if it did."""
+        # The record's own field, by the record module's names (RecordStore.get does not
+        # return it).
+        raw = await self.records.redis.hget(
+            self.records.keys.record(request_id), Field.QUEUED_AT_MS
+        )
+        try:
+            return int(raw) if raw else None
+        except ValueError:
+            return None
 
     async def rejection(self, request_id: str) -> Stored | None:
         """Why the worker rejected an event with this ID (failed, no client), if it did."""

@@ -6,18 +6,25 @@ import re
 
 from pydantic import Field, field_validator
 
+from llmstream.core.catalog import CatalogParams
 from llmstream.core.settings import ServiceSettings
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class IngressSettings(ServiceSettings):
+class IngressSettings(CatalogParams, ServiceSettings):
     """Everything the ingress reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
+
+    The models ``GET /v1/models`` lists come from the workers' own variables
+    (``LLMSTREAM_PRICES``, ``LLMSTREAM_FALLBACKS``, ... : :class:`CatalogParams`).
 
     ``api_keys`` maps the SHA-256 hex digest of each API key to the client identity it stands
     for, e.g. ``LLMSTREAM_API_KEYS='{"<sha256hex>": "team-a"}'``. The keys themselves are never
     configured, stored or logged. With no keys configured, authentication is off.
     """
+
+    # The service's config, not the catalog's (whose extra="forbid" is for its own use).
+    model_config = ServiceSettings.model_config
 
     host: str = "0.0.0.0"  # noqa: S104 - a service: reached from other hosts in a deployment
     port: int = Field(8080, ge=0, le=65535)
@@ -55,6 +62,26 @@ class IngressSettings(ServiceSettings):
     # The responses listener's fetch wait: the longest a response can sit before it is seen when
     # the broker holds a fetch open (Apache Kafka answers as soon as data is there).
     listener_fetch_max_wait_ms: int = Field(500, ge=1)
+
+    # Streaming (ingress/chunks.py, ingress/streaming.py). Chunks of streamed answers are read
+    # from this topic by one consumer per replica and fanned out to every client that streams.
+    chunks_topic: str = "llm-response-chunks"
+    # Recent chunks kept per request, so a follower that joins late gets them from the first:
+    # at most this many bytes in all, and a request's for this long after its last chunk. An
+    # older request's chunks are read back from the topic (from its queue time).
+    stream_buffer_bytes: int = Field(32 * 1024 * 1024, ge=0)
+    stream_buffer_age_s: float = Field(300.0, ge=0)
+    # How far the clocks of ingress replicas and workers may disagree: a read-back starts this
+    # much before the request's queue time.
+    stream_clock_skew_s: float = Field(10.0, ge=0)
+    # Chunks a streaming client may fall behind by before it is dropped (its stream ends with
+    # an error saying so): a slow client never slows the reader or the other clients.
+    stream_client_backlog: int = Field(1000, ge=1)
+    # How long a stream waits, after the final response, for the chunk that ends its answer
+    # (the two travel on different topics); then what is missing comes from the response.
+    stream_final_chunk_wait_s: float = Field(5.0, ge=0)
+    # A comment line this often keeps idle streams open through proxies.
+    stream_keepalive_s: float = Field(15.0, gt=0)
 
     # Graceful shutdown: how long in-flight HTTP requests get to finish after SIGTERM.
     shutdown_grace_s: float = Field(30.0, ge=0)

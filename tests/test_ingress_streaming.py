@@ -1,0 +1,466 @@
+"""Streaming through the ingress: the chunk hub, followers (SSE, WebSocket) and OpenAI's stream.
+
+Everything runs against the real broker, Redis and HTTP over loopback. Where a test needs a worker
+that streams, it stands in for one: it reads the request from the requests topic and produces the
+chunk events and the outcome to the real topics, as the worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+from websockets.asyncio.client import connect as websocket_connect
+
+from llmstream.core.clock import wall_clock_ms
+from llmstream.core.settings import ServiceSettings
+from llmstream.ingress.app import create_app
+from llmstream.ingress.chunks import ChunkHub, FellBehind
+from llmstream.ingress.metrics import IngressMetrics
+from llmstream.ingress.settings import IngressSettings
+from llmstream.schemas.codec import encode
+from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, LLMResponseChunk
+from tests.harness import produce, read_topic, serve_app
+from tests.samples import response_to
+
+pytestmark = pytest.mark.integration
+
+MODEL = "openai/gpt-4o-mini"
+
+
+@pytest.fixture
+def streaming(settings: ServiceSettings, unique: str, chunks_topic: str) -> IngressSettings:
+    """The ingress on this test's topics (``settings`` created its chunks topic too)."""
+    return streaming_settings(settings, unique, chunks_topic=chunks_topic)
+
+
+def streaming_settings(settings: ServiceSettings, unique: str, **overrides: Any) -> IngressSettings:
+    values: dict[str, Any] = {
+        **settings.model_dump(),
+        "chunks_topic": f"{unique}-llm-response-chunks",
+        "listener_fetch_max_wait_ms": 50,
+        "rate_limit_per_minute": 0,
+        "chat_timeout_s": 30,
+        **overrides,
+    }
+    return IngressSettings(**values)
+
+
+def chunks_of(
+    request_id: str, attempt: int, pieces: Sequence[str], *, finish: bool = True
+) -> list[LLMResponseChunk]:
+    """One attempt's chunks, one per piece; the last ends the attempt when ``finish``."""
+    return [
+        LLMResponseChunk(
+            request_id=request_id,
+            attempt=attempt,
+            index=i,
+            delta=piece,
+            finish_reason="stop" if finish and i == len(pieces) - 1 else None,
+            provider="openai",
+            model="gpt-4o-mini",
+            created_at_ms=wall_clock_ms(),
+        )
+        for i, piece in enumerate(pieces)
+    ]
+
+
+async def emit_chunks(settings: IngressSettings, chunks: Sequence[LLMResponseChunk]) -> None:
+    await produce(
+        settings.kafka_bootstrap_servers,
+        settings.chunks_topic,
+        [(c.request_id.encode(), encode(c)) for c in chunks],
+    )
+
+
+async def emit_outcome(settings: IngressSettings, outcome: LLMResponse | LLMError) -> None:
+    topic = settings.responses_topic if isinstance(outcome, LLMResponse) else settings.errors_topic
+    assert outcome.request_id is not None
+    await produce(
+        settings.kafka_bootstrap_servers, topic, [(outcome.request_id.encode(), encode(outcome))]
+    )
+
+
+async def chunks_read(registry: CollectorRegistry, at_least: int) -> float:
+    """The hub's count of chunk records read, once it reaches ``at_least`` (or after 10 s)."""
+    for _ in range(200):
+        read = registry.get_sample_value("llmstream_ingress_chunks_read_total") or 0.0
+        if read >= at_least:
+            return read
+        await asyncio.sleep(0.05)
+    return registry.get_sample_value("llmstream_ingress_chunks_read_total") or 0.0
+
+
+async def submit(client: httpx.AsyncClient, request_id: str, text: str = "hello") -> LLMRequest:
+    """Submit a request through the ingress (so it is recorded as queued), not streamed."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": text}]}
+    answer = await client.post("/v1/requests", json=body, headers={"Idempotency-Key": request_id})
+    assert answer.status_code == 202, answer.text
+    return LLMRequest.model_validate(
+        {**body, "request_id": request_id, "created_at_ms": wall_clock_ms()}
+    )
+
+
+async def server_sent(response: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+    """Every ``(event, data)`` of an SSE answer, until the server ends it."""
+    events, name = [], ""
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            name = line.removeprefix("event: ")
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line.removeprefix("data: "))))
+    return events
+
+
+PIECES = ["Kafka ", "is ", "a ", "distributed ", "event ", "log."]
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "read-back"])
+async def test_sse_follower_joining_after_the_third_chunk_gets_every_chunk(
+    streaming: IngressSettings, kept: bool
+) -> None:
+    # Kept: the hub vouches for every chunk since it started (no clock skew allowed for). Without
+    # a buffer nothing is kept: the follower's first chunks are read back from the topic.
+    update = {"stream_clock_skew_s": 0} if kept else {"stream_buffer_bytes": 0}
+    settings = streaming.model_copy(update=update)
+    registry = CollectorRegistry()
+    chunks = chunks_of("follow-1", 1, PIECES)
+    async with (
+        serve_app(create_app(settings, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        request = await submit(client, "follow-1")
+        await emit_chunks(settings, chunks[:3])
+        assert await chunks_read(registry, 3) == 3
+        async with client.stream("GET", "/v1/requests/follow-1/stream") as answer:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"].startswith("text/event-stream")
+            await emit_chunks(settings, chunks[3:])
+            response = response_to(request, "".join(PIECES))
+            await emit_outcome(settings, response)
+            events = await server_sent(answer)
+    assert [name for name, _ in events] == ["chunk"] * 6 + ["response"]
+    assert [LLMResponseChunk.model_validate(data) for _, data in events[:6]] == chunks
+    assert LLMResponse.model_validate(events[-1][1]) == response
+    read_backs = registry.get_sample_value("llmstream_ingress_chunk_read_backs_total")
+    assert read_backs == (0 if kept else 1)
+    assert registry.get_sample_value("llmstream_ingress_chunks_read_total") == 6
+
+
+async def test_websocket_follower_joining_after_the_third_chunk_gets_every_chunk(
+    streaming: IngressSettings,
+) -> None:
+    registry = CollectorRegistry()
+    chunks = chunks_of("ws-1", 1, PIECES)
+    async with (
+        serve_app(create_app(streaming, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        request = await submit(client, "ws-1")
+        await emit_chunks(streaming, chunks[:3])
+        assert await chunks_read(registry, 3) == 3
+        ws_url = url.replace("http://", "ws://") + "/v1/requests/ws-1/ws"
+        async with websocket_connect(ws_url) as websocket:
+            await emit_chunks(streaming, chunks[3:])
+            response = response_to(request, "".join(PIECES))
+            await emit_outcome(streaming, response)
+            messages = [json.loads(message) async for message in websocket]
+        # Somebody else's request (an unknown ID) is refused in place of the handshake.
+        with pytest.raises(Exception, match="404"):
+            async with websocket_connect(url.replace("http://", "ws://") + "/v1/requests/x/ws"):
+                pass
+    assert [m["event"] for m in messages] == ["chunk"] * 6 + ["response"]
+    assert [LLMResponseChunk.model_validate(m["data"]) for m in messages[:6]] == chunks
+    assert LLMResponse.model_validate(messages[-1]["data"]) == response
+
+
+async def test_a_finished_request_is_followed_at_once_and_others_answer_404(
+    streaming: IngressSettings,
+) -> None:
+    registry = CollectorRegistry()
+    chunks = chunks_of("done-1", 1, PIECES)
+    async with (
+        serve_app(create_app(streaming, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as client,
+    ):
+        request = await submit(client, "done-1")
+        await emit_chunks(streaming, chunks)
+        response = response_to(request, "".join(PIECES))
+        await emit_outcome(streaming, response)
+        await chunks_read(registry, 6)
+        async with client.stream("GET", "/v1/requests/done-1/stream") as answer:
+            # The outcome is on the topic only (no worker stored it): the listener brings it.
+            events = await server_sent(answer)
+        unknown = await client.get("/v1/requests/nobody/stream")
+    assert [name for name, _ in events] == ["chunk"] * 6 + ["response"]
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
+
+
+async def test_two_hundred_followers_of_one_request_cost_one_read_of_the_topic(
+    streaming: IngressSettings,
+) -> None:
+    registry = CollectorRegistry()
+    chunks = chunks_of("many-1", 1, [f"piece {i} " for i in range(10)])
+    followers = 200
+    connected = asyncio.Event()
+    opened = 0
+
+    async def follow(client: httpx.AsyncClient) -> list[tuple[str, dict[str, Any]]]:
+        nonlocal opened
+        async with client.stream("GET", "/v1/requests/many-1/stream") as answer:
+            assert answer.status_code == 200
+            opened += 1
+            if opened == followers:
+                connected.set()
+            return await server_sent(answer)
+
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with (
+        serve_app(create_app(streaming, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client,
+    ):
+        request = await submit(client, "many-1")
+        await emit_chunks(streaming, chunks[:3])
+        await chunks_read(registry, 3)
+        tasks = [asyncio.create_task(follow(client)) for _ in range(followers)]
+        await asyncio.wait_for(connected.wait(), 120)
+        await emit_chunks(streaming, chunks[3:])
+        await emit_outcome(streaming, response_to(request, "".join(c.delta for c in chunks)))
+        results = await asyncio.gather(*tasks)
+    for events in results:
+        assert [LLMResponseChunk.model_validate(data) for _, data in events[:-1]] == chunks
+        assert events[-1][0] == "response"
+    # Each chunk was read from the topic once; the first follower read the first three back
+    # (the replica had just started), and the 199 others found them kept.
+    assert registry.get_sample_value("llmstream_ingress_chunks_read_total") == len(chunks)
+    assert registry.get_sample_value("llmstream_ingress_chunk_read_backs_total") == 1
+
+
+async def test_a_client_that_does_not_read_is_dropped_and_never_slows_the_others(
+    streaming: IngressSettings,
+) -> None:
+    settings = streaming.model_copy(update={"stream_client_backlog": 20})
+    registry = CollectorRegistry()
+    hub = ChunkHub(settings, IngressMetrics(registry))
+    chunks = chunks_of("slow-1", 1, [f"{i} " for i in range(100)])
+    await hub.start()
+    try:
+        async with hub.subscribe("slow-1") as stalled, hub.subscribe("slow-1") as reader:
+            got: list[LLMResponseChunk] = []
+            # Bursts of 10, each once the reader has the last: the reader is never 20 behind.
+            for burst in range(0, len(chunks), 10):
+                await emit_chunks(settings, chunks[burst : burst + 10])
+                got += [await asyncio.wait_for(reader.next(), 30) for _ in range(10)]
+            assert got == chunks  # all 100, though the other client read none
+            assert stalled.dropped and not reader.dropped
+            assert [stalled.ready() for _ in range(20)] == chunks[:20]
+            with pytest.raises(FellBehind):
+                await stalled.next()
+    finally:
+        await hub.stop()
+    assert registry.get_sample_value("llmstream_ingress_stream_dropped_total") == 1
+
+
+async def stand_in_worker(
+    settings: IngressSettings,
+    request_id: str,
+    attempts: Sequence[tuple[list[str], bool]],
+    *,
+    outcome: str | None = "",
+    between: asyncio.Event | None = None,
+) -> LLMRequest:
+    """Waits for ``request_id`` on the requests topic, then streams each attempt's pieces
+    (``(pieces, finished)``; after the first, once ``between`` is set) and emits the outcome:
+    the last attempt's text (``outcome=""``), that text, or with None a provider error."""
+    published = await read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.requests_topic,
+        LLMRequest,
+        until=lambda got: any(r.request_id == request_id for r in got),
+        timeout=30,
+    )
+    [request] = [r for r in published if r.request_id == request_id]
+    assert request.stream
+    for attempt, (pieces, finished) in enumerate(attempts, start=1):
+        if attempt > 1 and between is not None:
+            await asyncio.wait_for(between.wait(), 30)
+        for chunk in chunks_of(request_id, attempt, pieces, finish=finished):
+            await emit_chunks(settings, [chunk])
+    if outcome is None:
+        error = LLMError(
+            request_id=request_id,
+            error_type="provider_error",
+            message="HTTP 500 from http://provider.internal:8000/v1/chat/completions",
+            status_code=500,
+            attempts=len(attempts),
+            occurred_at_ms=wall_clock_ms(),
+        )
+        await emit_outcome(settings, error)
+    else:
+        content = outcome or "".join(attempts[-1][0])
+        await emit_outcome(settings, response_to(request, content, attempts=len(attempts)))
+    return request
+
+
+def texts(chunks: Sequence[Any]) -> list[str]:
+    return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+
+
+async def test_the_openai_sdk_streams_through_the_ingress_sync_and_async(
+    streaming: IngressSettings,
+) -> None:
+    messages = [{"role": "user", "content": "what is Kafka?"}]
+    async with serve_app(create_app(streaming)) as url:
+        worker = asyncio.create_task(stand_in_worker(streaming, "sdk-async", [(PIECES, True)]))
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=messages,  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers={"Idempotency-Key": "sdk-async"},
+            )
+            got = [chunk async for chunk in stream]
+        finally:
+            await client.close()
+        await worker
+
+        def sync_stream() -> list[Any]:
+            with openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sync:
+                return list(
+                    sync.chat.completions.create(
+                        model=MODEL,
+                        messages=messages,  # type: ignore[arg-type]
+                        stream=True,
+                        extra_headers={"Idempotency-Key": "sdk-sync"},
+                    )
+                )
+
+        worker = asyncio.create_task(stand_in_worker(streaming, "sdk-sync", [(PIECES, True)]))
+        got_sync = await asyncio.to_thread(sync_stream)
+        await worker
+    for chunks, request_id in ((got, "sdk-async"), (got_sync, "sdk-sync")):
+        assert {c.id for c in chunks} == {request_id}
+        assert {c.object for c in chunks} == {"chat.completion.chunk"}
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert len(texts(chunks)) >= 2
+        assert "".join(texts(chunks)) == "".join(PIECES)
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert got[-1].choices == [] and got[-1].usage is not None
+    assert got[-1].usage.total_tokens == 7
+    assert all(c.usage is None for c in got_sync)
+
+
+async def test_a_stream_broken_half_way_and_retried_gives_the_client_the_text_once(
+    streaming: IngressSettings,
+) -> None:
+    answer = ["The ", "quick ", "brown ", "fox ", "jumps."]
+    half_sent = asyncio.Event()
+    async with serve_app(create_app(streaming)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # Attempt 1 breaks after three chunks; attempt 2 starts once the client has those.
+        worker = asyncio.create_task(
+            stand_in_worker(
+                streaming, "broken-1", [(answer[:3], False), (answer, True)], between=half_sent
+            )
+        )
+        try:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "a sentence"}],
+                stream=True,
+                extra_headers={"Idempotency-Key": "broken-1"},
+            )
+            got = []
+            async for chunk in stream:
+                got.append(chunk)
+                if "".join(texts(got)) == "".join(answer[:3]):
+                    half_sent.set()
+        finally:
+            await client.close()
+        await worker
+    assert half_sent.is_set()
+    assert "".join(texts(got)) == "".join(answer)
+    assert [c.choices[0].finish_reason for c in got if c.choices][-1] == "stop"
+
+
+async def test_a_retried_stream_that_differs_or_a_failure_ends_with_an_error_chunk(
+    streaming: IngressSettings,
+) -> None:
+    half_sent = asyncio.Event()
+    async with serve_app(create_app(streaming)) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+        async def read(request_id: str) -> list[Any]:
+            got: list[Any] = []
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "a sentence"}],
+                stream=True,
+                extra_headers={"Idempotency-Key": request_id},
+            )
+            async for chunk in stream:
+                got.append(chunk)
+                if texts(got):
+                    half_sent.set()
+            return got
+
+        try:
+            attempts = [(["Once ", "upon "], False), (["Another ", "answer."], True)]
+            worker = asyncio.create_task(
+                stand_in_worker(streaming, "differs-1", attempts, between=half_sent)
+            )
+            with pytest.raises(openai.APIError) as differs:
+                await read("differs-1")
+            await worker
+            worker = asyncio.create_task(
+                stand_in_worker(streaming, "fails-1", [(["Half "], False)], outcome=None)
+            )
+            with pytest.raises(openai.APIError) as fails:
+                await read("fails-1")
+            await worker
+            with pytest.raises(openai.BadRequestError) as several:
+                await client.chat.completions.create(
+                    model=MODEL,
+                    messages=[{"role": "user", "content": "two answers"}],
+                    stream=True,
+                    n=2,
+                )
+        finally:
+            await client.close()
+    assert "GET /v1/requests/differs-1" in differs.value.message
+    assert differs.value.code == "stream_diverged"
+    assert fails.value.code == "provider_error"
+    assert fails.value.message == "the provider failed"  # never the worker's message
+    assert several.value.status_code == 400
+    assert several.value.body["param"] == "n"  # type: ignore[index]
+
+
+async def test_without_the_chunks_topic_a_stream_comes_whole_at_its_end(
+    settings: ServiceSettings, unique: str
+) -> None:
+    missing = streaming_settings(settings, unique, chunks_topic=f"{unique}-not-created")
+    async with serve_app(create_app(missing)) as url:
+        worker = asyncio.create_task(
+            stand_in_worker(missing, "whole-1", [([], False)], outcome="x")
+        )
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "hi"}],
+                stream=True,
+                extra_headers={"Idempotency-Key": "whole-1"},
+            )
+            got = [chunk async for chunk in stream]
+        finally:
+            await client.close()
+        await worker
+    assert texts(got) == ["x"]

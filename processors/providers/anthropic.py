@@ -119,13 +119,15 @@ class AnthropicMessages(HTTPAdapter):
         system: list[str] = []
         messages: list[dict[str, str]] = []
         for m in request.messages:
+            # Only an assistant turn that calls tools may have no text.
+            text = m.content or ""
             if m.role == "system":
-                system.append(m.content)
+                system.append(text)
             elif m.role == "tool":
                 label = f"Tool result ({m.name})" if m.name else "Tool result"
-                messages.append({"role": "user", "content": f"{label}:\n{m.content}"})
+                messages.append({"role": "user", "content": f"{label}:\n{text}"})
             else:
-                messages.append({"role": m.role, "content": m.content})
+                messages.append({"role": m.role, "content": text})
         if not messages:
             raise ProviderError(
                 f"{self.name}: the request has only system messages; the Messages API needs "

@@ -68,9 +68,9 @@ class OpenAICompatible(HTTPAdapter):
         return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     def request_body(self, request: LLMRequest, model: str) -> dict[str, Any]:
-        messages: list[dict[str, str]] = []
+        messages: list[dict[str, Any]] = []
         for m in request.messages:
-            item = {"role": m.role, "content": m.content}
+            item: dict[str, Any] = {"role": m.role, "content": m.content}
             if m.name is not None:
                 item["name"] = m.name
             messages.append(item)

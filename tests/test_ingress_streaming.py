@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,13 +21,22 @@ from websockets.asyncio.client import connect as websocket_connect
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
+from llmstream.devtools.simulator import SimulatorServer
 from llmstream.ingress.app import create_app
 from llmstream.ingress.chunks import ChunkHub, FellBehind
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, LLMResponseChunk
-from tests.harness import produce, read_topic, serve_app
+from tests.harness import (
+    configure_simulator,
+    produce,
+    provider_calls,
+    read_topic,
+    running_worker,
+    serve_app,
+    simulator_call,
+)
 from tests.samples import response_to
 
 pytestmark = pytest.mark.integration
@@ -464,3 +474,102 @@ async def test_without_the_chunks_topic_a_stream_comes_whole_at_its_end(
             await client.close()
         await worker
     assert texts(got) == ["x"]
+
+
+# -- through a real worker and the provider simulator --------------------------------------------
+
+
+async def test_a_workers_answer_streams_to_the_openai_sdk_while_it_is_generated(
+    streaming: IngressSettings,
+    settings: ServiceSettings,
+    simulator: SimulatorServer,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    # Ten pieces 300 ms apart: the answer takes the provider about three seconds.
+    await configure_simulator(simulator, stream_chunks=10, stream_chunk_delay_ms=300)
+    env = {"LLMSTREAM_CHUNKS_TOPIC": streaming.chunks_topic}
+    streamed: dict[str, tuple[list[str], dict[str, Any]]] = {}
+    async with (
+        running_worker(settings, simulator.url, f"g-{unique}", tmp_path, **env),
+        serve_app(create_app(streaming)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            for model in (MODEL, "anthropic/claude-sonnet-4-5"):
+                stream = await client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": f"tell me about {model}"}],
+                    stream=True,
+                )
+                pieces: list[str] = []
+                while_generating: dict[str, Any] = {}
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        if not pieces:  # the provider is still answering when it arrives
+                            while_generating = await simulator_call(simulator, "GET", "/_sim/stats")
+                        pieces.append(chunk.choices[0].delta.content)
+                streamed[chunk.id] = (pieces, while_generating)
+        finally:
+            await client.close()
+        final = {rid: (await http.get(f"/v1/requests/{rid}")).json() for rid in streamed}
+    for request_id, (pieces, while_generating) in streamed.items():
+        assert len(pieces) >= 2
+        assert while_generating["in_flight"] == 1
+        # The answers before this one were complete; this one was not.
+        assert while_generating["completed_total"] == list(streamed).index(request_id)
+        assert final[request_id]["status"] == "completed"
+        assert "".join(pieces) == final[request_id]["response"]["content"]
+    assert {f["response"]["provider"] for f in final.values()} == {"openai", "anthropic"}
+
+
+async def test_a_broken_provider_stream_is_retried_and_a_client_that_leaves_loses_nothing(
+    streaming: IngressSettings,
+    settings: ServiceSettings,
+    simulator: SimulatorServer,
+    unique: str,
+    tmp_path: Path,
+) -> None:
+    await configure_simulator(simulator, stream_chunks=8, stream_chunk_delay_ms=100)
+    env = {"LLMSTREAM_CHUNKS_TOPIC": streaming.chunks_topic}
+    async with (
+        running_worker(settings, simulator.url, f"g-{unique}", tmp_path, **env),
+        serve_app(create_app(streaming)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+    ):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        try:
+            # The simulator cuts this one's first stream half-way; the worker calls again.
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "a long answer [break-stream]"}],
+                stream=True,
+                extra_headers={"Idempotency-Key": "broken-real"},
+            )
+            retried = [chunk async for chunk in stream]
+        finally:
+            await client.close()
+        # A client that reads the first piece and hangs up.
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "I will not wait"}],
+            "stream": True,
+        }
+        headers = {"Idempotency-Key": "left-1"}
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as left:
+            async for line in left.aiter_lines():
+                if '"content":"' in line and '"content":""' not in line:
+                    break
+        for _ in range(300):
+            after = (await http.get("/v1/requests/left-1")).json()
+            if after["status"] != "pending":
+                break
+            await asyncio.sleep(0.05)
+        broken = (await http.get("/v1/requests/broken-real")).json()
+    assert broken["response"]["attempts"] == 2
+    assert "".join(texts(retried)) == broken["response"]["content"]
+    assert after["status"] == "completed"
+    assert after["response"]["content"] == "echo: I will not wait"
+    calls = await provider_calls(simulator)
+    assert (calls["broken-real"], calls["left-1"]) == (2, 1)

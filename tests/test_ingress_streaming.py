@@ -8,6 +8,7 @@ chunk events and the outcome to the real topics, as the worker does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -573,3 +574,42 @@ async def test_a_broken_provider_stream_is_retried_and_a_client_that_leaves_lose
     assert after["response"]["content"] == "echo: I will not wait"
     calls = await provider_calls(simulator)
     assert (calls["broken-real"], calls["left-1"]) == (2, 1)
+
+
+async def test_with_api_keys_a_client_follows_only_its_own_requests(
+    streaming: IngressSettings,
+) -> None:
+    keys = {"sk-a-not-a-real-key": "a", "sk-b-not-a-real-key": "b"}
+    settings = streaming.model_copy(
+        update={"api_keys": {hashlib.sha256(k.encode()).hexdigest(): c for k, c in keys.items()}}
+    )
+    registry = CollectorRegistry()
+    mine = [c.model_copy(update={"client_id": "a"}) for c in chunks_of("own-1", 1, PIECES)]
+    # An event with the same ID produced straight to Kafka by someone else: not a's to see.
+    stranger = chunks_of("own-1", 1, ["not yours"], finish=False)[0]
+    stranger = stranger.model_copy(update={"client_id": "b", "index": 3})
+    as_a = {"Authorization": "Bearer sk-a-not-a-real-key"}
+    as_b = {"Authorization": "Bearer sk-b-not-a-real-key"}
+    async with (
+        serve_app(create_app(settings, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, timeout=30, headers=as_a) as client,
+    ):
+        request = await submit(client, "own-1")
+        await emit_chunks(settings, [*mine[:3], stranger])
+        await chunks_read(registry, 4)
+        not_b = await client.get("/v1/requests/own-1/stream", headers=as_b)
+        ws_url = url.replace("http://", "ws://") + "/v1/requests/own-1/ws"
+        with pytest.raises(Exception, match="404"):
+            async with websocket_connect(ws_url, additional_headers=as_b):
+                pass
+        with pytest.raises(Exception, match="401"):
+            async with websocket_connect(ws_url):
+                pass
+        async with client.stream("GET", "/v1/requests/own-1/stream") as answer:
+            await emit_chunks(settings, mine[3:])
+            response = response_to(request, "".join(PIECES), client_id="a")
+            await emit_outcome(settings, response)
+            events = await server_sent(answer)
+    assert not_b.status_code == 404
+    assert [LLMResponseChunk.model_validate(data) for _, data in events[:-1]] == mine
+    assert events[-1] == ("response", json.loads(encode(response)))

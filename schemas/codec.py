@@ -1,14 +1,16 @@
 """The one codec: the five events as JSON or as Avro single-object encoding.
 
-JSON is a UTF-8 object with exactly the model's field names; ``bytes`` fields are standard base64
+JSON is a UTF-8 object with the model's field names; ``bytes`` fields are standard base64
 (RFC 4648 section 4; the URL-safe alphabet is accepted on decode). Avro is the single-object
 encoding of the spec: ``C3 01``, the 8-byte little-endian CRC-64-AVRO fingerprint of the schema's
 Parsing Canonical Form, then the binary body. :func:`decode` tells the two apart by the first two
 bytes, which no JSON text can start with.
 
-An event written with an earlier version of its schema (the ``*.v1.avsc`` files beside the current
-ones) still decodes: the fingerprint names the writer's schema, and Avro schema resolution reads its
-body into the current one, new fields taking their defaults.
+Schemas evolve without breaking producers or consumers (:mod:`llmstream.schemas.versions`): an
+event written with an earlier version of its schema (the ``*.v1.avsc`` files) still decodes, the
+fingerprint naming the writer's schema and Avro schema resolution reading it into the current one;
+and an event that uses nothing added since an earlier version is written so that consumers of that
+version read it (as that version in Avro; without the added fields in JSON).
 
 Every failure to decode, whatever the input bytes, is a :class:`DecodeError`.
 """
@@ -17,32 +19,22 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
-from importlib.resources import files
 from io import BytesIO
 from typing import Any, Literal, TypeVar
 
 import orjson
-from fastavro import parse_schema, schemaless_reader, schemaless_writer
-from fastavro.schema import fingerprint, to_parsing_canonical_form
+from fastavro import schemaless_reader, schemaless_writer
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from llmstream.schemas.models import (
-    LLMError,
-    LLMMetric,
-    LLMRequest,
-    LLMResponse,
-    LLMResponseChunk,
-    RequestId,
-)
+from llmstream.schemas.models import LLMRequest, RequestId
+from llmstream.schemas.versions import AVRO_MAGIC, Schema, load_registry
 
 M = TypeVar("M", bound=BaseModel)
 
 DecodeErrorKind = Literal["undecodable", "invalid_request"]
 
-_AVRO_MAGIC = b"\xc3\x01"
 _AVRO_HEADER_SIZE = 10
 # Bounds on what of the payload a message may echo: a field path is built from the payload's keys.
 _MAX_PATH_PART = 64
@@ -78,112 +70,12 @@ class WireFormat(StrEnum):
     AVRO = "avro"
 
 
-@dataclass(frozen=True, slots=True)
-class _Schema:
-    name: str
-    parsed: dict[str, Any]
-    header: bytes
-    fingerprint: int
-    # No nested record: the model's __dict__ can be written as is, without a model_dump() copy.
-    flat: bool
-    # Where the JSON objects Avro carries as JSON text are: field names, "[]" for array items.
-    json_paths: tuple[tuple[str, ...], ...]
+_REGISTRY = load_registry()
 
 
-@dataclass(frozen=True, slots=True)
-class _Writer:
-    """An earlier version of an event's schema, which events on the topics may still be in."""
-
-    schema: _Schema
-    reader: _Schema
-
-
-# Each event's schema files, oldest first, the current one last. LLMError refers to
-# llmstream.LLMRequest by name: each of its versions is parsed with the names of the request schema
-# of the same version, so the two lists are as long as each other.
-_VERSIONS: tuple[tuple[type[BaseModel], tuple[str, ...]], ...] = (
-    (LLMRequest, ("llm_request.v1.avsc", "llm_request.avsc")),
-    (LLMResponse, ("llm_response.v1.avsc", "llm_response.avsc")),
-    (LLMMetric, ("llm_metric.v1.avsc", "llm_metric.avsc")),
-    (LLMError, ("llm_error.v1.avsc", "llm_error.avsc")),
-    (LLMResponseChunk, ("llm_response_chunk.avsc",)),
-)
-
-
-def _read_schema(model: type[BaseModel], filename: str, named: dict[str, Any]) -> _Schema:
-    raw = orjson.loads(files("llmstream.schemas").joinpath(filename).read_bytes())
-    # The canonical form needs every named type spelled out; parse a copy with them expanded.
-    canonical = to_parsing_canonical_form(parse_schema(raw, dict(named), expand=True))
-    fp = bytes.fromhex(fingerprint(canonical, "CRC-64-AVRO"))  # little-endian, as on the wire
-    parsed = parse_schema(raw, named)
-    assert isinstance(parsed, dict)
-    return _Schema(
-        name=model.__name__,
-        parsed=parsed,
-        header=_AVRO_MAGIC + fp,
-        fingerprint=int.from_bytes(fp, "little"),
-        flat=not any(_has_record(field["type"]) for field in raw["fields"]),
-        json_paths=tuple(_json_paths(parsed, parsed["__named_schemas"], ())),
-    )
-
-
-def _load_schemas() -> tuple[dict[type[BaseModel], _Schema], dict[bytes, _Writer]]:
-    current: dict[type[BaseModel], _Schema] = {}
-    earlier: dict[bytes, _Writer] = {}
-    request_names: list[dict[str, Any]] = []
-    for model, filenames in _VERSIONS:
-        versions = []
-        for version, filename in enumerate(filenames):
-            # Each file gets its own names, so two files may each define a record (ToolCall).
-            named = dict(request_names[version]) if model is LLMError else {}
-            versions.append(_read_schema(model, filename, named))
-            if model is LLMRequest:
-                request_names.append(named)
-        *older, current[model] = versions
-        for schema in older:
-            earlier[schema.header] = _Writer(schema, reader=current[model])
-    return current, earlier
-
-
-def _has_record(avro_type: Any) -> bool:
-    if isinstance(avro_type, list):
-        return any(_has_record(branch) for branch in avro_type)
-    if isinstance(avro_type, dict):
-        kind = avro_type["type"]
-        if kind == "array":
-            return _has_record(avro_type["items"])
-        if kind == "map":
-            return _has_record(avro_type["values"])
-        return bool(kind == "record" or _has_record(kind))
-    return "." in avro_type  # a named type referred to by its full name
-
-
-def _json_paths(
-    avro_type: Any, named: dict[str, Any], path: tuple[str, ...]
-) -> Iterator[tuple[str, ...]]:
-    """The paths of the ``{"type": "string", "logicalType": "json"}`` values under ``avro_type``."""
-    if isinstance(avro_type, str):
-        if avro_type in named and avro_type not in path:  # a reference; the check stops a cycle
-            yield from _json_paths(named[avro_type], named, (*path, avro_type))
-    elif isinstance(avro_type, list):
-        for branch in avro_type:
-            yield from _json_paths(branch, named, path)
-    elif avro_type.get("logicalType") == "json":
-        yield tuple(step for step in path if step not in named)
-    elif avro_type["type"] == "array":
-        yield from _json_paths(avro_type["items"], named, (*path, "[]"))
-    elif avro_type["type"] == "record":
-        for field in avro_type["fields"]:
-            yield from _json_paths(field["type"], named, (*path, field["name"]))
-
-
-_SCHEMAS, _EARLIER = _load_schemas()
-_BY_HEADER = {schema.header: schema for schema in _SCHEMAS.values()}
-
-
-def _schema(model: type[BaseModel]) -> _Schema:
+def _schema(model: type[BaseModel]) -> Schema:
     try:
-        return _SCHEMAS[model]
+        return _REGISTRY.current[model]
     except KeyError:
         raise TypeError(f"{model.__name__} is not an llmstream event") from None
 
@@ -200,7 +92,7 @@ def fingerprint_for(model: type[BaseModel]) -> int:
 
 def detect_format(data: bytes) -> WireFormat:
     """Avro when ``data`` starts with the single-object marker ``C3 01``, else JSON."""
-    return WireFormat.AVRO if data[:2] == _AVRO_MAGIC else WireFormat.JSON
+    return WireFormat.AVRO if data[:2] == AVRO_MAGIC else WireFormat.JSON
 
 
 @cache
@@ -208,12 +100,23 @@ def _has_alias(model: type[BaseModel]) -> bool:
     return any(info.alias for info in model.model_fields.values())
 
 
+def _json_object(event: BaseModel) -> dict[str, Any]:
+    # The model's own __dict__ holds validated field values in order, except that a field named
+    # after a BaseModel attribute (JsonSchemaFormat's "schema") is held under another name: its
+    # alias is its name on the wire. A field added since the oldest schema version is left out
+    # while it holds its default, so that a consumer not yet upgraded (which refuses unknown
+    # fields) reads every event that does not use what was added.
+    fields = event.model_dump(by_alias=True) if _has_alias(type(event)) else event.__dict__
+    added = _REGISTRY.added.get(type(event).__name__)
+    if added:
+        return {k: v for k, v in fields.items() if k not in added or v != added[k]}
+    return fields
+
+
 def _json_default(value: object) -> object:
     # orjson calls this only for what it cannot write itself: nested events and bytes.
     if isinstance(value, BaseModel):
-        # A field named after a BaseModel attribute (JsonSchemaFormat's "schema") is held under
-        # another name; its alias is its name on the wire.
-        return value.model_dump(by_alias=True) if _has_alias(type(value)) else value.__dict__
+        return _json_object(value)
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
@@ -222,18 +125,23 @@ def _json_default(value: object) -> object:
 def encode(event: BaseModel, fmt: WireFormat = WireFormat.JSON) -> bytes:
     """The bytes of ``event`` (one of the five events) in ``fmt``."""
     if fmt == WireFormat.JSON:
-        # The model's own __dict__ holds validated field values in order; no copy is needed.
-        return orjson.dumps(event.__dict__, default=_json_default)
+        return orjson.dumps(_json_object(event), default=_json_default)
     if fmt != WireFormat.AVRO:
         raise ValueError(f"unknown wire format {fmt!r}")
-    schema = _schema(type(event))
-    buffer = BytesIO()
-    buffer.write(schema.header)
-    record = event.__dict__ if schema.flat else event.model_dump(by_alias=True)
-    for path in schema.json_paths:
+    model = type(event)
+    schema = _schema(model)
+    fields = event.__dict__
+    flat = not any(fields[name] for name in schema.record_fields)
+    record = fields if flat else event.model_dump(by_alias=True)
+    # Written as the oldest schema version that holds it, so that a consumer not yet upgraded
+    # (which knows only that version's fingerprint) reads it; an upgraded one resolves it.
+    writer = _REGISTRY.writer(model, record)
+    for path in writer.json_paths:
         for container, key, _ in _values_at(record, path, ()):
             container[key] = orjson.dumps(container[key]).decode()
-    schemaless_writer(buffer, schema.parsed, record)
+    buffer = BytesIO()
+    buffer.write(writer.header)
+    schemaless_writer(buffer, writer.parsed, record)
     return buffer.getvalue()
 
 
@@ -254,7 +162,7 @@ def _values_at(
             yield node, key, (*where, key)
 
 
-def _parse_json_texts(record: Any, schema: _Schema) -> None:
+def _parse_json_texts(record: Any, schema: Schema) -> None:
     """Replaces the JSON texts of an Avro record by the objects they hold, in place."""
     for path in schema.json_paths:
         for container, key, where in _values_at(record, path, ()):
@@ -277,7 +185,7 @@ def decode(data: bytes, model: type[M]) -> M:
     if not data:
         raise _empty()
     try:
-        if data[:2] == _AVRO_MAGIC:
+        if data[:2] == AVRO_MAGIC:
             record = _read_avro(data, schema)
             _parse_json_texts(record, schema)
             return model.model_validate(record)
@@ -296,19 +204,16 @@ def _empty() -> DecodeError:
     return DecodeError("undecodable", "empty payload (a tombstone?)")
 
 
-def _read_avro(data: bytes, schema: _Schema) -> Any:
+def _read_avro(data: bytes, schema: Schema) -> Any:
     header = data[:_AVRO_HEADER_SIZE]
     if len(header) < _AVRO_HEADER_SIZE:
         raise DecodeError(
             "undecodable",
             f"truncated Avro single-object header: {len(header)} of {_AVRO_HEADER_SIZE} bytes",
         )
-    writer = schema
-    if header != schema.header:
-        earlier = _EARLIER.get(header)
-        if earlier is None or earlier.reader is not schema:
-            raise _wrong_header(header, schema)
-        writer = earlier.schema
+    writer = schema if header == schema.header else _REGISTRY.by_header.get(header)
+    if writer is None or writer.model is not schema.model:
+        raise _wrong_header(header, schema)
     buffer = BytesIO(data)
     buffer.seek(_AVRO_HEADER_SIZE)
     try:
@@ -328,9 +233,8 @@ def _read_avro(data: bytes, schema: _Schema) -> Any:
     return record
 
 
-def _wrong_header(header: bytes, schema: _Schema) -> DecodeError:
-    earlier = _EARLIER.get(header)
-    other = _BY_HEADER.get(header) or (earlier.schema if earlier else None)
+def _wrong_header(header: bytes, schema: Schema) -> DecodeError:
+    other = _REGISTRY.by_header.get(header)
     what = f"an {other.name}" if other else "not a known llmstream schema"
     # Printed as the bytes on the wire: the fingerprint is little-endian there, and an integer
     # would invite writing it the wrong way round.
@@ -414,10 +318,11 @@ def peek_request_id(data: bytes | None, key: bytes | None = None) -> str | None:
 
 
 def _payload_id(raw: bytes) -> str | None:
-    if raw.startswith(_SCHEMAS[LLMRequest].header):
+    writer = _REGISTRY.by_header.get(raw[:_AVRO_HEADER_SIZE])
+    if writer is not None and writer.model is LLMRequest:
         # request_id is the schema's first field: a string, i.e. a zigzag varint length and
         # UTF-8 bytes, readable even when what follows is malformed.
-        length, shift, pos = 0, 0, len(_SCHEMAS[LLMRequest].header)
+        length, shift, pos = 0, 0, _AVRO_HEADER_SIZE
         while pos < len(raw) and shift < 64:
             byte = raw[pos]
             length |= (byte & 0x7F) << shift

@@ -52,16 +52,21 @@ def by_attempt(chunks: Iterable[LLMResponseChunk]) -> dict[int, list[LLMResponse
 class Follower:
     """A consumer of llm-response-chunks as the contract tells one to be: chunks grouped by
     (request_id, attempt), a higher attempt discarding the lower ones; the answer is the
-    attempt the final response names, in index order, once its last chunk arrived."""
+    attempt the final response names, in index order, once its last chunk arrived.
+
+    Also: a chunk with index 0 begins a call, so what was held for the request is discarded.
+    That is the same rule while one worker serves a request; it is the one that holds when a
+    worker dies mid-stream and the next owner calls again, counting its attempts from 1.
+    """
 
     def __init__(self) -> None:
         self.attempts: dict[str, dict[int, dict[int, LLMResponseChunk]]] = defaultdict(dict)
-        self.discarded: Counter[str] = Counter()
+        self.discarded: Counter[str] = Counter()  # calls discarded, per request
 
     def read(self, chunks: Iterable[LLMResponseChunk]) -> None:
         for chunk in chunks:
             seen = self.attempts[chunk.request_id]
-            if seen and chunk.attempt > max(seen):
+            if seen and (chunk.index == 0 or chunk.attempt > max(seen)):
                 self.discarded[chunk.request_id] += len(seen)
                 seen.clear()
             seen.setdefault(chunk.attempt, {})[chunk.index] = chunk
@@ -324,3 +329,53 @@ async def test_a_consumer_reassembles_every_answer_of_a_streamed_run(
     assert calls["doomed"] == 3
     assert set(follower.attempts["doomed"]) == {3}  # the follower kept only the last attempt
     assert all(c.finish_reason is None for c in follower.attempts["doomed"][3].values())
+
+
+@pytest.mark.slow
+async def test_a_stream_cut_by_a_dead_worker_is_called_again_by_the_next_owner(
+    settings: ServiceSettings,
+    simulator: SimulatorServer,
+    unique: str,
+    chunks_topic: str,
+    tmp_path: Path,
+) -> None:
+    # A slow stream of many pieces, so the first worker dies in the middle of it; the next
+    # owner's call answers in fewer pieces.
+    await harness.configure_simulator(simulator, stream_chunks=12, stream_chunk_delay_ms=500)
+    env = harness.worker_env(
+        settings, simulator.url, f"g-{unique}", LLMSTREAM_CHUNKS_TOPIC=chunks_topic
+    )
+    bootstrap = settings.kafka_bootstrap_servers
+    first = harness.WorkerProcess(env, tmp_path, name="first").start()
+    try:
+        await first.wait_ready()
+        await harness.produce_requests(settings, [streamed("cut", text="a slow story to tell")])
+        await harness.read_topic(
+            bootstrap, chunks_topic, LLMResponseChunk, until=lambda got: len(got) >= 4
+        )
+    finally:
+        first.kill()
+    await harness.configure_simulator(simulator, stream_chunks=2, stream_chunk_delay_ms=20)
+    second = harness.WorkerProcess(env, tmp_path, name="second").start()
+    try:
+        [response] = await harness.read_answers(settings, 1, timeout=120)
+    finally:
+        second.stop()
+
+    chunks = await harness.read_topic(
+        bootstrap,
+        chunks_topic,
+        LLMResponseChunk,
+        until=lambda got: bool(got) and got[-1].finish_reason is not None,
+    )
+    restart = max(i for i, chunk in enumerate(chunks) if chunk.index == 0)
+    cut, called_again = chunks[:restart], chunks[restart:]
+    # The next owner counted its call as attempt 1, as the dead worker had; only the index
+    # starting again at 0 tells its chunks from the cut ones, some of which it never overwrote.
+    assert {c.attempt for c in chunks} == {1} and response.attempts == 1
+    assert len(cut) >= 4 > len(called_again)
+    follower = Follower()
+    follower.read(chunks)
+    assert follower.answer(response) == response.content == "echo: a slow story to tell"
+    assert follower.discarded["cut"] == 1
+    assert (await harness.provider_calls(simulator))["cut"] == 2

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.processors.outcomes import Outcomes, Output
-from llmstream.processors.providers import Completion, OnDelta
+from llmstream.processors.providers import DEFAULT_FINISH_REASON, Completion, OnDelta
 from llmstream.schemas.models import LLMRequest, LLMResponseChunk
 
 __all__ = ["AnswerStream", "ChunkSender", "StreamMetrics"]
@@ -121,7 +121,7 @@ class AnswerStream:
             0,
             0,
             completion.content,
-            completion.finish_reason or "stop",
+            completion.finish_reason or DEFAULT_FINISH_REASON,
             completion.provider,
             completion.model,
         )

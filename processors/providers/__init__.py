@@ -25,6 +25,7 @@ from llmstream.core.errors import LLMStreamError
 from llmstream.schemas.models import LLMRequest
 
 __all__ = [
+    "DEFAULT_FINISH_REASON",
     "Completion",
     "ErrorType",
     "OnDelta",
@@ -66,6 +67,10 @@ class Completion:
     provider: str
     model: str
 
+
+# What a streamed answer that completed without saying why it stopped is taken to have ended
+# with: the last chunk of a stream must say that it is the last.
+DEFAULT_FINISH_REASON = "stop"
 
 # Called with each piece of a streamed answer's text as it arrives, and once more at the end of
 # a stream that completed, with its finish reason (the text may then be ""). The worker produces

@@ -34,6 +34,7 @@ from yarl import URL
 
 from llmstream.core.once import warn_once
 from llmstream.processors.providers import (
+    DEFAULT_FINISH_REASON,
     MAX_ERROR_BODY_CHARS,
     Completion,
     ErrorType,
@@ -67,9 +68,6 @@ _REDACTED = "[REDACTED]"
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 # The most tokens one count may say: the events' token fields are 32-bit.
 MAX_TOKEN_COUNT = 2**31 - 1
-# What a stream that completed without saying why it stopped is taken to have ended with: its
-# last chunk must say it is the last.
-DEFAULT_FINISH_REASON = "stop"
 
 
 @dataclass(frozen=True, slots=True)

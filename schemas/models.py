@@ -40,8 +40,8 @@ MAX_TOOL_CALLS = 128
 MAX_SERVER_TOOLS = 64
 MAX_TOOL_NAME_CHARS = 64
 MAX_DESCRIPTION_CHARS = 16_384
-# A JSON object (tool parameters, a response format's schema), counted as compact JSON text.
-MAX_JSON_OBJECT_CHARS = 100_000
+# A JSON object (tool parameters, a response format's schema), measured as compact UTF-8 JSON.
+MAX_JSON_OBJECT_BYTES = 100_000
 
 Role = Literal["system", "user", "assistant", "tool"]
 MetricStatus = Literal["success", "error", "duplicate", "cache_hit", "expired"]
@@ -82,11 +82,9 @@ def _bounded_json(value: dict[str, Any]) -> dict[str, Any]:
     try:
         size = len(orjson.dumps(value))
     except orjson.JSONEncodeError as exc:  # from Python: a value JSON cannot hold, or too deep
-        raise ValueError(f"not a JSON object ({exc})") from None
-    if size > MAX_JSON_OBJECT_CHARS:
-        raise ValueError(
-            f"JSON object of {size:,} bytes; the limit is {MAX_JSON_OBJECT_CHARS:,} as compact JSON"
-        )
+        raise ValueError(f"cannot be written as JSON ({exc})") from None
+    if size > MAX_JSON_OBJECT_BYTES:
+        raise ValueError(f"{size:,} bytes as compact JSON; the limit is {MAX_JSON_OBJECT_BYTES:,}")
     return value
 
 

@@ -7,6 +7,7 @@ nested records (``ChatMessage``, ``LLMError.request``), so a field added on one 
 from __future__ import annotations
 
 import json
+import re
 import types
 from importlib.resources import files
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -18,12 +19,15 @@ from pydantic.fields import FieldInfo
 
 from llmstream.schemas.models import (
     ChatMessage,
+    JsonObject,
     JsonText,
     LLMError,
     LLMMetric,
     LLMRequest,
     LLMResponse,
     LLMResponseChunk,
+    ToolCall,
+    ToolChoice,
 )
 
 SCHEMA_FILES = {
@@ -255,57 +259,89 @@ def test_milliseconds_and_offsets_are_long() -> None:
                 assert field["type"] in ("long", ["null", "long"]), f"{name}.{field['name']}"
 
 
-# The walk itself must be able to fail: each of these models disagrees with ChatMessage's record.
+# The walk itself must be able to fail: each of these models disagrees with a record in one way.
 class Reordered(BaseModel):
-    content: str
+    content: str | None = None
     role: str
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class RequiredName(BaseModel):
     role: str
-    content: str
+    content: str | None = None
     name: str | None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class WrongDefault(BaseModel):
     role: str
-    content: str
+    content: str | None = None
     name: str | None = "anonymous"
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class WrongType(BaseModel):
     role: str
-    content: bytes
+    content: bytes | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class UnboundedInt(BaseModel):
     count: Annotated[int, Field(ge=0)]
 
 
+class JsonNotText(BaseModel):
+    parameters: JsonObject | None = None
+
+
+class SwappedUnion(BaseModel):
+    choice: ToolChoice | None = None
+
+
+def record_of(name: str, *fields: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "record", "name": name, "fields": list(fields)}
+
+
 @pytest.mark.parametrize(
-    ("model", "record"),
+    ("model", "record", "words"),
     [
-        (Reordered, "llmstream.ChatMessage"),
-        (RequiredName, "llmstream.ChatMessage"),
-        (WrongDefault, "llmstream.ChatMessage"),
-        (WrongType, "llmstream.ChatMessage"),
-        (ChatMessage, {"type": "record", "name": "ChatMessage", "fields": []}),
+        (Reordered, "llmstream.ChatMessage", "field names or order differ"),
+        (RequiredName, "llmstream.ChatMessage", "required in the model, defaulted in Avro"),
+        (WrongDefault, "llmstream.ChatMessage", "Avro default None, model default 'anonymous'"),
+        (WrongType, "llmstream.ChatMessage", "bytes is 'bytes', got 'string'"),
+        (ChatMessage, record_of("ChatMessage"), "field names or order differ"),
+        (UnboundedInt, record_of("UnboundedInt", {"name": "count", "type": "int"}), "above Avro"),
         (
-            UnboundedInt,
-            {
-                "type": "record",
-                "name": "UnboundedInt",
-                "fields": [{"name": "count", "type": "int"}],
-            },
+            JsonNotText,
+            record_of(
+                "JsonNotText", {"name": "parameters", "type": ["null", "string"], "default": None}
+            ),
+            "a JSON object is a string of logicalType json",
+        ),
+        (
+            SwappedUnion,
+            record_of(
+                "SwappedUnion",
+                {
+                    "name": "choice",
+                    "type": ["null", "llmstream.ToolChoiceFunction", "string"],
+                    "default": None,
+                },
+            ),
+            "str is 'string'",
         ),
     ],
-    ids=["order", "required", "default", "type", "missing-fields", "int-range"],
+    ids=["order", "required", "default", "type", "missing-fields", "int-range", "json", "union"],
 )
-def test_walk_detects_disagreement(model: type[BaseModel], record: Any) -> None:
+def test_walk_detects_disagreement(model: type[BaseModel], record: Any, words: str) -> None:
     walk = Walk()
     if isinstance(record, str):
         walk.named[record] = {**walk.named[record], "name": model.__name__}
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=re.escape(words)):
         walk.record(model, record, "deliberately wrong")

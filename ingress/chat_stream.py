@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from fastapi.responses import StreamingResponse
 
 from llmstream.ingress.auth import Identity
 from llmstream.ingress.chunks import ChunkHub
@@ -37,7 +36,7 @@ from llmstream.ingress.publish import Event as PublishedEvent
 from llmstream.ingress.publish import Publisher
 from llmstream.ingress.results import RequestLedger, ResponseListener
 from llmstream.ingress.settings import IngressSettings
-from llmstream.ingress.streaming import Interrupted, follow
+from llmstream.ingress.streaming import ClosingStream, Interrupted, follow
 from llmstream.schemas.models import LLMError, LLMResponse, LLMResponseChunk
 
 __all__ = ["Relay", "stream_chat"]
@@ -107,7 +106,7 @@ async def stream_chat(
     ledger: RequestLedger,
     finish_reason: Callable[[LLMResponse], str],
     failure: Callable[[LLMError], ApiError],
-) -> StreamingResponse:
+) -> ClosingStream:
     """Publish the request and answer its chunks as OpenAI's SSE (see the module's doc)."""
     request_id = event.request_id
     headers = {"x-request-id": request_id, "x-should-retry": "false", "cache-control": "no-cache"}
@@ -115,7 +114,9 @@ async def stream_chat(
     try:
         # Following before publishing: every chunk is read while subscribed, none read back.
         waiter = await stack.enter_async_context(listener.waiter(request_id))
-        subscription = await stack.enter_async_context(hub.subscribe(request_id))
+        early = contextlib.AsyncExitStack()
+        stack.push_async_callback(early.aclose)
+        subscription = await early.enter_async_context(hub.subscribe(request_id))
         [receipt] = await publisher.submit([event], identity.client_id, ["Idempotency-Key"])
         if receipt.failed:
             raise ApiError(
@@ -127,9 +128,9 @@ async def stream_chat(
         if not receipt.published:
             # A request ID known already (the Idempotency-Key again): its chunks may be older
             # than the subscription, so follow it as a late follower does.
+            await early.aclose()
             since_ms = await ledger.queued_at_ms(request_id)
-            late = await stack.enter_async_context(hub.subscribe(request_id, since_ms))
-            subscription = late
+            subscription = await stack.enter_async_context(hub.subscribe(request_id, since_ms))
     except BaseException:
         await stack.aclose()
         raise
@@ -201,6 +202,5 @@ async def stream_chat(
             )
         finally:
             metrics.streams.labels("chat", end).inc()
-            await stack.aclose()
 
-    return StreamingResponse(answer(), media_type="text/event-stream", headers=headers)
+    return ClosingStream(answer(), stack, media_type="text/event-stream", headers=headers)

@@ -36,6 +36,7 @@ import orjson
 from fastapi import Path, WebSocket
 from fastapi.responses import StreamingResponse
 from redis.exceptions import RedisError
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from llmstream.ingress.auth import CallerDep, Identity, authenticate
@@ -57,7 +58,7 @@ from llmstream.ingress.settings import IngressSettings
 from llmstream.schemas.codec import WireFormat, encode
 from llmstream.schemas.models import LLMError, LLMResponse, LLMResponseChunk
 
-__all__ = ["KEEP_ALIVE", "Event", "Interrupted", "follow", "routes"]
+__all__ = ["KEEP_ALIVE", "ClosingStream", "Event", "Interrupted", "follow", "routes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,35 +212,64 @@ async def _followable(ledger: RequestLedger, identity: Identity, request_id: str
     raise ApiError(404, "no request with this ID", param="request_id", code="not_found")
 
 
+class ClosingStream(StreamingResponse):
+    """A streamed answer that closes ``cleanup`` when it ends, however it ends: also when the
+    client leaves before its body began (Starlette then never starts the body's generator)."""
+
+    def __init__(
+        self, content: AsyncIterator[bytes], cleanup: contextlib.AsyncExitStack, **kw: Any
+    ) -> None:
+        super().__init__(content, **kw)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup.aclose()
+
+
+async def _open(
+    stack: contextlib.AsyncExitStack,
+    request_id: str,
+    followable: _Followable,
+    hub: ChunkHub,
+    listener: ResponseListener,
+) -> tuple[Waiter, Subscription] | None:
+    """Start waiting for the outcome and following the chunks (reading back what is needed),
+    for as long as ``stack`` is open; None for a rejected request (nothing to follow)."""
+    if followable.rejected is not None:
+        return None
+    waiter = await stack.enter_async_context(listener.waiter(request_id))
+    subscription = await stack.enter_async_context(hub.subscribe(request_id, followable.since_ms))
+    return waiter, subscription
+
+
 async def _events(
     request_id: str,
     followable: _Followable,
+    following: tuple[Waiter, Subscription] | None,
     identity: Identity,
     settings: IngressSettings,
     hub: ChunkHub,
-    listener: ResponseListener,
 ) -> AsyncIterator[tuple[str, dict[str, Any]] | None]:
     """``(event name, data)`` per event; None for a keep-alive."""
-    if followable.rejected is not None:
+    if following is None:
+        assert followable.rejected is not None
         yield "error", _failure(followable.rejected, request_id, rejected=True)
         return
-    async with (
-        listener.waiter(request_id) as waiter,
-        hub.subscribe(request_id, followable.since_ms) as subscription,
-    ):
-        async for event in follow(
-            subscription, waiter, hub, settings, client_id=identity.client_id
-        ):
-            if isinstance(event, LLMResponseChunk):
-                yield "chunk", orjson.loads(encode(event, WireFormat.JSON))
-            elif isinstance(event, LLMResponse):
-                yield "response", orjson.loads(encode(event, WireFormat.JSON))
-            elif isinstance(event, LLMError):
-                yield "error", _failure(event, request_id)
-            elif isinstance(event, Interrupted):
-                yield "error", event.body(request_id)
-            else:
-                yield None
+    waiter, subscription = following
+    async for event in follow(subscription, waiter, hub, settings, client_id=identity.client_id):
+        if isinstance(event, LLMResponseChunk):
+            yield "chunk", orjson.loads(encode(event, WireFormat.JSON))
+        elif isinstance(event, LLMResponse):
+            yield "response", orjson.loads(encode(event, WireFormat.JSON))
+        elif isinstance(event, LLMError):
+            yield "error", _failure(event, request_id)
+        elif isinstance(event, Interrupted):
+            yield "error", event.body(request_id)
+        else:
+            yield None
 
 
 def _failure(error: LLMError, request_id: str, *, rejected: bool = False) -> dict[str, Any]:
@@ -279,9 +309,16 @@ async def stream_request(
 ) -> StreamingResponse:
     """Follow a request as Server-Sent Events, from its first chunk to its outcome."""
     followable = await _followable(ledger, identity, request_id)
-    events = _events(request_id, followable, identity, settings, hub, listener)
-    return StreamingResponse(
+    stack = contextlib.AsyncExitStack()
+    try:
+        following = await _open(stack, request_id, followable, hub, listener)
+    except BaseException:
+        await stack.aclose()
+        raise
+    events = _events(request_id, followable, following, identity, settings, hub)
+    return ClosingStream(
         _server_sent(events, metrics),
+        stack,
         media_type="text/event-stream",
         headers={"x-request-id": request_id, "cache-control": "no-cache"},
     )
@@ -311,25 +348,37 @@ async def follow_websocket(websocket: WebSocket, request_id: str) -> None:
     Authenticated from the handshake's headers like every ``/v1`` call; a refusal is answered
     in place of the handshake, with the same status and body as over HTTP.
     """
-    try:
-        identity = await authenticate(websocket)
-        if not 1 <= len(request_id) <= 256:
-            raise ApiError(404, "no request with this ID", param="request_id", code="not_found")
-        settings = part(websocket, "settings", IngressSettings)
-        metrics = part(websocket, "metrics", IngressMetrics)
-        hub = part(websocket, "hub", ChunkHub)
-        listener = part(websocket, "listener", ResponseListener)
-        ledger = part(websocket, "ledger", RequestLedger)
-        followable = await _followable(ledger, identity, request_id)
-    except ApiError as refusal:
-        await _refuse(websocket, refusal)
-        return
-    await websocket.accept()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            identity = await authenticate(websocket)
+            if not 1 <= len(request_id) <= 256:
+                raise ApiError(404, "no request with this ID", param="request_id", code="not_found")
+            settings = part(websocket, "settings", IngressSettings)
+            metrics = part(websocket, "metrics", IngressMetrics)
+            hub = part(websocket, "hub", ChunkHub)
+            listener = part(websocket, "listener", ResponseListener)
+            ledger = part(websocket, "ledger", RequestLedger)
+            followable = await _followable(ledger, identity, request_id)
+            # Followed before the handshake completes, as an SSE follower is before its 200.
+            following = await _open(stack, request_id, followable, hub, listener)
+        except ApiError as refusal:
+            await _refuse(websocket, refusal)
+            return
+        await websocket.accept()
+        events = _events(request_id, followable, following, identity, settings, hub)
+        end = await _send_over(websocket, events)
+        metrics.streams.labels("websocket", end).inc()
+
+
+async def _send_over(
+    websocket: WebSocket, events: AsyncIterator[tuple[str, dict[str, Any]] | None]
+) -> str:
+    """Send every event, then close; returns how the stream ended."""
     end = "disconnected"
 
     async def send_all() -> None:
         nonlocal end
-        async for item in _events(request_id, followable, identity, settings, hub, listener):
+        async for item in events:
             if item is None:
                 continue  # the server's WebSocket pings keep the connection open
             name, data = item
@@ -347,10 +396,10 @@ async def follow_websocket(websocket: WebSocket, request_id: str) -> None:
             sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, WebSocketDisconnect):
             await sender
-        metrics.streams.labels("websocket", end).inc()
     if websocket.client_state == WebSocketState.CONNECTED and end != "disconnected":
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             await websocket.close()
+    return end
 
 
 async def _until_disconnected(websocket: WebSocket) -> None:

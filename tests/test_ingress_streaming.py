@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import connect as websocket_connect
 
@@ -27,6 +28,7 @@ from llmstream.ingress.app import create_app
 from llmstream.ingress.chunks import ChunkHub, FellBehind
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
+from llmstream.processors.dedup import DedupStore
 from llmstream.schemas.codec import encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, LLMResponseChunk
 from tests.harness import (
@@ -192,24 +194,36 @@ async def test_websocket_follower_joining_after_the_third_chunk_gets_every_chunk
 
 
 async def test_a_finished_request_is_followed_at_once_and_others_answer_404(
-    streaming: IngressSettings,
+    streaming: IngressSettings, redis_client: aioredis.Redis
 ) -> None:
     registry = CollectorRegistry()
     chunks = chunks_of("done-1", 1, PIECES)
+    # A long idle limit: the answer must come from what is stored, not from waiting.
+    settings = streaming.model_copy(update={"chat_timeout_s": 600})
     async with (
-        serve_app(create_app(streaming, registry=registry)) as url,
+        serve_app(create_app(settings, registry=registry)) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as client,
     ):
         request = await submit(client, "done-1")
-        await emit_chunks(streaming, chunks)
+        await emit_chunks(settings, chunks)
         response = response_to(request, "".join(PIECES))
-        await emit_outcome(streaming, response)
+        # The worker's part: claim the request, store its response (then it would emit it).
+        store = DedupStore(
+            redis_client,
+            key_prefix=settings.redis_key_prefix,
+            worker_token="stand-in",
+            lease_ms=30_000,
+            result_ttl_s=600,
+        )
+        await store.heartbeat()
+        await store.claim("done-1", wall_clock_ms())
+        await store.settle("done-1", failed=False, payload=encode(response), now_ms=wall_clock_ms())
         await chunks_read(registry, 6)
         async with client.stream("GET", "/v1/requests/done-1/stream") as answer:
-            # The outcome is on the topic only (no worker stored it): the listener brings it.
             events = await server_sent(answer)
         unknown = await client.get("/v1/requests/nobody/stream")
     assert [name for name, _ in events] == ["chunk"] * 6 + ["response"]
+    assert LLMResponse.model_validate(events[-1][1]) == response
     assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "request_id"
 
 
@@ -549,6 +563,15 @@ async def test_a_broken_provider_stream_is_retried_and_a_client_that_leaves_lose
                 extra_headers={"Idempotency-Key": "broken-real"},
             )
             retried = [chunk async for chunk in stream]
+            # The same request again (its Idempotency-Key): not called again, its chunks are
+            # read back from the topic, the broken attempt's among them.
+            again = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "a long answer [break-stream]"}],
+                stream=True,
+                extra_headers={"Idempotency-Key": "broken-real"},
+            )
+            replayed = [chunk async for chunk in again]
         finally:
             await client.close()
         # A client that reads the first piece and hangs up.
@@ -570,6 +593,7 @@ async def test_a_broken_provider_stream_is_retried_and_a_client_that_leaves_lose
         broken = (await http.get("/v1/requests/broken-real")).json()
     assert broken["response"]["attempts"] == 2
     assert "".join(texts(retried)) == broken["response"]["content"]
+    assert "".join(texts(replayed)) == broken["response"]["content"]
     assert after["status"] == "completed"
     assert after["response"]["content"] == "echo: I will not wait"
     calls = await provider_calls(simulator)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -337,24 +337,39 @@ def texts(chunks: Sequence[Any]) -> list[str]:
     return [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
 
 
+async def sdk_stream(
+    url: str,
+    request_id: str | None = None,
+    text: str = "a sentence",
+    *,
+    on_chunk: Callable[[list[Any]], Awaitable[None]] | None = None,
+    **options: Any,
+) -> list[Any]:
+    """The chunks the async openai SDK gets for one streamed chat request (``options`` are the
+    SDK's: ``model``, ``stream_options``, ``n`` ...); ``on_chunk`` sees them as they come."""
+    options.setdefault("model", MODEL)
+    headers = {"Idempotency-Key": request_id} if request_id else {}
+    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0) as sdk:
+        stream = await sdk.chat.completions.create(
+            messages=[{"role": "user", "content": text}],
+            stream=True,
+            extra_headers=headers,
+            **options,
+        )
+        got: list[Any] = []
+        async for chunk in stream:
+            got.append(chunk)
+            if on_chunk is not None:
+                await on_chunk(got)
+        return got
+
+
 async def test_the_openai_sdk_streams_through_the_ingress_sync_and_async(
     streaming: IngressSettings,
 ) -> None:
-    messages = [{"role": "user", "content": "what is Kafka?"}]
     async with serve_app(create_app(streaming)) as url:
         worker = asyncio.create_task(stand_in_worker(streaming, "sdk-async", [(PIECES, True)]))
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=messages,  # type: ignore[arg-type]
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_headers={"Idempotency-Key": "sdk-async"},
-            )
-            got = [chunk async for chunk in stream]
-        finally:
-            await client.close()
+        got = await sdk_stream(url, "sdk-async", stream_options={"include_usage": True})
         await worker
 
         def sync_stream() -> list[Any]:
@@ -362,7 +377,7 @@ async def test_the_openai_sdk_streams_through_the_ingress_sync_and_async(
                 return list(
                     sync.chat.completions.create(
                         model=MODEL,
-                        messages=messages,  # type: ignore[arg-type]
+                        messages=[{"role": "user", "content": "what is Kafka?"}],
                         stream=True,
                         extra_headers={"Idempotency-Key": "sdk-sync"},
                     )
@@ -388,28 +403,18 @@ async def test_a_stream_broken_half_way_and_retried_gives_the_client_the_text_on
 ) -> None:
     answer = ["The ", "quick ", "brown ", "fox ", "jumps."]
     half_sent = asyncio.Event()
+
+    async def note_half(got: list[Any]) -> None:
+        if "".join(texts(got)) == "".join(answer[:3]):
+            half_sent.set()
+
     async with serve_app(create_app(streaming)) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         # Attempt 1 breaks after three chunks; attempt 2 starts once the client has those.
+        attempts = [(answer[:3], False), (answer, True)]
         worker = asyncio.create_task(
-            stand_in_worker(
-                streaming, "broken-1", [(answer[:3], False), (answer, True)], between=half_sent
-            )
+            stand_in_worker(streaming, "broken-1", attempts, between=half_sent)
         )
-        try:
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "a sentence"}],
-                stream=True,
-                extra_headers={"Idempotency-Key": "broken-1"},
-            )
-            got = []
-            async for chunk in stream:
-                got.append(chunk)
-                if "".join(texts(got)) == "".join(answer[:3]):
-                    half_sent.set()
-        finally:
-            await client.close()
+        got = await sdk_stream(url, "broken-1", on_chunk=note_half)
         await worker
     assert half_sent.is_set()
     assert "".join(texts(got)) == "".join(answer)
@@ -420,46 +425,27 @@ async def test_a_retried_stream_that_differs_or_a_failure_ends_with_an_error_chu
     streaming: IngressSettings,
 ) -> None:
     half_sent = asyncio.Event()
+
+    async def note_text(got: list[Any]) -> None:
+        if texts(got):
+            half_sent.set()
+
     async with serve_app(create_app(streaming)) as url:
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-
-        async def read(request_id: str) -> list[Any]:
-            got: list[Any] = []
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "a sentence"}],
-                stream=True,
-                extra_headers={"Idempotency-Key": request_id},
-            )
-            async for chunk in stream:
-                got.append(chunk)
-                if texts(got):
-                    half_sent.set()
-            return got
-
-        try:
-            attempts = [(["Once ", "upon "], False), (["Another ", "answer."], True)]
-            worker = asyncio.create_task(
-                stand_in_worker(streaming, "differs-1", attempts, between=half_sent)
-            )
-            with pytest.raises(openai.APIError) as differs:
-                await read("differs-1")
-            await worker
-            worker = asyncio.create_task(
-                stand_in_worker(streaming, "fails-1", [(["Half "], False)], outcome=None)
-            )
-            with pytest.raises(openai.APIError) as fails:
-                await read("fails-1")
-            await worker
-            with pytest.raises(openai.BadRequestError) as several:
-                await client.chat.completions.create(
-                    model=MODEL,
-                    messages=[{"role": "user", "content": "two answers"}],
-                    stream=True,
-                    n=2,
-                )
-        finally:
-            await client.close()
+        attempts = [(["Once ", "upon "], False), (["Another ", "answer."], True)]
+        worker = asyncio.create_task(
+            stand_in_worker(streaming, "differs-1", attempts, between=half_sent)
+        )
+        with pytest.raises(openai.APIError) as differs:
+            await sdk_stream(url, "differs-1", on_chunk=note_text)
+        await worker
+        worker = asyncio.create_task(
+            stand_in_worker(streaming, "fails-1", [(["Half "], False)], outcome=None)
+        )
+        with pytest.raises(openai.APIError) as fails:
+            await sdk_stream(url, "fails-1")
+        await worker
+        with pytest.raises(openai.BadRequestError) as several:
+            await sdk_stream(url, text="two answers", n=2)
     assert "GET /v1/requests/differs-1" in differs.value.message
     assert differs.value.code == "stream_diverged"
     assert fails.value.code == "provider_error"
@@ -476,17 +462,7 @@ async def test_without_the_chunks_topic_a_stream_comes_whole_at_its_end(
         worker = asyncio.create_task(
             stand_in_worker(missing, "whole-1", [([], False)], outcome="x")
         )
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                extra_headers={"Idempotency-Key": "whole-1"},
-            )
-            got = [chunk async for chunk in stream]
-        finally:
-            await client.close()
+        got = await sdk_stream(url, "whole-1")
         await worker
     assert texts(got) == ["x"]
 
@@ -510,24 +486,17 @@ async def test_a_workers_answer_streams_to_the_openai_sdk_while_it_is_generated(
         serve_app(create_app(streaming)) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            for model in (MODEL, "anthropic/claude-sonnet-4-5"):
-                stream = await client.chat.completions.create(
-                    model=model,
-                    messages=[{"role": "user", "content": f"tell me about {model}"}],
-                    stream=True,
-                )
-                pieces: list[str] = []
-                while_generating: dict[str, Any] = {}
-                async for chunk in stream:
-                    if chunk.choices and chunk.choices[0].delta.content:
-                        if not pieces:  # the provider is still answering when it arrives
-                            while_generating = await simulator_call(simulator, "GET", "/_sim/stats")
-                        pieces.append(chunk.choices[0].delta.content)
-                streamed[chunk.id] = (pieces, while_generating)
-        finally:
-            await client.close()
+        for model in (MODEL, "anthropic/claude-sonnet-4-5"):
+            stats: dict[str, Any] = {}
+
+            async def first_text(got: list[Any], stats: dict[str, Any] = stats) -> None:
+                # Asked once, at the first piece of text: the provider is still answering.
+                if len(texts(got)) == 1 and not stats:
+                    stats.update(await simulator_call(simulator, "GET", "/_sim/stats"))
+
+            text = f"tell me about {model}"
+            got = await sdk_stream(url, text=text, on_chunk=first_text, model=model)
+            streamed[got[0].id] = (texts(got), stats)
         final = {rid: (await http.get(f"/v1/requests/{rid}")).json() for rid in streamed}
     for request_id, (pieces, while_generating) in streamed.items():
         assert len(pieces) >= 2
@@ -553,27 +522,11 @@ async def test_a_broken_provider_stream_is_retried_and_a_client_that_leaves_lose
         serve_app(create_app(streaming)) as url,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
     ):
-        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        try:
-            # The simulator cuts this one's first stream half-way; the worker calls again.
-            stream = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "a long answer [break-stream]"}],
-                stream=True,
-                extra_headers={"Idempotency-Key": "broken-real"},
-            )
-            retried = [chunk async for chunk in stream]
-            # The same request again (its Idempotency-Key): not called again, its chunks are
-            # read back from the topic, the broken attempt's among them.
-            again = await client.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "a long answer [break-stream]"}],
-                stream=True,
-                extra_headers={"Idempotency-Key": "broken-real"},
-            )
-            replayed = [chunk async for chunk in again]
-        finally:
-            await client.close()
+        # The simulator cuts this one's first stream half-way; the worker calls again.
+        retried = await sdk_stream(url, "broken-real", "a long answer [break-stream]")
+        # The same request again (its Idempotency-Key): not called again, its chunks are read
+        # back from the topic, the broken attempt's among them.
+        replayed = await sdk_stream(url, "broken-real", "a long answer [break-stream]")
         # A client that reads the first piece and hangs up.
         body = {
             "model": MODEL,

@@ -64,8 +64,7 @@ class IngressSettings(CatalogParams, ServiceSettings):
     listener_fetch_max_wait_ms: int = Field(500, ge=1)
 
     # Streaming (ingress/chunks.py, ingress/streaming.py). Chunks of streamed answers are read
-    # from this topic by one consumer per replica and fanned out to every client that streams.
-    chunks_topic: str = "llm-response-chunks"
+    # from the chunks topic by one consumer per replica and fanned out to every client streaming.
     # Recent chunks kept per request, so a follower that joins late gets them from the first:
     # at most this many bytes in all, and a request's for this long after its last chunk. An
     # older request's chunks are read back from the topic (from its queue time).

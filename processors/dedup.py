@@ -251,32 +251,41 @@ class DedupStore:
         answer, _ = await self._batcher(WorkerOp("o", request_id, (epoch, "", "", "")), "check")
         return answer == "1"
 
-    async def before_call(self, request_id: str) -> None:
+    async def before_call(self, request_id: str) -> int:
         """Just before each provider attempt for ``request_id``: return only while this worker's
         lease is live and the claim still its own, and then count the task as calling.
 
-        Raises :class:`NotOwner` when another worker took the claim over, and cancels the task
-        (``CancelledError``: not acked, the next owner reads the event again) when draining.
-        While this worker's own lease is lapsed or Redis is unreachable, it waits.
+        Returns the call's number for this request ID over every worker that held it (1, 2, …;
+        a taker goes on from a dead worker's count). Raises :class:`NotOwner` when another
+        worker took the claim over, and cancels the task (``CancelledError``: not acked, the
+        next owner reads the event again) when draining. While this worker's own lease is
+        lapsed or Redis is unreachable, it waits.
         """
         delay = 0.05
         while True:
             if self.draining:
                 raise asyncio.CancelledError("draining: no new provider attempt")
             try:
-                owner = await self.still_owner(request_id)
+                number = await self._begin_call(request_id)
                 break
             except ClaimUnavailable as exc:
                 log.warning("no provider call for %s until the lease is live: %s", request_id, exc)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
-        if not owner:
+        if not number:
             self._epochs.pop(request_id, None)
             log.warning("%s was taken over by another worker; not calling", request_id)
             raise NotOwner(f"{request_id} was taken over by another worker")
         task = asyncio.current_task()
         if task is not None:
             self._calling.add(task)
+        return number
+
+    async def _begin_call(self, request_id: str) -> int:
+        self._check_lease()
+        epoch = self._epochs.get(request_id, "")
+        answer, _ = await self._batcher(WorkerOp("a", request_id, (epoch, "", "", "")), "check")
+        return int(answer)
 
     def call_over(self) -> None:
         """The current task holds no call any more: it failed, or its answer is stored."""

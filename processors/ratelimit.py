@@ -42,7 +42,7 @@ from redis.exceptions import RedisError
 from llmstream.core.record import AnyRedis
 from llmstream.processors.adaptive import AdaptiveControl, lua_factor, traffic_key_prefix
 from llmstream.processors.backpressure import Stay
-from llmstream.schemas.models import LLMRequest
+from llmstream.schemas.models import ChatMessage, LLMRequest
 
 __all__ = ["Bucket", "Grant", "Lane", "RateLimit", "RateLimiter", "estimate_tokens"]
 
@@ -178,8 +178,15 @@ class _Queue:
 
 def estimate_tokens(request: LLMRequest, default_completion_tokens: int) -> int:
     """A pre-call estimate of a request's tokens: prompt characters / 4, plus the completion."""
-    prompt = sum(len(m.content) // _CHARS_PER_TOKEN + _TOKENS_PER_MESSAGE for m in request.messages)
+    chars = sum(_message_chars(m) // _CHARS_PER_TOKEN for m in request.messages)
+    prompt = chars + _TOKENS_PER_MESSAGE * len(request.messages)
     return prompt + (request.max_tokens or default_completion_tokens)
+
+
+def _message_chars(message: ChatMessage) -> int:
+    """What a message sends the model: its text and the arguments of the tools it called."""
+    calls = message.tool_calls or ()
+    return len(message.content or "") + sum(len(call.function.arguments) for call in calls)
 
 
 class RateLimiter:

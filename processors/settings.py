@@ -37,8 +37,6 @@ class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
     model_config = ServiceSettings.model_config
 
     worker_id: str = Field(default_factory=_default_worker_id)
-    # Where the chunks of streamed answers go (LLMSTREAM_CHUNKS_TOPIC), keyed by request ID.
-    chunks_topic: str = "llm-response-chunks"
     consumer_group: str = "llmstream-worker"
     # Provider calls in flight at once in this process, over all partitions.
     max_in_flight: int = Field(500, ge=1, le=100_000)

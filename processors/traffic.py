@@ -26,13 +26,11 @@ settle. For one request:
    retryable failures are retried with full-jitter backoff, up to ``LLMSTREAM_MAX_ATTEMPTS``.
 6. **Cost** from the price table (:mod:`processors.pricing`), counted per provider, model, client.
 
-A request with ``stream: true`` brings its :class:`~processors.streaming.AnswerStream`: each call
-streams into it, chunks numbered by the call's number (as ``attempts`` counts), a cache hit is one
-chunk, and a stream that breaks off is a retryable ``connection_error`` like any broken call.
+A ``stream: true`` request brings an :class:`~processors.streaming.AnswerStream`: each call
+streams into it, its chunks numbered by the call (as ``attempts`` counts); a cache hit is one chunk.
 
 No attempt starts without the request's :class:`CallGate` (the worker's dedup store) saying so,
-asked after every wait, just before the call: a worker whose lease lapsed while it waited, or
-whose request was taken over meanwhile, does not call.
+just before the call: a worker whose lease lapsed or whose request was taken over does not call.
 
 Waits (for budget, a pause or a circuit) give the request's in-flight slot back
 (:mod:`processors.backpressure`); they never count as retries, and the request's dedup claim
@@ -80,8 +78,9 @@ _NO_FALLBACK = ("invalid_request", "expired", "provider_unavailable")
 class CallGate(Protocol):
     """Asked just before each provider attempt (see :class:`processors.dedup.DedupStore`)."""
 
-    async def before_call(self, request_id: str) -> None:
-        """Return to let the call go; raise to stop the request without calling."""
+    async def before_call(self, request_id: str) -> int:
+        """Return the call's number for the request ID over every worker that held it, to let
+        the call go; raise to stop the request without calling."""
 
     def call_over(self) -> None:
         """The attempt failed: the task holds nothing of it any more."""
@@ -425,12 +424,13 @@ class TrafficControl:
         """One call, once the circuit, a pause and the rate budget let it go."""
         await self._admit(calls)
         await calls.stay.resume()
+        number = calls.progress.attempts + 1
         if calls.gate is not None:
-            # After every wait and right before the call: a lease that lapsed or a claim taken
-            # over while this request waited stops it here.
-            await calls.gate.before_call(calls.request.request_id)
+            # After every wait, right before the call: a lapsed lease or a takeover stops it.
+            # Its number goes on from a dead previous owner's calls: chunks stay told apart.
+            number = max(number, await calls.gate.before_call(calls.request.request_id))
         calls.retrying = False
-        calls.progress.attempts += 1
+        calls.progress.attempts = number
         name = calls.provider.name
         grant = calls.grant
         calls.sent_at_ms = grant.send_at_ms if grant is not None else float(self._now_ms())

@@ -131,14 +131,14 @@ def test_compose_stack_starts_in_order_on_kafka_kraft(compose_default: dict[str,
     assert kafka["environment"]["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
     assert "healthcheck" in kafka
 
-    # The four topics the code uses, with partitions and a retention each.
+    # The five topics the code uses, with partitions and a retention each.
     script = "\n".join(services["kafka-init"]["command"])
     created = {
         m.group(1): (int(m.group(2)), int(m.group(3)))
         for m in re.finditer(r"^create (\S+) (\d+) (\d+)", script, re.MULTILINE)
     }
     topics = [TOPICS.requests_topic, TOPICS.responses_topic, TOPICS.metrics_topic]
-    assert sorted(created) == sorted([*topics, TOPICS.errors_topic])
+    assert sorted(created) == sorted([*topics, TOPICS.errors_topic, TOPICS.chunks_topic])
     assert all(partitions >= 4 for partitions, _ in created.values())
     # Errors are kept longer than requests: that is the time there is to replay them.
     assert created[TOPICS.errors_topic][1] > created[TOPICS.requests_topic][1]

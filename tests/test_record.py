@@ -15,7 +15,7 @@ from llmstream.core.record import (
     WorkerOp,
     slot,
 )
-from llmstream.processors.dedup import ClaimStatus, DedupStore
+from llmstream.processors.dedup import ClaimStatus, DedupStore, NotOwner
 from tests.redis_cluster import any_redis, redis_cluster
 
 __all__ = ["any_redis", "redis_cluster"]  # fixtures: each test runs on both Redis kinds
@@ -361,3 +361,20 @@ async def test_an_authenticated_client_cannot_republish_a_request_of_nobody(
     assert (await reserve("alice", 0, "r2")).publish
     assert not (await reserve("bob", 5000, "r2")).publish  # alice's
     assert (await reserve("alice", 10_000, "r2")).publish  # hers, stale: published again
+
+
+async def test_calls_are_numbered_over_every_owner(
+    any_redis: AnyRedis, a: DedupStore, b: DedupStore
+) -> None:
+    assert (await a.claim("r1", 0)).status is ClaimStatus.CLAIMED
+    assert [await a.before_call("r1"), await a.before_call("r1")] == [1, 2]
+    await _lapse(any_redis, a)
+
+    assert (await b.claim("r1", 1)).takeover
+    # The taker goes on from the dead owner's count; the fenced owner may not call at all.
+    assert await b.before_call("r1") == 3
+    await a.heartbeat()
+    with pytest.raises(NotOwner):
+        await a.before_call("r1")
+    assert not await a.still_owner("r1")  # the plain check counts nothing
+    assert await b.before_call("r1") == 4

@@ -6,7 +6,7 @@ Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
      ├── core.connections.KafkaSetupError    the Kafka cluster refuses what the settings insist on
      ├── core.record.ClaimUnavailable        Redis cannot be reached, or this worker's lease lapsed:
      │                                       fail closed
-     ├── core.sessions.SessionError          a session refuses a turn: another client's, or too large
+     ├── core.sessions.SessionError          a session refuses a turn (another client's, too large)
      │   (SessionOwnerMismatch, SessionTurnTooLarge)
      ├── core.tools.ToolsFileError           LLMSTREAM_TOOLS_FILE cannot be read (also a ValueError)
      ├── core.tools.UnknownTool              a request names a server tool nobody registered

@@ -81,6 +81,8 @@ class ServiceSettings(BaseSettings):
     responses_topic: str = "llm-responses"
     metrics_topic: str = "llm-metrics"
     errors_topic: str = "llm-errors"
+    # The chunks of streamed answers (LLMSTREAM_CHUNKS_TOPIC), keyed by request ID.
+    chunks_topic: str = "llm-response-chunks"
     output_format: WireFormat = WireFormat.JSON
     # How long completed and failed results stay in Redis for the ingress (and for dedup).
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)

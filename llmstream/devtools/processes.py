@@ -190,17 +190,19 @@ def scoped_settings(
         responses_topic=f"{name}-llm-responses",
         metrics_topic=f"{name}-llm-metrics",
         errors_topic=f"{name}-llm-errors",
+        chunks_topic=f"{name}-llm-response-chunks",
         kafka_idempotent_producer=idempotent_producer,
     )
 
 
 def topic_names(settings: ServiceSettings) -> list[str]:
-    """The four topics of ``settings``: requests, responses, metrics, errors."""
+    """The five topics of ``settings``: requests, responses, metrics, errors, chunks."""
     return [
         settings.requests_topic,
         settings.responses_topic,
         settings.metrics_topic,
         settings.errors_topic,
+        settings.chunks_topic,
     ]
 
 
@@ -236,6 +238,7 @@ def worker_env(
         LLMSTREAM_RESPONSES_TOPIC=settings.responses_topic,
         LLMSTREAM_METRICS_TOPIC=settings.metrics_topic,
         LLMSTREAM_ERRORS_TOPIC=settings.errors_topic,
+        LLMSTREAM_CHUNKS_TOPIC=settings.chunks_topic,
         # The embedded Tansu broker cannot grant producer IDs, so the idempotent producer is off
         # against it; Apache Kafka keeps it on.
         LLMSTREAM_KAFKA_IDEMPOTENT_PRODUCER=str(settings.kafka_idempotent_producer).lower(),

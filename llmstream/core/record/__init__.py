@@ -29,7 +29,10 @@ record's ``epoch``; the claimant reads that heartbeat with a plain command and, 
 gone, runs the claim again saying "owner X at epoch E was seen dead". The script takes over only
 if the record is still owned by X at E, and moves the epoch on. Storing an outcome (settle) is
 fenced by owner *and* epoch, and so is the still-owner check (the worker script's ``o`` call,
-``DedupStore.still_owner``) that a worker runs before each provider attempt.
+``DedupStore.still_owner``), and its variant ``a`` that a worker runs before each provider
+attempt (``DedupStore.before_call``): it also counts the call in the record's ``calls``, so calls
+are numbered 1, 2, 3 … per request ID over every worker that held it (a taker after a crash goes
+on from the dead worker's count). Streamed chunks carry that number as their ``attempt``.
 
 - Owner alive again after a stall (its heartbeat lapsed, the taker saw that, then the owner
   renewed before the takeover script ran): the takeover still happens, which is right, since a

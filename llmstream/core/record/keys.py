@@ -43,6 +43,7 @@ class Field(enum.StrEnum):
     OWNER = "owner"  # token of the worker holding the claim
     EPOCH = "epoch"  # fencing epoch, +1 at every claim and takeover
     EMITTED = "emitted"  # "1" once the stored outcome is on the broker
+    CALLS = "calls"  # provider calls begun for this ID, by every worker that held it
     RESPONSE = "response"  # LLMResponse JSON (completed)
     ERROR = "error"  # LLMError JSON (failed)
     CLIENT = "client"  # who submitted it through the ingress

@@ -85,6 +85,16 @@ for i, key in ipairs(KEYS) do
     r = settle(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   elseif kind == 'o' then
     r = {ours(key, ARGV[at + 2]) and '1' or '0'}
+  elseif kind == 'a' then
+    -- A provider call begins: still ours, and which call it is for this ID over every owner.
+    -- Never creates a record (an expired one has nothing to count into).
+    if not ours(key, ARGV[at + 2]) then
+      r = {'0'}
+    elseif redis.call('EXISTS', key) == 1 then
+      r = {tostring(redis.call('HINCRBY', key, 'calls', 1))}
+    else
+      r = {'1'}
+    end
   elseif kind == 'u' then
     r = unclaim(key, ARGV[at + 2])
   else

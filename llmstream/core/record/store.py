@@ -70,7 +70,8 @@ class Reservation:
 class WorkerOp:
     """One call of the worker's batched script (see :data:`scripts.WORKER`)."""
 
-    kind: Literal["c", "s", "m", "o", "u"]  # claim, settle, mark emitted, still owner, unclaim
+    # claim, settle, mark emitted, still owner, a call begins (still owner + count), unclaim
+    kind: Literal["c", "s", "m", "o", "a", "u"]
     request_id: str
     args: tuple[Any, Any, Any, Any] = ("", "", "", "")
 

@@ -1209,6 +1209,7 @@ def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
 def test_public_api_is_pinned() -> None:
     # What the worker, the retry policy and the pipeline import; removing one breaks them.
     pinned = "Completion ErrorType OnDelta Provider ProviderError ProviderRouter create_http_client"
+    pinned += " DEFAULT_FINISH_REASON"
     assert set(providers_module.__all__) == {*pinned.split(), "parse_retry_after"}
     assert all(hasattr(providers_module, name) for name in providers_module.__all__)
 

@@ -82,6 +82,8 @@ class EndpointConfig(BaseModel):
     base_url: str
     api_key: SecretStr | None = None
     headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    # The models served there, for GET /v1/models (llmstream.core.catalog); optional.
+    models: list[str] = Field(default_factory=list)
 
     @field_validator("base_url")
     @classmethod

@@ -10,6 +10,8 @@ Endpoints, one router per concern::
     GET  /v1/requests/{id}/stream a request's chunks then its outcome, as Server-Sent Events
     WS   /v1/requests/{id}/ws     the same over a WebSocket (ingress.streaming)
     GET  /v1/models               the provider/model names configuration knows (ingress.models_api)
+    POST/GET/DELETE /v1/sessions[/{id}]  conversations kept in Redis (ingress.sessions_api)
+    POST /v1/tools/{name}/execute one server-side tool, for debugging (ingress.tools_api)
     GET  /health  /ready  /metrics  (ingress.operations)    /docs  /openapi.json
 
 Every ``/v1`` call is authenticated (when API keys are configured) and counted against the
@@ -26,6 +28,7 @@ import logging
 import math
 from collections.abc import AsyncIterator
 
+import aiohttp
 import uvicorn
 from aiokafka import AIOKafkaProducer
 from fastapi import FastAPI, Request
@@ -41,7 +44,17 @@ from llmstream.core.connections import (
     negotiate_idempotence,
     redis_client,
 )
-from llmstream.ingress import models_api, openai_compat, operations, requests_api, streaming
+from llmstream.core.sessions import SessionStore
+from llmstream.core.tools import ToolExecutor, ToolRegistry
+from llmstream.ingress import (
+    models_api,
+    openai_compat,
+    operations,
+    requests_api,
+    sessions_api,
+    streaming,
+    tools_api,
+)
 from llmstream.ingress.auth import IDENTITY, ApiKeys, authenticate
 from llmstream.ingress.chunks import ChunkHub
 from llmstream.ingress.errors import ApiError, install_error_handlers
@@ -54,7 +67,17 @@ from llmstream.ingress.settings import IngressSettings
 log = logging.getLogger(__name__)
 
 # What the lifespan puts on app.state, and takes off again when the app stops.
-_RUNNING_PARTS = ("redis", "producer", "ledger", "publisher", "listener", "hub", "quota")
+_RUNNING_PARTS = (
+    "redis",
+    "producer",
+    "ledger",
+    "publisher",
+    "listener",
+    "hub",
+    "quota",
+    "sessions",
+    "tools",
+)
 
 
 def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None = None) -> FastAPI:
@@ -91,10 +114,13 @@ def create_app(settings: IngressSettings, *, registry: CollectorRegistry | None 
     app.add_middleware(Authenticate)
     app.add_middleware(CountRequests, metrics=metrics)
     app.state.catalog = Catalog.from_settings(settings)
+    app.state.tool_registry = ToolRegistry.from_params(settings)  # a bad tools file stops the start
     # Before requests_api: its GET /v1/requests/{id} would take "<id>/stream" for an ID.
     app.include_router(streaming.routes.router())
     app.include_router(requests_api.routes.router())
     app.include_router(models_api.routes.router())
+    app.include_router(sessions_api.routes.router())
+    app.include_router(tools_api.routes.router())
     app.include_router(openai_compat.routes.router())
     app.include_router(operations.routes.router())
     # Builds every route's state (and the OpenAPI document) now, in the thread that creates the
@@ -126,6 +152,10 @@ async def connect(
     )
     listener = ResponseListener(settings, ledger)
     hub = ChunkHub(settings, metrics)
+    registry = getattr(state, "tool_registry", None)
+    if not isinstance(registry, ToolRegistry):
+        registry = ToolRegistry.from_params(settings)
+    http = aiohttp.ClientSession()  # for server-side tools run from /v1/tools/{name}/execute
     try:
         await producer.start()
         try:
@@ -148,6 +178,10 @@ async def connect(
                 failures_per_minute=settings.auth_failures_per_minute,
                 failures_burst=settings.auth_failures_burst,
             )
+            state.sessions = SessionStore(
+                redis, key_prefix=settings.redis_key_prefix, params=settings
+            )
+            state.tools = ToolExecutor(registry, http)
             try:
                 yield
             finally:
@@ -159,6 +193,7 @@ async def connect(
             # Sends whatever is still buffered and waits for the broker's acks.
             await producer.stop()
     finally:
+        await http.close()
         await redis.aclose()
 
 

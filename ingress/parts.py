@@ -46,6 +46,9 @@ class Routes:
     def post(self, path: str, **options: Any) -> Callable[[F], F]:
         return self._add(path, "POST", options)
 
+    def delete(self, path: str, **options: Any) -> Callable[[F], F]:
+        return self._add(path, "DELETE", options)
+
     def websocket(self, path: str) -> Callable[[F], F]:
         return self._add(path, "WEBSOCKET", {})
 

@@ -9,8 +9,7 @@ that it does). With authentication off, every caller sees every session.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Path, Request
 from pydantic import BaseModel, Field
@@ -23,14 +22,6 @@ from llmstream.ingress.errors import ApiError, unavailable
 from llmstream.ingress.parts import Routes, part
 from llmstream.ingress.requests_api import ERROR_RESPONSES
 from llmstream.schemas.models import ChatMessage
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class _Routes(Routes):
-    # TODO(parts): move into ingress.parts.Routes, which has no DELETE yet.
-    def delete(self, path: str, **options: Any) -> Callable[[F], F]:
-        return self._add(path, "DELETE", options)
 
 
 def _sessions(request: Request) -> SessionStore:
@@ -99,7 +90,7 @@ _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"description": "No such session (or another client's)"}
 }
 
-routes = _Routes(tags=["sessions"])
+routes = Routes(tags=["sessions"])
 
 
 @routes.post(

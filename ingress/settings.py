@@ -7,12 +7,14 @@ import re
 from pydantic import Field, field_validator
 
 from llmstream.core.catalog import CatalogParams
+from llmstream.core.sessions import SessionParams
 from llmstream.core.settings import ServiceSettings
+from llmstream.core.tools import ToolParams
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class IngressSettings(CatalogParams, ServiceSettings):
+class IngressSettings(ToolParams, SessionParams, CatalogParams, ServiceSettings):
     """Everything the ingress reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
 
     The models ``GET /v1/models`` lists come from the workers' own variables

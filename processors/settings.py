@@ -9,7 +9,9 @@ from pathlib import Path
 
 from pydantic import Field
 
+from llmstream.core.sessions import SessionParams
 from llmstream.core.settings import ServiceSettings
+from llmstream.core.tools import ToolParams
 from llmstream.processors.adaptive import AdaptiveParams
 from llmstream.processors.circuit import CircuitParams
 from llmstream.processors.pricing import Price
@@ -23,7 +25,9 @@ def _default_worker_id() -> str:
 
 # The traffic-control parts' knobs are declared once, on the part that uses them, and the worker's
 # settings derive from them: each part takes exactly its own (``params=settings``).
-class WorkerSettings(CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings):
+class WorkerSettings(
+    ToolParams, SessionParams, CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
+):
     """Everything the worker reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
 
     Retries (``LLMSTREAM_MAX_ATTEMPTS``, ``LLMSTREAM_RETRY_*``, ``LLMSTREAM_MAX_RETRY_AFTER_S``,

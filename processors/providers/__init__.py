@@ -22,7 +22,7 @@ import aiohttp
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.errors import LLMStreamError
-from llmstream.schemas.models import LLMRequest
+from llmstream.schemas.models import LLMRequest, ToolCall
 
 __all__ = [
     "DEFAULT_FINISH_REASON",
@@ -57,7 +57,9 @@ MAX_ERROR_BODY_CHARS = 1024
 @dataclass(frozen=True, slots=True)
 class Completion:
     """One successful answer, streamed or not, in the provider-neutral shape the worker
-    publishes; a streamed answer's ``content`` is its deltas joined."""
+    publishes; a streamed answer's ``content`` is its deltas joined. ``tool_calls`` are the
+    calls the model asks for (finish reason ``"tool_calls"``), in OpenAI's shape whatever the
+    wire format; a stream's chunks carry text only, its calls arrive here whole."""
 
     content: str
     finish_reason: str | None
@@ -66,6 +68,7 @@ class Completion:
     total_tokens: int
     provider: str
     model: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 # What a streamed answer that completed without saying why it stopped is taken to have ended

@@ -9,18 +9,34 @@ How the provider-neutral request is translated:
 - ``system`` messages are joined (blank line between) into the top-level ``system`` parameter;
 - ``max_tokens`` is required here: the request's, else the configured default;
 - ``stop`` becomes ``stop_sequences``; ``name`` has no field and is dropped;
-- a ``tool`` message becomes a ``user`` turn whose text says it is a tool result. Anthropic's
-  structured ``tool_result`` block needs the ``tool_use_id`` of a ``tool_use`` block in the
-  previous assistant turn, and the event carries neither, so a structured block would be
-  rejected. Consecutive ``user`` turns are combined into one by the API;
+- ``tools`` become ``{name, description, input_schema, strict}``, the function's ``parameters``
+  as ``input_schema`` (``{"type": "object"}`` when it has none, and ``type`` added when left out);
+- ``tool_choice`` ``auto``/``required``/``none``/a function become ``{"type": "auto"}``,
+  ``{"type": "any"}``, ``{"type": "none"}``, ``{"type": "tool", "name": ...}``;
+  ``parallel_tool_calls: false`` is ``disable_parallel_tool_use: true`` in it. Both go with
+  ``tools`` only: the API refuses a tool choice without tools;
+- an assistant message's ``tool_calls`` become ``tool_use`` blocks after its text (``input`` is the
+  call's parsed arguments, ``{}`` for empty ones: arguments that are not a JSON object fail the
+  request before any call);
+- consecutive ``tool`` messages (system messages between them aside) become one ``user`` turn of
+  ``tool_result`` blocks (``tool_use_id``, ``content``). Consecutive ``user`` turns are combined
+  into one by the API;
+- ``response_format`` ``json_object`` or ``json_schema`` has no equivalent here: the request fails
+  (``invalid_request``) before any call;
 - user and assistant turns are sent in the order given.
+
+An answer's text blocks are joined into the content, its ``tool_use`` blocks become tool calls
+(``arguments`` the compact JSON text of ``input``), and ``stop_reason: "tool_use"`` is the finish
+reason ``"tool_calls"``.
 
 Streamed (``"stream": true``), the answer comes as named events: ``message_start`` (the model and
 the prompt's usage), ``content_block_start`` / ``content_block_delta`` (``text_delta``) /
 ``content_block_stop`` per block, ``message_delta`` (``stop_reason`` and the output's usage),
-``message_stop``; ``ping`` at any time. An ``error`` event is the provider failing mid-stream
-(e.g. ``overloaded_error``), classified by its type. Other events and deltas (thinking, tool
-input) add no text, as only text blocks do in a whole answer.
+``message_stop``; ``ping`` at any time. A ``tool_use`` block starts with its ID and name, and its
+input comes as ``input_json_delta`` pieces of partial JSON, read whole once the stream ends. An
+``error`` event is the provider failing mid-stream (e.g. ``overloaded_error``), classified by its
+type. Other events and deltas (thinking) add nothing, as only text and tool use blocks do in a
+whole answer.
 """
 
 from __future__ import annotations
@@ -45,13 +61,19 @@ from llmstream.processors.providers.http import (
     token_count,
 )
 from llmstream.processors.providers.sse import ServerSentEvent
-from llmstream.schemas.models import LLMRequest
+from llmstream.processors.providers.toolcalls import PartialCall, input_arguments, tool_calls
+from llmstream.schemas.models import LLMRequest, ToolCall, ToolChoiceFunction
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicMessages"]
 
 ANTHROPIC_VERSION = "2023-06-01"
 
-FINISH_REASONS = {"end_turn": "stop", "max_tokens": "length", "stop_sequence": "stop"}
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "max_tokens": "length",
+    "stop_sequence": "stop",
+    "tool_use": "tool_calls",
+}
 # input_tokens excludes prompt-cache reads and writes; adding them makes prompt_tokens mean what
 # OpenAI's does (every prompt token). They are 0 without prompt caching.
 _PROMPT_TOKEN_KEYS = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
@@ -116,25 +138,35 @@ class AnthropicMessages(HTTPAdapter):
 
     def request_body(self, request: LLMRequest, model: str) -> dict[str, Any]:
         """See the module docstring for the translation."""
+        if request.response_format is not None and request.response_format.type != "text":
+            raise self._refused("response_format is not supported by the anthropic wire format")
         system: list[str] = []
-        messages: list[dict[str, str]] = []
-        for m in request.messages:
+        messages: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] | None = None  # the tool_result blocks of the turn just made
+        for i, m in enumerate(request.messages):
+            if m.role == "tool":
+                block = {"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}
+                if results is None:
+                    results = []
+                    messages.append({"role": "user", "content": results})
+                results.append(block)
+                continue
             # Only an assistant turn that calls tools may have no text.
             text = m.content or ""
             if m.role == "system":
                 system.append(text)
-            elif m.role == "tool":
-                label = f"Tool result ({m.name})" if m.name else "Tool result"
-                messages.append({"role": "user", "content": f"{label}:\n{text}"})
+                continue
+            results = None
+            if m.tool_calls:
+                blocks = [{"type": "text", "text": text}] if text else []
+                blocks.extend(self._tool_use(i, j, call) for j, call in enumerate(m.tool_calls))
+                messages.append({"role": m.role, "content": blocks})
             else:
                 messages.append({"role": m.role, "content": text})
         if not messages:
-            raise ProviderError(
-                f"{self.name}: the request has only system messages; the Messages API needs "
-                "at least one user or assistant message",
-                provider=self.name,
-                error_type="invalid_request",
-                retryable=False,
+            raise self._refused(
+                "the request has only system messages; the Messages API needs at least one "
+                "user or assistant message"
             )
         return {
             "model": model,
@@ -146,10 +178,37 @@ class AnthropicMessages(HTTPAdapter):
                 top_p=request.top_p,
                 stop_sequences=request.stop or None,
             ),
+            **_tool_fields(request),
         }
 
+    def _tool_use(self, i: int, j: int, call: ToolCall) -> dict[str, Any]:
+        """Call ``j`` of message ``i`` as a ``tool_use`` block, its arguments parsed."""
+        text = call.function.arguments
+        try:
+            # No text at all is no arguments, as some OpenAI-compatible servers write it.
+            arguments = orjson.loads(text) if text.strip() else {}
+        except orjson.JSONDecodeError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            raise self._refused(
+                f"messages.{i}.tool_calls.{j}.function.arguments is not a JSON object; the "
+                "anthropic wire format sends a call's arguments as its input object"
+            )
+        return {"type": "tool_use", "id": call.id, "name": call.function.name, "input": arguments}
+
+    def _refused(self, reason: str) -> ProviderError:
+        """A request this API cannot express: refused before any call."""
+        return ProviderError(
+            f"{self.name}: {reason}",
+            provider=self.name,
+            error_type="invalid_request",
+            retryable=False,
+        )
+
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
-        text = "".join(b["text"] for b in data["content"] if b.get("type") == "text")
+        blocks = data["content"]
+        text = "".join(b["text"] for b in blocks if b.get("type") == "text")
+        calls = [b for b in blocks if b.get("type") == "tool_use"]
         usage = data.get("usage")
         if not isinstance(usage, dict):
             usage = {}  # usage is bookkeeping: without it the answer still counts
@@ -163,6 +222,10 @@ class AnthropicMessages(HTTPAdapter):
             total_tokens=min(prompt + completion, MAX_TOKEN_COUNT),
             provider=self.name,
             model=str(data.get("model") or requested_model),
+            tool_calls=tool_calls(
+                (b.get("id"), b.get("name"), input_arguments(b.get("input"), str(b.get("name"))))
+                for b in calls
+            ),
         )
 
     def _prompt_tokens(self, usage: Mapping[str, Any]) -> int:
@@ -182,9 +245,16 @@ class AnthropicMessages(HTTPAdapter):
         kind = kind or data["type"]
         if kind == "content_block_delta":
             delta = data["delta"]
+            if delta.get("type") == "input_json_delta":
+                answer.calls[int(data["index"])].pieces.append(str(delta["partial_json"]))
             return str(delta["text"]) if delta.get("type") == "text_delta" else ""
         if kind == "content_block_start":
             block = data["content_block"]
+            if block.get("type") == "tool_use":
+                call = PartialCall(
+                    block["id"], block["name"], input_json=True, input=block.get("input")
+                )
+                answer.calls[int(data["index"])] = call
             return str(block.get("text") or "") if block.get("type") == "text" else ""
         if kind == "message_start":
             message = data["message"]
@@ -223,3 +293,33 @@ class AnthropicMessages(HTTPAdapter):
 def _finish_reason(stop: object) -> str | None:
     """Anthropic's ``stop_reason`` in OpenAI's words where they have one."""
     return FINISH_REASONS.get(stop, stop) if isinstance(stop, str) else None
+
+
+def _tool_fields(request: LLMRequest) -> dict[str, Any]:
+    """``tools`` and ``tool_choice`` as the Messages API takes them; none without tools."""
+    if not request.tools:
+        return {}
+    tools = [
+        {
+            "name": tool.function.name,
+            "input_schema": {"type": "object", **(tool.function.parameters or {})},
+            **present(description=tool.function.description, strict=tool.function.strict),
+        }
+        for tool in request.tools
+    ]
+    choice = request.tool_choice
+    serial = request.parallel_tool_calls is False
+    wire: dict[str, Any]
+    if choice == "none":  # no tool at all: nothing to run in parallel
+        wire = {"type": "none"}
+    elif isinstance(choice, ToolChoiceFunction):
+        wire = {"type": "tool", "name": choice.function.name}
+    elif choice == "required":
+        wire = {"type": "any"}
+    elif choice == "auto" or serial:
+        wire = {"type": "auto"}
+    else:
+        return {"tools": tools}
+    if serial and wire["type"] != "none":
+        wire["disable_parallel_tool_use"] = True
+    return {"tools": tools, "tool_choice": wire}

@@ -9,6 +9,15 @@ Streamed (``"stream": true`` with ``stream_options.include_usage``): ``data:`` l
 choice carries ``finish_reason``; then a chunk with empty ``choices`` and the ``usage``; then
 ``data: [DONE]``. An ``{"error": ...}`` object in a data line is the provider failing mid-stream
 (OpenRouter sends its HTTP status as the ``code``).
+
+Function calling is sent as OpenAI documents it: ``tools``, and with them ``tool_choice`` and
+``parallel_tool_calls`` (the API refuses either without tools: a request that offers only server
+tools has them added as ``tools`` by the worker first); ``response_format``; assistant messages
+with ``tool_calls`` (``content`` may be null) and ``tool`` messages with ``tool_call_id``. An
+answer's ``message.tool_calls`` become the completion's, its ``finish_reason`` as given
+(``"tool_calls"``). Streamed, each call comes as ``delta.tool_calls`` fragments by ``index``: the
+first names its ``id`` and ``function.name`` (kept as first given), each brings a piece of
+``function.arguments`` (joined); the chunks carry text only, the calls arrive whole at the end.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from llmstream.processors.providers.http import (
     token_count,
 )
 from llmstream.processors.providers.sse import ServerSentEvent
-from llmstream.schemas.models import LLMRequest
+from llmstream.processors.providers.toolcalls import PartialCall, tool_calls
+from llmstream.schemas.models import ChatMessage, LLMRequest
 
 __all__ = ["OpenAICompatible"]
 
@@ -68,15 +78,9 @@ class OpenAICompatible(HTTPAdapter):
         return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
     def request_body(self, request: LLMRequest, model: str) -> dict[str, Any]:
-        messages: list[dict[str, Any]] = []
-        for m in request.messages:
-            item: dict[str, Any] = {"role": m.role, "content": m.content}
-            if m.name is not None:
-                item["name"] = m.name
-            messages.append(item)
-        return {
+        body = {
             "model": model,
-            "messages": messages,
+            "messages": [_message(m) for m in request.messages],
             **present(
                 temperature=request.temperature,
                 max_tokens=request.max_tokens,
@@ -84,6 +88,20 @@ class OpenAICompatible(HTTPAdapter):
                 stop=request.stop or None,
             ),
         }
+        if request.tools:
+            body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in request.tools]
+            choice = request.tool_choice
+            body.update(
+                present(
+                    tool_choice=choice if isinstance(choice, str | None) else choice.model_dump(),
+                    parallel_tool_calls=request.parallel_tool_calls,
+                )
+            )
+        if request.response_format is not None:
+            body["response_format"] = request.response_format.model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            )
+        return body
 
     def parse_completion(self, data: Any, requested_model: str) -> Completion:
         choice = data["choices"][0]
@@ -95,6 +113,7 @@ class OpenAICompatible(HTTPAdapter):
         completion = token_count(self.name, "completion_tokens", usage.get("completion_tokens"))
         total = token_count(self.name, "total_tokens", usage.get("total_tokens"))
         finish_reason = choice.get("finish_reason")
+        calls = message.get("tool_calls") or ()
         return Completion(
             content=str(message.get("content") or ""),
             finish_reason=finish_reason if isinstance(finish_reason, str) else None,
@@ -103,6 +122,7 @@ class OpenAICompatible(HTTPAdapter):
             total_tokens=total or min(prompt + completion, MAX_TOKEN_COUNT),
             provider=self.name,
             model=str(data.get("model") or requested_model),
+            tool_calls=tool_calls(_wire_call(call) for call in calls),
         )
 
     def error_fields(self, error: Mapping[str, Any]) -> ErrorFields:
@@ -138,10 +158,46 @@ class OpenAICompatible(HTTPAdapter):
         for choice in data.get("choices") or ():
             if choice.get("index", 0) != 0:
                 continue  # n is never sent: only one choice is asked for
-            content = (choice.get("delta") or {}).get("content")
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
             if isinstance(content, str):
                 text = content
+            for fragment in delta.get("tool_calls") or ():
+                _add_fragment(answer.calls, fragment)
             finish_reason = choice.get("finish_reason")
             if isinstance(finish_reason, str):
                 answer.finish_reason = finish_reason
         return text
+
+
+def _message(m: ChatMessage) -> dict[str, Any]:
+    item: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.name is not None:
+        item["name"] = m.name
+    if m.tool_calls:
+        item["tool_calls"] = [call.model_dump(mode="json") for call in m.tool_calls]
+    if m.tool_call_id is not None:
+        item["tool_call_id"] = m.tool_call_id
+    return item
+
+
+def _wire_call(call: Any) -> tuple[object, object, object]:
+    """``(id, name, arguments)`` of one of ``message.tool_calls``; a call of another type than
+    ``function`` (none is ever offered) has no function here, and so is malformed."""
+    function = call["function"] if call.get("type", "function") == "function" else {}
+    return call.get("id"), function.get("name"), function.get("arguments")
+
+
+def _add_fragment(calls: dict[int, PartialCall], fragment: Any) -> None:
+    """One ``delta.tool_calls`` fragment into the call at its ``index``."""
+    call = calls.setdefault(int(fragment["index"]), PartialCall())
+    function = fragment.get("function") or {}
+    # The ID and name arrive whole in a call's first fragment; some servers repeat them.
+    call_id, name = fragment.get("id"), function.get("name")
+    if not call.id and isinstance(call_id, str):
+        call.id = call_id
+    if not call.name and isinstance(name, str):
+        call.name = name
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        call.pieces.append(arguments)

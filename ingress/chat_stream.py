@@ -5,9 +5,16 @@ read (:func:`~llmstream.ingress.streaming.follow`)::
 
     data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", ...}}]}
     data: {... "choices": [{"delta": {"content": "Hel"}}]}          one per chunk with text
+    data: {... "choices": [{"delta": {"tool_calls": [{"index": 0, "id": ...}]}}]}  one per call
     data: {... "choices": [{"delta": {}, "finish_reason": "stop"}]}
     data: {... "choices": [], "usage": {...}}             with stream_options.include_usage
     data: [DONE]
+
+The chunk topic carries text only: the tools a model called come with the final response, and
+are sent then, one delta per call in OpenAI's ``delta.tool_calls`` shape (``index``, ``id``,
+``type``, the function's name and whole arguments), before the finish chunk, so the openai SDK's
+``chat.completions.stream()`` assembles them. When the request offers tools, the first delta
+carries no content (``null``), as OpenAI's does for an answer that may be calls only.
 
 A client cannot take back text it was sent. When a stream broke half-way and the worker retried
 (a new ``attempt``), the new attempt's text is skipped while it repeats what was sent, and relayed
@@ -37,7 +44,7 @@ from llmstream.ingress.publish import Publisher
 from llmstream.ingress.results import RequestLedger, ResponseListener
 from llmstream.ingress.settings import IngressSettings
 from llmstream.ingress.streaming import ClosingStream, Interrupted, follow
-from llmstream.schemas.models import LLMError, LLMResponse, LLMResponseChunk
+from llmstream.schemas.models import LLMError, LLMResponse, LLMResponseChunk, ToolCall
 
 __all__ = ["Relay", "stream_chat"]
 
@@ -91,12 +98,18 @@ def _sse(data: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
+def tool_call_deltas(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """The ``delta.tool_calls`` entries for a response's calls, each whole, by ``index``."""
+    return [{"index": index, **call.model_dump(mode="json")} for index, call in enumerate(calls)]
+
+
 async def stream_chat(
     event: PublishedEvent,
     *,
     model: str,
     created: int,
     include_usage: bool,
+    tools_offered: bool = False,
     identity: Identity,
     settings: IngressSettings,
     metrics: IngressMetrics,
@@ -156,7 +169,8 @@ async def stream_chat(
         end = "disconnected"
         relay = Relay()
         try:
-            yield delta("", role="assistant")
+            opening = {"role": "assistant", "content": None if tools_offered else ""}
+            yield chunk([{"index": 0, "delta": opening, "logprobs": None, "finish_reason": None}])
             events = follow(subscription, waiter, hub, settings, client_id=identity.client_id)
             async for item in events:
                 if isinstance(item, LLMResponseChunk):
@@ -167,6 +181,8 @@ async def stream_chat(
                     text = relay.response(item)
                     if text:
                         yield delta(text)
+                    for call in tool_call_deltas(item.tool_calls or []):
+                        yield delta(tool_calls=[call])
                     yield delta(finish=finish_reason(item))
                     if include_usage:
                         usage = {

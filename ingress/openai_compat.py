@@ -2,12 +2,21 @@
 
 Accepted: ``model`` (passed through as the request's model, e.g. ``openai/gpt-4o-mini``),
 ``messages`` (``content`` as a string or a list of text parts, joined with newlines; the
-``developer`` role is sent as ``system``), ``temperature``, ``top_p``, ``max_tokens`` /
+``developer`` role is sent as ``system``; assistant messages with ``tool_calls`` and null
+content, ``tool`` messages with ``tool_call_id``), ``temperature``, ``top_p``, ``max_tokens`` /
 ``max_completion_tokens`` (the latter wins), ``stop`` (a string or a list), ``user`` (kept in the
 request's metadata), ``metadata``, ``n`` (1 only), ``stream`` and ``stream_options``
-(``include_usage``). Anything else, such as ``tools`` or ``response_format``, is refused with a
-400 naming it rather than silently ignored. ``"stream": true`` answers OpenAI's
-``chat.completion.chunk`` Server-Sent Events (:mod:`ingress.chat_stream`).
+(``include_usage``), ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``
+and ``service_tier`` (``default`` is the contract's ``standard``; ``auto`` and ``flex`` as they
+are). llmstream's own fields come as extra body fields (the openai SDK's ``extra_body``):
+``session_id`` and ``server_tools``. The deprecated ``functions`` and ``function_call`` are
+refused, saying to use ``tools``; anything else unknown is refused with a 400 naming it rather
+than silently ignored. ``"stream": true`` answers OpenAI's ``chat.completion.chunk``
+Server-Sent Events (:mod:`ingress.chat_stream`).
+
+An answer in which the model called tools carries ``message.tool_calls`` (OpenAI's shape),
+``finish_reason: "tool_calls"`` and, when the model said nothing else, ``content: null``: the
+SDK's function-calling loop runs the tools and sends their results back as ``tool`` messages.
 
 Outcomes from ``llm-errors`` map to OpenAI's error body and a status the SDK understands; see
 :func:`error_for`. :data:`routes` serves ``POST /v1/chat/completions``: it publishes the request
@@ -29,6 +38,7 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
@@ -47,17 +57,31 @@ from llmstream.ingress.parts import (
     SettingsDep,
     chunk_hub,
 )
-from llmstream.ingress.requests_api import ERROR_RESPONSES, JSON_BODY_RESPONSES, IdempotencyKey
+from llmstream.ingress.requests_api import (
+    ERROR_RESPONSES,
+    JSON_BODY_RESPONSES,
+    IdempotencyKey,
+    check_sessions,
+)
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
     MAX_MESSAGES,
+    MAX_SERVER_TOOLS,
     MAX_STOP_SEQUENCES,
-    ChatMessage,
+    MAX_TOOLS,
     LLMError,
     LLMRequest,
     LLMResponse,
     Metadata,
     ModelName,
+    ResponseFormat,
+    ServiceTier,
+    SessionId,
+    Tool,
+    ToolCall,
+    ToolCallId,
+    ToolChoice,
+    ToolName,
 )
 
 _TEXT_PART_SCHEMA = {
@@ -90,14 +114,16 @@ def _as_list(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
 
+# At least one character, except in an assistant message that calls tools (the contract's rule,
+# checked when the request is made from the body).
 Content = Annotated[
     str,
     BeforeValidator(_join_text_parts),
-    StringConstraints(min_length=1, max_length=MAX_CONTENT_CHARS),
+    StringConstraints(max_length=MAX_CONTENT_CHARS),
     WithJsonSchema(
         {
             "anyOf": [
-                {"type": "string", "minLength": 1, "maxLength": MAX_CONTENT_CHARS},
+                {"type": "string", "maxLength": MAX_CONTENT_CHARS},
                 {"type": "array", "items": _TEXT_PART_SCHEMA, "minItems": 1},
             ]
         }
@@ -123,6 +149,11 @@ Stop = Annotated[
 ]
 MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 
+# OpenAI's service tiers and the contract's: "default" is the standard tier.
+_TIERS: dict[str, ServiceTier] = {"default": "standard", "auto": "auto", "flex": "flex"}
+_OPENAI_TIERS = {"standard": "default"}
+_REPLACED = {"functions": "tools", "function_call": "tool_choice"}
+
 
 class ChatCompletionMessageParam(BaseModel):
     """One input message."""
@@ -130,9 +161,31 @@ class ChatCompletionMessageParam(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Content
+    content: Content | None = Field(
+        None, description="Null only in an assistant message that carries tool_calls"
+    )
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
-    tool_call_id: Annotated[str, StringConstraints(max_length=256)] | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="An assistant message's calls (as the answer carried them)"
+    )
+    tool_call_id: ToolCallId | None = Field(
+        None, description="A tool message's: the ID of the call it answers"
+    )
+    # The SDK sends an answer's message back as it was received, refusal included.
+    refusal: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] | None = None
+
+    def contract(self) -> dict[str, Any]:
+        """The fields of the contract's message (whose rules are checked as it is made)."""
+        content = self.content
+        if self.refusal and not content:
+            content = self.refusal  # what the model said, in a refusal's words
+        return {
+            "role": "system" if self.role == "developer" else self.role,
+            "content": content,
+            "name": self.name,
+            "tool_calls": self.tool_calls or None,
+            "tool_call_id": self.tool_call_id,
+        }
 
 
 class StreamOptions(BaseModel):
@@ -164,6 +217,35 @@ class ChatCompletionRequest(BaseModel):
         None, description="true: the answer as chat.completion.chunk Server-Sent Events."
     )
     stream_options: StreamOptions | None = None
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    service_tier: Literal["default", "auto", "flex"] | None = Field(
+        None, description="default: the standard tier; flex: cheaper, slower, may wait"
+    )
+    # llmstream's own (the openai SDK sends them with extra_body).
+    session_id: SessionId | None = Field(
+        None,
+        description="Answer after the session's history and append this turn to it "
+        "(a new ID starts a session; see /v1/sessions)",
+    )
+    server_tools: Annotated[list[ToolName], Field(max_length=MAX_SERVER_TOOLS)] | None = Field(
+        None, description="Operator-registered tools the worker may run for the model"
+    )
+    # OpenAI's deprecated function calling: named, so the refusal can say what replaces it.
+    functions: Any = Field(None, description="Deprecated; refused: use tools")
+    function_call: Any = Field(None, description="Deprecated; refused: use tool_choice")
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
+        field = info.field_name or ""
+        raise PydanticCustomError(
+            "deprecated",
+            "{field} is OpenAI's deprecated function calling and is not supported; use {instead}",
+            {"field": field, "instead": _REPLACED.get(field, "tools")},
+        )
 
     @field_validator("n")
     @classmethod
@@ -177,6 +259,9 @@ class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(
+        None, description="The tools the model calls (absent when it calls none)"
+    )
 
 
 class Choice(BaseModel):
@@ -202,6 +287,16 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: CompletionUsage
     system_fingerprint: str | None = None
+    service_tier: str | None = None
+
+    def body(self) -> dict[str, Any]:
+        """As JSON, leaving out ``tool_calls`` when there are none, as OpenAI does (the SDK
+        sends a message back as it received it)."""
+        body = self.model_dump(mode="json")
+        for choice in body["choices"]:
+            if choice["message"]["tool_calls"] is None:
+                del choice["message"]["tool_calls"]
+        return body
 
 
 def to_llm_request(
@@ -212,27 +307,29 @@ def to_llm_request(
     if body.user is not None:
         metadata.setdefault("user", body.user)
     max_tokens = body.max_completion_tokens or body.max_tokens
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "model": body.model,
+        "messages": [message.contract() for message in body.messages],
+        "temperature": body.temperature,
+        "max_tokens": max_tokens,
+        "top_p": body.top_p,
+        "stop": body.stop,
+        "metadata": metadata,
+        "client_id": client_id,
+        "created_at_ms": now_ms,
+        "stream": bool(body.stream),
+        "session_id": body.session_id,
+        "tools": body.tools,
+        "tool_choice": body.tool_choice,
+        "parallel_tool_calls": body.parallel_tool_calls,
+        "response_format": body.response_format,
+        "server_tools": body.server_tools or [],
+        "service_tier": _TIERS[body.service_tier] if body.service_tier else None,
+    }
     try:
-        return LLMRequest(
-            request_id=request_id,
-            model=body.model,
-            messages=[
-                ChatMessage(
-                    role="system" if m.role == "developer" else m.role,
-                    content=m.content,
-                    name=m.name,
-                )
-                for m in body.messages
-            ],
-            temperature=body.temperature,
-            max_tokens=max_tokens,
-            top_p=body.top_p,
-            stop=body.stop,
-            metadata=metadata,
-            client_id=client_id,
-            created_at_ms=now_ms,
-            stream=bool(body.stream),
-        )
+        # The messages are checked here, by the contract's rules (content, tool_call_id ...).
+        return LLMRequest.model_validate(fields)
     except ValidationError as exc:
         raise validation_error(exc.errors(include_url=False), status=400) from None
 
@@ -248,7 +345,15 @@ _FINISH_REASONS = {
 
 def finish_reason(response: LLMResponse) -> str:
     """OpenAI's ``finish_reason`` for a response's (providers name them differently)."""
+    if response.finish_reason is None and response.tool_calls:
+        return "tool_calls"
     return _FINISH_REASONS.get(response.finish_reason, response.finish_reason) or "stop"
+
+
+def openai_tier(response: LLMResponse) -> str | None:
+    """OpenAI's name of the tier that served the response (``default`` for ``standard``)."""
+    tier = response.service_tier
+    return _OPENAI_TIERS.get(tier, tier) if tier is not None else None
 
 
 def chat_completion(response: LLMResponse) -> ChatCompletion:
@@ -262,7 +367,11 @@ def chat_completion(response: LLMResponse) -> ChatCompletion:
         choices=[
             Choice(
                 index=0,
-                message=ChatCompletionMessage(content=response.content),
+                message=ChatCompletionMessage(
+                    # A model that only called tools said nothing: null, as OpenAI answers.
+                    content=(response.content or None) if response.tool_calls else response.content,
+                    tool_calls=response.tool_calls or None,
+                ),
                 finish_reason=finish,
             )
         ],
@@ -271,6 +380,7 @@ def chat_completion(response: LLMResponse) -> ChatCompletion:
             completion_tokens=response.completion_tokens,
             total_tokens=response.total_tokens,
         ),
+        service_tier=openai_tier(response),
     )
 
 
@@ -315,6 +425,7 @@ routes = Routes(tags=["openai"])
             "description": "The completion; with stream=true, chat.completion.chunk events",
         },
         400: {"description": "Invalid request (OpenAI error format)"},
+        404: {"description": "session_id names another client's session (with API keys)"},
         502: {"description": "The provider failed"},
         504: {"description": "No outcome in time; poll /v1/requests/{request_id}"},
         **ERROR_RESPONSES,
@@ -336,15 +447,18 @@ async def chat_completions(
     as it is generated (``"stream": true``)."""
     request_id = idempotency_key or f"chatcmpl-{uuid.uuid4().hex}"
     now_ms = wall_clock_ms()
-    event = publisher.event(
-        to_llm_request(body, request_id=request_id, client_id=identity.client_id, now_ms=now_ms)
+    llm_request = to_llm_request(
+        body, request_id=request_id, client_id=identity.client_id, now_ms=now_ms
     )
+    event = publisher.event(llm_request)
+    await check_sessions(request, [llm_request], [""], identity)
     if body.stream:
         return await stream_chat(
             event,
             model=body.model,
             created=now_ms // 1000,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
+            tools_offered=bool(body.tools),
             identity=identity,
             settings=settings,
             metrics=metrics,
@@ -396,4 +510,4 @@ async def chat_completions(
         raise error_for(outcome, final)
     metrics.wait_time.labels("completed").observe(waited)
     completion = chat_completion(outcome)
-    return JSONResponse(completion.model_dump(mode="json"), headers=final)
+    return JSONResponse(completion.body(), headers=final)

@@ -2,9 +2,13 @@
 did not make it.
 
 For each request ID: record it as queued in Redis unless it exists (then it is a duplicate and
-nothing is published), publish the new ones with acks from all in-sync replicas, keyed by request
-ID, and release the records of those the broker did not acknowledge, so a retry publishes them.
-A publication that timed out may still land; the worker's dedup makes that harmless.
+nothing is published), publish the new ones with acks from all in-sync replicas, and release the
+records of those the broker did not acknowledge, so a retry publishes them. A publication that
+timed out may still land; the worker's dedup makes that harmless.
+
+The message key is the request's ``session_id`` when it has one, else its request ID: a
+session's requests share a partition, so the worker reads them in the order they were published
+and answers them one at a time. The request ID stays the idempotency key either way.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Event:
 
     request_id: str
     value: bytes
+    # The message key: the session's ID for a request in a session, else the request's.
+    key: str
     # Of what was asked (not when, or the ID): the same ID with other content is a conflict.
     digest: str
 
@@ -86,7 +92,8 @@ class Publisher:
             )
         # What was asked, without when: a resubmission with a later created_at_ms is the same.
         content = encode(request.model_copy(update={"created_at_ms": None}), WireFormat.JSON)
-        return Event(request.request_id, value, hashlib.sha256(content).hexdigest())
+        key = request.session_id or request.request_id
+        return Event(request.request_id, value, key, hashlib.sha256(content).hexdigest())
 
     async def submit(
         self, events: Sequence[Event], client: str | None, id_fields: Sequence[str]
@@ -166,7 +173,7 @@ class Publisher:
 
         async def send_all() -> list[object]:
             pending = [
-                await self._producer.send(topic, e.value, key=e.request_id.encode()) for e in events
+                await self._producer.send(topic, e.value, key=e.key.encode()) for e in events
             ]
             return list(await asyncio.gather(*pending, return_exceptions=True))
 

@@ -2,22 +2,30 @@
 
 A submitted request is an :class:`~schemas.models.LLMRequest` whose ``request_id`` may be left
 out (the ingress assigns one); the same limits and messages apply, so the HTTP API rejects exactly
-what a Kafka producer's event would be rejected for.
+what a Kafka producer's event would be rejected for. Tools, ``response_format`` and
+``session_id`` are the contract's fields, taken as they are.
+
+Sessions (:func:`check_sessions`, for this route and ``POST /v1/chat/completions``): a request
+naming another client's session is refused before anything is published. A session ID that does
+not exist yet is let through without creating anything: the worker creates the session with the
+request's answer, owned by the request's client. ``POST /v1/sessions`` makes one up front.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from fastapi import Body, Header, Path, Response
+from fastapi import Body, Header, Path, Request, Response
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.ingress.auth import CallerDep
+from llmstream.core.sessions import Session, SessionStore
+from llmstream.ingress.auth import CallerDep, Identity
 from llmstream.ingress.errors import ApiError, failure_message, unavailable, validation_error
-from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep
+from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep, part
 from llmstream.ingress.results import Status
 from llmstream.schemas.models import (
     MAX_CONTENT_CHARS,
@@ -150,6 +158,11 @@ routes = Routes(tags=["requests"])
     response_model=SubmitResponse,
     responses={
         200: {"model": SubmitResponse, "description": "Every ID was known: nothing published"},
+        403: {
+            "description": "API key not allowed, or (authentication off) a session_id of "
+            "another client"
+        },
+        404: {"description": "A session_id of another client (with API keys)"},
         409: {"description": "A request ID belongs to another client or other content"},
         **ERROR_RESPONSES,
         **JSON_BODY_RESPONSES,
@@ -160,6 +173,7 @@ async def submit(
     identity: CallerDep,
     settings: SettingsDep,
     publisher: PublisherDep,
+    request: Request,
     response: Response,
     idempotency_key: IdempotencyKey = None,
 ) -> SubmitResponse:
@@ -194,6 +208,7 @@ async def submit(
         for index, (item, field) in enumerate(zip(items, fields, strict=True))
     ]
     events = [publisher.event(r, f) for r, f in zip(requests, fields, strict=True)]
+    await check_sessions(request, requests, fields, identity)
     id_fields = [f"{field}.request_id" if field else "request_id" for field in fields]
     receipts = await publisher.submit(events, identity.client_id, id_fields)
     failed = [r for r in receipts if r.failed]
@@ -256,6 +271,49 @@ async def get_request(
         if isinstance(outcome, LLMError)
         else None,
     )
+
+
+async def check_sessions(
+    connection: Request,
+    requests: Sequence[LLMRequest],
+    fields: Sequence[str],
+    identity: Identity,
+) -> None:
+    """Refuse the submission when a request names a session that is not its client's.
+
+    With API keys on, another client's session answers 404, as one that does not exist would
+    for ``GET /v1/sessions/{id}``; with authentication off (where every caller sees every
+    session) a session of another ``client_id`` answers 403. A session that does not exist yet
+    passes. The worker checks again when it answers: a session another client created in the
+    meantime fails the request there.
+    """
+    named = [
+        (r.session_id, r, f)
+        for r, f in zip(requests, fields, strict=True)
+        if r.session_id is not None
+    ]
+    if not named:
+        return
+    sessions = part(connection, "sessions", SessionStore)
+    found: dict[str, Session | None] = {}
+    for session_id, request, field in named:
+        if session_id not in found:
+            try:
+                found[session_id] = await sessions.get(session_id)
+            except RedisError:
+                raise unavailable("Redis") from None
+        session = found[session_id]
+        if session is None or session.owner == request.client_id:
+            continue
+        param = f"{field}.session_id" if field else "session_id"
+        if identity.client_id is not None:
+            raise ApiError(404, f"{param}: no session with this ID", param=param, code="not_found")
+        raise ApiError(
+            403,
+            f"{param}: the session belongs to another client_id",
+            param=param,
+            code="session_of_another_client",
+        )
 
 
 def _request_id(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import orjson
 from pydantic import ValidationError
 
-from llmstream.schemas.models import FunctionCall, ToolCall
+from llmstream.schemas.models import ToolCall
 
 __all__ = ["MalformedAnswer", "PartialCall", "input_arguments", "tool_call", "tool_calls"]
 
@@ -71,7 +71,8 @@ def tool_call(call_id: object, name: object, arguments: object) -> ToolCall:
             "(the contract needs all three)"
         )
     try:
-        return ToolCall(id=call_id, function=FunctionCall(name=name, arguments=arguments))
+        function = {"name": name, "arguments": arguments}
+        return ToolCall.model_validate({"id": call_id, "type": "function", "function": function})
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         part = ".".join(str(step) for step in error["loc"])

@@ -20,13 +20,20 @@ step with ``"break_stream": true``, and for the first stream of a request whose 
 holds ``[break-stream]`` (the request is its ``X-Client-Request-Id``, else its exact body); later
 streams of that request complete.
 
+Batches: OpenAI's Files and Batches and Anthropic's Message Batches
+(:mod:`llmstream.devtools.sim_batch_api`), answered as the endpoints above answer, after
+``batch_delay_ms``, with per-line errors and expiry on demand
+(:mod:`llmstream.devtools.sim_batches`). ``"service_tier": "flex"`` on OpenAI's endpoint is
+answered as flex, or with a 429 when flex is short (:mod:`llmstream.devtools.sim_flex`).
+
 Each call, in order: counted under its ``X-Client-Request-Id`` (``""`` without one); a scripted
 response for that ID, if any, is used instead of everything below (``status`` 200 is a normal
 answer; only ``delay_ms`` delays a scripted call); wrong API key → 401; over ``rpm_limit`` in
 a sliding window of the last ``rate_window_s`` (60 s: ``rpm_limit`` calls; a shorter window
 allows ``rpm_limit * rate_window_s / 60``, for time-scaled tests) → 429 with ``Retry-After``
-(whole seconds) and ``retry-after-ms`` (when the oldest call leaves the window); malformed body
-→ 400; then the latency, then ``error_rate`` of calls get ``error_status`` (500).
+(whole seconds) and ``retry-after-ms`` (when the oldest call leaves the window); a flex call
+that finds flex short → 429 ``resource_unavailable``; malformed body → 400; then the latency,
+then ``error_rate`` of calls get ``error_status`` (500).
 
 A call keeps running when its client goes away, as it would at a provider (which still bills
 it): ``in_flight`` counts calls not yet answered, whoever is still listening. A stream whose
@@ -36,14 +43,19 @@ Control, for tests::
 
     GET  /_sim/stats   {"calls_total", "completed_total", "in_flight", "calls_by_request_id",
                         "streams_by_request_id", "streams_broken_total", "status_counts",
-                        "config"}
+                        "config", "flex_calls_by_request_id", "flex_busy_total",
+                        "batches_by_request_id" ({custom_id: [batch IDs it was accepted in]}),
+                        "batches_total", "batches_by_status", "batch_lines_total",
+                        "batch_lines_by_outcome"}
     GET  /_sim/calls   {"calls": [{"request_id", "api", "status", "finished", "stream",
                        "broken"}, ...]} in arrival order (the last 100,000)
     POST /_sim/reset   back to the start: counters, call log, scripts, rate window, config and
                        which marked requests already broke
     POST /_sim/config  {"latency_ms", "latency_jitter", "error_rate", "error_status",
                         "rpm_limit", "rate_window_s", "stream_chunks", "stream_chunk_delay_ms",
-                        "stream_break_rate"} (any subset)
+                        "stream_break_rate", "batch_delay_ms", "batch_expire_rate",
+                        "flex_busy_rate"} (any subset)
+    POST /_sim/batches/{id}/expire   a running batch (either API) expires now
     POST /_sim/script  {"request_id": "r1", "responses": [{"status": 500},
                         {"status": 429, "retry_after": 1.5}, {"status": 200, "delay_ms": 50},
                         {"status": 200, "break_stream": true}]}
@@ -70,6 +82,9 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from llmstream.devtools.sim_batch_api import add_batch_routes
+from llmstream.devtools.sim_batches import BatchStore
+from llmstream.devtools.sim_flex import FlexTier, flex_busy_body
 from llmstream.devtools.sim_stream import (
     Frame,
     anthropic_frames,
@@ -118,6 +133,9 @@ class SimulatorSettings(BaseSettings):
     stream_chunks: int = Field(default=8, ge=1, le=100_000)
     stream_chunk_delay_ms: float = Field(default=20.0, ge=0)
     stream_break_rate: float = Field(default=0.0, ge=0, le=1)
+    batch_delay_ms: float = Field(default=2000.0, ge=0)
+    batch_expire_rate: float = Field(default=0.0, ge=0, le=1)
+    flex_busy_rate: float = Field(default=0.0, ge=0, le=1)
     api_key: SecretStr | None = None
     seed: int | None = None
 
@@ -134,6 +152,9 @@ class _ConfigUpdate(BaseModel):
     stream_chunks: int | None = Field(default=None, ge=1, le=100_000)
     stream_chunk_delay_ms: float | None = Field(default=None, ge=0)
     stream_break_rate: float | None = Field(default=None, ge=0, le=1)
+    batch_delay_ms: float | None = Field(default=None, ge=0)
+    batch_expire_rate: float | None = Field(default=None, ge=0, le=1)
+    flex_busy_rate: float | None = Field(default=None, ge=0, le=1)
 
 
 class _Step(BaseModel):
@@ -182,6 +203,8 @@ class _State:
         self.rng = random.Random(settings.seed)  # noqa: S311 - simulated latency, not crypto
         self.ids = itertools.count(1)
         self.in_flight = 0  # a live gauge: a reset does not end the calls still running
+        self.batches = BatchStore(lambda: self.config, self.ids, self.rng.random, self.authorized)
+        self.flex = FlexTier(lambda: self.config.flex_busy_rate, self.rng.random)
         self.reset()
 
     def reset(self) -> None:
@@ -197,6 +220,8 @@ class _State:
         self.status_counts: Counter[int] = Counter()
         self.scripts: dict[str, deque[_Step]] = {}
         self.window: deque[float] = deque()
+        self.batches.reset()
+        self.flex.reset()
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -208,10 +233,15 @@ class _State:
             "streams_broken_total": self.streams_broken_total,
             "status_counts": {str(k): v for k, v in sorted(self.status_counts.items())},
             "config": self.config_json(),
+            **self.flex.stats(),
+            **self.batches.stats(),
         }
 
     def config_json(self) -> dict[str, Any]:
         return self.config.model_dump(include=set(_ConfigUpdate.model_fields))
+
+    def authorized(self, request: web.Request, wire: Wire) -> bool:
+        return self.api_key is None or _authorized(request, wire, self.api_key)
 
     def rate_limited(self) -> float | None:
         """Seconds until a slot frees, when the last minute is full; else take a slot."""
@@ -250,6 +280,7 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     app.router.add_post("/_sim/reset", _reset)
     app.router.add_post("/_sim/config", _config)
     app.router.add_post("/_sim/script", _script)
+    add_batch_routes(app, app[_STATE].batches)
     return app
 
 
@@ -344,11 +375,13 @@ async def _respond(state: _State, request: web.Request, call: _Call) -> web.Stre
             return _error(state, wire, step.status, step.retry_after)
         return await _answer(state, request, call, raw, break_stream=step.break_stream)
 
-    if state.api_key is not None and not _authorized(request, wire, state.api_key):
+    if not state.authorized(request, wire):
         return _error(state, wire, 401)
     wait = state.rate_limited()
     if wait is not None:
         return _error(state, wire, 429, wait)
+    if wire == "openai" and state.flex.busy(raw, call.request_id):
+        return _json(state, 429, flex_busy_body())
     latency = state.latency_s()
     if latency:
         await asyncio.sleep(latency)
@@ -384,7 +417,10 @@ async def _answer(
         return _error(state, wire, 400, message=problem)
     if body.get("stream") is not True:
         if wire == "openai":
-            return _json(state, 200, openai_completion(body, next(state.ids)))
+            completion = openai_completion(body, next(state.ids))
+            if body.get("service_tier") == "flex":
+                completion["service_tier"] = "flex"
+            return _json(state, 200, completion)
         return _json(state, 200, anthropic_message(body, next(state.ids)))
 
     call.stream = True

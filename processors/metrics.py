@@ -168,6 +168,26 @@ class WorkerMetrics:
             "Partitions not read because they hold more than "
             "LLMSTREAM_MAX_PENDING_ACKS_PER_PARTITION finished events behind an unfinished one.",
         )
+        self.tool_calls = _counter(
+            registry,
+            "tool_calls_total",
+            "Server-side tool calls of the worker's tool loop, by tool (a name no registered tool "
+            "has is 'unknown') and outcome (ok, or the error type the model was told).",
+            ["tool", "status"],
+        )
+        self.tool_latency = _histogram(
+            registry,
+            "tool_latency_seconds",
+            "Duration of the HTTP call of a server-side tool (calls made only).",
+            ["tool"],
+            buckets=_LATENCY_BUCKETS,
+        )
+        self.session_turns_dropped = _counter(
+            registry,
+            "session_turns_dropped_total",
+            "Oldest turns of sessions dropped to keep them within LLMSTREAM_SESSION_MAX_MESSAGES "
+            "and LLMSTREAM_SESSION_MAX_BYTES.",
+        )
 
 
 class TrafficMetrics:

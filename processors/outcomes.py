@@ -8,7 +8,8 @@ request has, this module says what that outcome looks like on ``llm-responses``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from llmstream.core.clock import wall_clock_ms
@@ -22,6 +23,7 @@ from llmstream.schemas.models import (
     LLMResponse,
     LLMResponseChunk,
     MetricStatus,
+    ToolStep,
 )
 
 __all__ = ["Outcomes", "Output", "Source"]
@@ -30,7 +32,7 @@ __all__ = ["Outcomes", "Output", "Source"]
 # from the event (or request) it follows from.
 _WHO = {"request_id", "provider", "model", "client_id"}
 # What a response carries of its request, as the application sent it.
-_CARRIED = {"request_id", "client_id", "metadata", "created_at_ms"}
+_CARRIED = {"request_id", "client_id", "metadata", "created_at_ms", "session_id"}
 # What a response's metric copies of the response.
 _RESPONSE_MEASURES = _WHO | {
     "latency_ms",
@@ -40,7 +42,10 @@ _RESPONSE_MEASURES = _WHO | {
     "completion_tokens",
     "total_tokens",
     "cost_usd",
+    "service_tier",
 }
+# The tier every request is served in until tiers are implemented.
+_SERVICE_TIER = "standard"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,17 +99,28 @@ class Outcomes:
         queue_ms: int | None,
         cost_usd: float | None,
         cached: bool,
+        tool_steps: Sequence[ToolStep] = (),
     ) -> LLMResponse:
         """The response event of ``request``: the completion as the provider gave it, with what
-        the worker measured and what the request asked to be carried along."""
+        the worker measured, the steps of its tool loop, and what the request asked to be
+        carried along."""
         return LLMResponse(
-            **asdict(completion),
+            content=completion.content,
+            finish_reason=completion.finish_reason,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            total_tokens=completion.total_tokens,
+            provider=completion.provider,
+            model=completion.model,
+            tool_calls=list(completion.tool_calls) or None,
+            tool_steps=list(tool_steps),
             **request.model_dump(include=_CARRIED),
             cost_usd=cost_usd,
             latency_ms=latency_ms,
             queue_ms=queue_ms,
             attempts=attempts,
             cached=cached,
+            service_tier=_SERVICE_TIER,
             completed_at_ms=wall_clock_ms(),
         )
 
@@ -119,8 +135,10 @@ class Outcomes:
         status_code: int | None = None,
         retryable: bool = False,
         provider: str | None = None,
+        tool_steps: Sequence[ToolStep] = (),
     ) -> LLMError:
-        """The error event of ``request``, carrying the request itself (so it can be replayed)."""
+        """The error event of ``request``, carrying the request itself (so it can be replayed)
+        and the steps its tool loop made before it failed."""
         return LLMError(
             request_id=request.request_id,
             error_type=error_type,
@@ -131,13 +149,20 @@ class Outcomes:
             provider=provider or request.provider,
             model=request.model,
             client_id=request.client_id,
+            session_id=request.session_id,
+            tool_steps=list(tool_steps),
             request=request,
             **source.error_fields(),
             occurred_at_ms=wall_clock_ms(),
         )
 
     def provider_error(
-        self, request: LLMRequest, exc: ProviderError, source: Source, attempts: int
+        self,
+        request: LLMRequest,
+        exc: ProviderError,
+        source: Source,
+        attempts: int,
+        tool_steps: Sequence[ToolStep] = (),
     ) -> LLMError:
         """The error event of a provider failure, classified as the adapter classified it."""
         return self.error(
@@ -149,6 +174,7 @@ class Outcomes:
             status_code=exc.status_code,
             retryable=exc.retryable,
             provider=exc.provider,
+            tool_steps=tool_steps,
         )
 
     def rejection(

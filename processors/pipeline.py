@@ -1,9 +1,11 @@
 """What happens to one event of ``llm-requests``, from raw bytes to the outcomes on the broker.
 
-decode → claim (dedup) → deadline → traffic control (cache, limits, circuits, fallbacks and the
-retry loop: :mod:`processors.traffic`) → store → emit → mark emitted. A request that streams has
-its chunks produced during the calls (:mod:`processors.streaming`), all acknowledged before the
-outcome is stored.
+decode → its place in its session's queue (:mod:`processors.session_turns`) → claim (dedup) →
+deadline → the session's history in front → the tool loop (:mod:`processors.tool_loop`), whose
+every model call goes through traffic control (cache, limits, circuits, fallbacks and the retry
+loop: :mod:`processors.traffic`) → the turn appended to the session → store → emit → mark
+emitted. A request that streams has its chunks produced during the calls
+(:mod:`processors.streaming`), all acknowledged before the outcome is stored.
 
 :meth:`RequestProcessor.process` returns only once the event's outcomes are acknowledged by the
 broker (or the event is a duplicate whose outcome already was), and never raises for bad input,
@@ -26,12 +28,16 @@ from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import State
+from llmstream.core.sessions import SessionError, SessionStore, SessionTurnTooLarge
+from llmstream.core.tools import ToolExecutor, UnknownTool
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
 from llmstream.processors.metrics import WorkerMetrics, provider_label
 from llmstream.processors.outcomes import Outcomes, Output, Source
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
+from llmstream.processors.session_turns import SessionTurns
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.streaming import AnswerStream, ChunkSender
+from llmstream.processors.tool_loop import LoopProgress, StepJournal, ToolLoop, ToolStepsExhausted
 from llmstream.processors.traffic import TrafficControl, TrafficProgress
 from llmstream.schemas.codec import (
     DecodeError,
@@ -41,7 +47,14 @@ from llmstream.schemas.codec import (
     encode,
     peek_request_id,
 )
-from llmstream.schemas.models import LLMError, LLMMetric, LLMRequest, LLMResponse, MetricStatus
+from llmstream.schemas.models import (
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    MetricStatus,
+    ToolStep,
+)
 
 __all__ = ["Emitter", "Output", "RequestProcessor", "Source"]
 
@@ -68,6 +81,8 @@ class RequestProcessor:
         emitter: Emitter,
         metrics: WorkerMetrics,
         traffic: TrafficControl,
+        tools: ToolExecutor | None = None,
+        sessions: SessionStore | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -81,6 +96,24 @@ class RequestProcessor:
         self._events = Outcomes(settings)  # what each outcome looks like on the broker
         # Request IDs in flight in this process: a second copy waits on the first locally.
         self._local: dict[str, asyncio.Future[None]] = {}
+        redis, prefix = dedup.records.redis, settings.redis_key_prefix
+        journal = StepJournal(
+            redis, key_prefix=prefix, worker_token=dedup.worker_token, ttl_s=settings.result_ttl_s
+        )
+        self._loop = ToolLoop(
+            traffic=traffic,
+            journal=journal,
+            metrics=metrics,
+            persist=self._until_ok,
+            max_steps=settings.max_tool_steps,
+            tools=tools,
+        )
+        self._turns = SessionTurns(
+            sessions or SessionStore(redis, key_prefix=prefix, params=settings),
+            records=dedup.records,
+            metrics=metrics,
+            persist=self._until_ok,
+        )
 
     async def process(self, raw: bytes | None, key: bytes | None, source: Source) -> None:
         """Handle one event; returns when its outcomes are on the broker."""
@@ -91,6 +124,18 @@ class RequestProcessor:
         except DecodeError as exc:
             await self._reject(exc, raw, key, source, picked_up_ms)
             return
+        turn = self._turns.enter(request)  # before any wait: the session's queue in offset order
+        try:
+            if turn is not None:
+                await self._turns.wait(turn)
+            await self._process(request, source, picked_up_ms, started)
+        finally:
+            if turn is not None:
+                self._turns.leave(turn)
+
+    async def _process(
+        self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
+    ) -> None:
         waiting = self._local.get(request.request_id)
         while waiting is not None:
             # The same ID is already in flight here: let it finish, then decide (duplicate).
@@ -182,6 +227,8 @@ class RequestProcessor:
         provider_started = time.perf_counter()
         try:
             provider, model = self._router.resolve(request)
+            # What the model is sent: the session's history in front, the server tools offered.
+            sent = await self._turns.prepare(self._loop.offer(request))
         except ProviderError as exc:
             await self._finish_failed(
                 request,
@@ -189,42 +236,77 @@ class RequestProcessor:
                 queue_ms=queue_ms,
             )
             return
+        except (UnknownTool, SessionError) as exc:  # refused before any call
+            error = self._events.error(
+                request, "invalid_request", str(exc), source=source, attempts=0
+            )
+            await self._finish_failed(request, error, queue_ms=queue_ms)
+            return
 
         # Time spent waiting for rate budget or an open circuit is neither the provider's
         # latency nor the worker's overhead.
         traffic = TrafficProgress()
+        loop = LoopProgress()
         chunks = self._answer_stream(request, started)
         try:
-            completion, attempts = await self._traffic.complete(
-                request, provider, model, traffic, gate=self._dedup, chunks=chunks
+            completion = await self._loop.complete(
+                request, sent, provider, model, traffic, loop, gate=self._dedup, chunks=chunks
             )
+            provider_s = time.perf_counter() - provider_started - traffic.waited_s
+            await self._delivered(chunks)
+            if request.session_id is not None:
+                await self._loop.keep_final(request.request_id, loop, traffic)
+                await self._turns.append(request, completion, loop.messages, cost_usd=loop.cost_usd)
         except NotOwner:  # taken over while this worker stalled: the taker emits, ack this copy
             self._metrics.dedup.labels("fenced").inc()
             return
-        except ProviderError as exc:
+        except (ProviderError, ToolStepsExhausted, SessionError) as exc:
             provider_s = time.perf_counter() - provider_started - traffic.waited_s
             await self._delivered(chunks)
             self._metrics.provider_latency.labels(
                 provider.name, self._metrics.model_label(model)
             ).observe(provider_s)
-            error = self._events.provider_error(request, exc, source, attempts=exc.attempts)
+            error = self._failure(request, exc, source, traffic.attempts, loop.steps)
             await self._finish_failed(
                 request, error, queue_ms=queue_ms, latency_ms=int(provider_s * 1000)
             )
             self._observe_overhead(started, provider_s + traffic.waited_s)
             return
-        provider_s = time.perf_counter() - provider_started - traffic.waited_s
-        await self._delivered(chunks)
         await self._finish_completed(
             request,
             completion,
-            attempts,
+            traffic.attempts,
             provider_s,
             queue_ms,
-            cost_usd=traffic.cost_usd,
-            cached=traffic.cached,
+            cost_usd=loop.cost_usd,
+            cached=loop.cached,
+            tool_steps=loop.steps,
         )
         self._observe_overhead(started, provider_s + traffic.waited_s)
+
+    def _failure(
+        self,
+        request: LLMRequest,
+        exc: ProviderError | ToolStepsExhausted | SessionError,
+        source: Source,
+        attempts: int,
+        steps: list[ToolStep],
+    ) -> LLMError:
+        """The error event of a request that failed once calls began, with its loop's steps."""
+        if isinstance(exc, ProviderError):
+            return self._events.provider_error(request, exc, source, exc.attempts, steps)
+        if isinstance(exc, ToolStepsExhausted):
+            kind, message = exc.error_type, str(exc)
+        else:  # answered, but the session cannot take the turn: said, never silently dropped
+            kind = (
+                "session_turn_too_large"
+                if isinstance(exc, SessionTurnTooLarge)
+                else "invalid_request"
+            )
+            message = f"answered, but the answer was not added to the session: {exc}"
+        return self._events.error(
+            request, kind, message, source=source, attempts=attempts, tool_steps=steps
+        )
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -238,6 +320,7 @@ class RequestProcessor:
         *,
         cost_usd: float | None = None,
         cached: bool = False,
+        tool_steps: Sequence[ToolStep] = (),
     ) -> None:
         response = self._events.response(
             request,
@@ -247,8 +330,9 @@ class RequestProcessor:
             queue_ms=queue_ms,
             cost_usd=cost_usd,
             cached=cached,
+            tool_steps=tool_steps,
         )
-        if not await self._store(request.request_id, response):
+        if not await self._store(request, response):
             return
         await self._emit_and_mark(
             request.request_id, response, self._events.success_metric(response)
@@ -275,7 +359,7 @@ class RequestProcessor:
         queue_ms: int | None = None,
         latency_ms: int | None = None,
     ) -> None:
-        if not await self._store(request.request_id, error):
+        if not await self._store(request, error):
             return
         metric = self._events.error_metric(
             error, status=status, queue_ms=queue_ms, latency_ms=latency_ms
@@ -371,9 +455,10 @@ class RequestProcessor:
         if chunks is not None:
             await self._until_ok(chunks.delivered, "write the streamed chunks")
 
-    async def _store(self, request_id: str, outcome: LLMResponse | LLMError) -> bool:
+    async def _store(self, request: LLMRequest, outcome: LLMResponse | LLMError) -> bool:
         """Settle the claim with the outcome, before anything is emitted; False when another
         worker took the claim over (it emits, not this one)."""
+        request_id = request.request_id
         stored = encode(outcome, WireFormat.JSON)
         failed = isinstance(outcome, LLMError)
         settled = await self._until_ok(
@@ -386,6 +471,11 @@ class RequestProcessor:
         if not settled:
             self._metrics.dedup.labels("fenced").inc()
             log.warning("claim on %s was taken over; outcome not emitted here", request_id)
+        elif self._loop.journals(request):
+            try:  # no longer needed; it expires anyway
+                await self._loop.forget(request_id)
+            except ClaimUnavailable as exc:
+                log.warning("tool steps of %s left to expire: %s", request_id, exc)
         return settled
 
     async def _claim(self, request_id: str) -> Claim:

@@ -26,6 +26,8 @@ from faust.types import TP, Message, ProducerT
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from llmstream.core.connections import faust_options, idempotence_wanted, redis_client
+from llmstream.core.sessions import SessionStore
+from llmstream.core.tools import ToolExecutor, ToolRegistry
 from llmstream.processors.acks import OrderedAcks, Ticket
 from llmstream.processors.dedup import ClaimUnavailable, DedupStore
 from llmstream.processors.lag import ConsumerLag
@@ -265,6 +267,7 @@ class Worker:
     @contextlib.asynccontextmanager
     async def _runtime(self) -> AsyncIterator[RequestProcessor]:
         settings = self.settings
+        tools = ToolRegistry.from_params(settings)  # a bad LLMSTREAM_TOOLS_FILE stops the start
         redis = redis_client(settings)
         http = create_http_client(
             timeout_s=self.providers.timeout_s, max_connections=settings.max_in_flight
@@ -297,7 +300,12 @@ class Worker:
             emitter=FaustEmitter(self.app),
             metrics=self.metrics,
             traffic=traffic,
+            # Tools are called with the providers' HTTP client (its connection limit included).
+            tools=ToolExecutor(tools, http),
+            sessions=SessionStore(redis, key_prefix=settings.redis_key_prefix, params=settings),
         )
+        if len(tools):
+            log.info("server-side tools: %s", ", ".join(tools.names))
         self._dedup = dedup
         heartbeat = asyncio.create_task(self._watch_redis(RedisGuard(redis, settings), dedup))
         background = [heartbeat, asyncio.create_task(traffic.run())]

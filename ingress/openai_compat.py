@@ -68,7 +68,9 @@ from llmstream.schemas.models import (
     MAX_MESSAGES,
     MAX_SERVER_TOOLS,
     MAX_STOP_SEQUENCES,
+    MAX_TOOL_CALLS,
     MAX_TOOLS,
+    FunctionCall,
     LLMError,
     LLMRequest,
     LLMResponse,
@@ -152,11 +154,51 @@ MaxTokens = Annotated[int, Field(ge=1, le=1_000_000)]
 # OpenAI's service tiers and the contract's: "default" is the standard tier.
 _TIERS: dict[str, ServiceTier] = {"default": "standard", "auto": "auto", "flex": "flex"}
 _OPENAI_TIERS = {"standard": "default"}
-_REPLACED = {"functions": "tools", "function_call": "tool_choice"}
+# In a request, function_call is replaced by tool_choice; in a message, by tool_calls.
+_REPLACED = {"functions": "tools", "function_call": "tools (tool_choice, tool_calls)"}
+
+
+def _deprecated(field: str) -> PydanticCustomError:
+    return PydanticCustomError(
+        "deprecated",
+        "{field} is OpenAI's deprecated function calling and is not supported; use {instead}",
+        {"field": field, "instead": _REPLACED.get(field, "tools")},
+    )
+
+
+class CalledFunction(BaseModel):
+    """The function an assistant message called, and its arguments' JSON text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ToolName
+    arguments: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+    parsed_arguments: Any = Field(None, description="Ignored (the SDK's stream helper's parse)")
+
+
+class ToolCallParam(BaseModel):
+    """A tool call of an assistant message, as the answer carried it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: ToolCallId
+    type: Literal["function"] = "function"
+    function: CalledFunction
+    index: int | None = Field(None, description="Ignored (where the SDK's stream helper put it)")
+
+    def contract(self) -> ToolCall:
+        called = FunctionCall(name=self.function.name, arguments=self.function.arguments)
+        return ToolCall(id=self.id, function=called)
 
 
 class ChatCompletionMessageParam(BaseModel):
-    """One input message."""
+    """One input message.
+
+    An answer's message goes back as the SDK holds it: with ``refusal``, and, from the SDK's
+    stream helper, ``annotations``, ``audio``, ``function_call`` and ``parsed`` (all null) and
+    each tool call's ``index`` and ``parsed_arguments``. Those are the SDK's, not the model's:
+    accepted and not passed on. A ``function_call`` or ``audio`` that is set is refused.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -165,7 +207,7 @@ class ChatCompletionMessageParam(BaseModel):
         None, description="Null only in an assistant message that carries tool_calls"
     )
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)] | None = None
-    tool_calls: list[ToolCall] | None = Field(
+    tool_calls: Annotated[list[ToolCallParam], Field(max_length=MAX_TOOL_CALLS)] | None = Field(
         None, description="An assistant message's calls (as the answer carried them)"
     )
     tool_call_id: ToolCallId | None = Field(
@@ -173,6 +215,16 @@ class ChatCompletionMessageParam(BaseModel):
     )
     # The SDK sends an answer's message back as it was received, refusal included.
     refusal: Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)] | None = None
+    annotations: list[Any] | None = Field(None, description="Ignored")
+    parsed: Any = Field(None, description="Ignored (the SDK's parse of content)")
+    audio: None = Field(None, description="Null only: no audio answers here")
+    function_call: Any = Field(None, description="Deprecated; null only: use tool_calls")
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, value: Any) -> None:
+        if value is not None:
+            raise _deprecated("function_call")
 
     def contract(self) -> dict[str, Any]:
         """The fields of the contract's message (whose rules are checked as it is made)."""
@@ -183,7 +235,7 @@ class ChatCompletionMessageParam(BaseModel):
             "role": "system" if self.role == "developer" else self.role,
             "content": content,
             "name": self.name,
-            "tool_calls": self.tool_calls or None,
+            "tool_calls": [call.contract() for call in self.tool_calls or ()] or None,
             "tool_call_id": self.tool_call_id,
         }
 
@@ -239,13 +291,8 @@ class ChatCompletionRequest(BaseModel):
 
     @field_validator("functions", "function_call")
     @classmethod
-    def _deprecated(cls, value: Any, info: ValidationInfo) -> Any:
-        field = info.field_name or ""
-        raise PydanticCustomError(
-            "deprecated",
-            "{field} is OpenAI's deprecated function calling and is not supported; use {instead}",
-            {"field": field, "instead": _REPLACED.get(field, "tools")},
-        )
+    def _refused(cls, value: Any, info: ValidationInfo) -> Any:
+        raise _deprecated(info.field_name or "")
 
     @field_validator("n")
     @classmethod

@@ -45,12 +45,12 @@ Control, for tests::
                         "streams_by_request_id", "streams_broken_total", "status_counts",
                         "config", "flex_calls_by_request_id", "flex_busy_total",
                         "batches_by_request_id" ({custom_id: [batch IDs it was accepted in]}),
-                        "batches_total", "batches_by_status", "batch_lines_total",
-                        "batch_lines_by_outcome"}
+                        "batches_total", "batches_by_status" (OpenAI's status names),
+                        "batch_lines_total", "batch_lines_by_outcome"}
     GET  /_sim/calls   {"calls": [{"request_id", "api", "status", "finished", "stream",
                        "broken"}, ...]} in arrival order (the last 100,000)
     POST /_sim/reset   back to the start: counters, call log, scripts, rate window, config and
-                       which marked requests already broke
+                       which marked requests already broke; files and batches are forgotten
     POST /_sim/config  {"latency_ms", "latency_jitter", "error_rate", "error_status",
                         "rpm_limit", "rate_window_s", "stream_chunks", "stream_chunk_delay_ms",
                         "stream_break_rate", "batch_delay_ms", "batch_expire_rate",

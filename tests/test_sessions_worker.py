@@ -12,16 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import pytest_asyncio
 
-from llmstream.core.sessions import SessionStore
+from llmstream.core.sessions import Appended, SessionStore
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
+from llmstream.processors.pipeline import RequestProcessor
 from llmstream.schemas.codec import encode
 from llmstream.schemas.models import ChatMessage, LLMRequest
 from tests.conftest import Services
 from tests.harness import produce, read_answers, request, running_worker
-from tests.inprocess import Rig, sim
+from tests.inprocess import SOURCE, Rig, sim
 from tests.loopback import LoopbackServer, Received, Reply
 from tests.test_tool_loop import spec, tool_pipeline, weather
 
@@ -250,3 +252,50 @@ async def test_requests_of_one_session_produced_back_to_back_are_answered_in_ord
         }
         [sent] = proxy.sent(second.request_id)
         assert contents(sent) == ["question 1", "echo: question 1", "question 2"]
+
+
+class DiesAfterAppending(SessionStore):
+    """A session store whose first append is the last thing its worker does: the turn is
+    appended, then the task stops as a crash would stop it, before the outcome is stored."""
+
+    died = False
+
+    async def append(self, *args: Any, **kwargs: Any) -> Appended:
+        appended = await super().append(*args, **kwargs)
+        if not self.died:
+            self.died = True
+            raise asyncio.CancelledError("the worker died")
+        return appended
+
+
+async def test_a_worker_that_dies_between_appending_and_storing_leaves_the_answer_it_appended(
+    services: Services, proxy: ProviderProxy
+) -> None:
+    sid = f"sess-{uuid.uuid4().hex}"
+    turn = request(f"{sid}-1", text="remember me", session_id=sid)
+    async with tool_pipeline(services, proxy) as r:
+        store = DiesAfterAppending(
+            r.redis, key_prefix=r.settings.redis_key_prefix, params=r.settings
+        )
+        dying = RequestProcessor(
+            r.settings,
+            dedup=r.dedup,
+            router=r.router,
+            emitter=r.emitter,
+            metrics=r.metrics,
+            traffic=r.traffic,
+            sessions=store,
+        )
+        with pytest.raises(asyncio.CancelledError):
+            await dying.process(encode(turn), None, SOURCE)
+        assert r.responses() == [] and len(proxy.sent(turn.request_id)) == 1
+
+        # The request is read again (here by the same worker, its claim given back).
+        await r.process(turn)
+
+        [response] = r.responses()
+        assert response.content == "echo: remember me"
+        assert len(proxy.sent(turn.request_id)) == 1  # the kept answer: no second call
+        session = await store.get(sid)
+        assert session is not None and session.requests == 1
+        assert [m.content for m in session.messages] == ["remember me", "echo: remember me"]

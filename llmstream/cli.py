@@ -88,6 +88,9 @@ def _simulate(args: argparse.Namespace) -> int:
             ("stream_chunks", args.stream_chunks),
             ("stream_chunk_delay_ms", args.stream_chunk_delay_ms),
             ("stream_break_rate", args.stream_break_rate),
+            ("batch_delay_ms", args.batch_delay_ms),
+            ("batch_expire_rate", args.batch_expire_rate),
+            ("flex_busy_rate", args.flex_busy_rate),
         )
         if value is not None
     }
@@ -294,6 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         "--stream-break-rate",
         type=float,
         help="share of streams cut half-way (LLMSTREAM_SIM_STREAM_BREAK_RATE, default 0)",
+    )
+    simulate.add_argument(
+        "--batch-delay-ms",
+        type=float,
+        help="how long a batch takes to finish (LLMSTREAM_SIM_BATCH_DELAY_MS, default 2000)",
+    )
+    simulate.add_argument(
+        "--batch-expire-rate",
+        type=float,
+        help="share of batches that expire whole (LLMSTREAM_SIM_BATCH_EXPIRE_RATE, default 0)",
+    )
+    simulate.add_argument(
+        "--flex-busy-rate",
+        type=float,
+        help="share of flex calls answered 429 (LLMSTREAM_SIM_FLEX_BUSY_RATE, default 0)",
     )
 
     ingress = commands.add_parser(

@@ -241,16 +241,19 @@ async def test_calls_outlive_clients_that_gave_up(
     http: httpx.AsyncClient, sim: SimulatorServer
 ) -> None:
     # A provider keeps working (and billing) after the client hangs up; so does the simulator.
-    await http.post("/_sim/config", json={"latency_ms": 300, "latency_jitter": 0})
+    # Each answer takes 5 s and each client gives up after 0.2 s: the five calls are all still
+    # being answered when the test looks, however slow this machine is (a margin of seconds).
+    await http.post("/_sim/config", json={"latency_ms": 5000, "latency_jitter": 0})
     ids = [rid() for _ in range(5)]
-    async with httpx.AsyncClient(base_url=sim.url, timeout=0.05) as impatient:
+    async with httpx.AsyncClient(base_url=sim.url, timeout=0.2) as impatient:
         for headers in ids:
             with pytest.raises(httpx.TimeoutException):
                 await openai_call(impatient, headers)
     during = (await http.get("/_sim/stats")).json()
     calls_during = (await http.get("/_sim/calls")).json()["calls"]
-    await asyncio.sleep(0.4)
-    after = (await http.get("/_sim/stats")).json()
+    async with asyncio.timeout(60):
+        while (after := (await http.get("/_sim/stats")).json())["completed_total"] < 5:
+            await asyncio.sleep(0.2)
     calls_after = (await http.get("/_sim/calls")).json()["calls"]
 
     assert (during["in_flight"], during["completed_total"]) == (5, 0)

@@ -68,7 +68,7 @@ def openai_frames(body: dict[str, Any], reply: Reply, number: int, pieces: int) 
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": body["model"],
-        "service_tier": "default",
+        "service_tier": "flex" if body.get("service_tier") == "flex" else "default",
         "system_fingerprint": "fp_simulator",
     }
 

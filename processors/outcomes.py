@@ -100,6 +100,7 @@ class Outcomes:
         cost_usd: float | None,
         cached: bool,
         tool_steps: Sequence[ToolStep] = (),
+        service_tier: str = _SERVICE_TIER,
     ) -> LLMResponse:
         """The response event of ``request``: the completion as the provider gave it, with what
         the worker measured, the steps of its tool loop, and what the request asked to be
@@ -120,7 +121,7 @@ class Outcomes:
             queue_ms=queue_ms,
             attempts=attempts,
             cached=cached,
-            service_tier=_SERVICE_TIER,
+            service_tier=service_tier,
             completed_at_ms=wall_clock_ms(),
         )
 

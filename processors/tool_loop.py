@@ -94,14 +94,13 @@ class StepJournal:
     def __init__(self, redis: AnyRedis, *, key_prefix: str, worker_token: str, ttl_s: int) -> None:
         self._redis = redis
         self._keys = RecordKeys(key_prefix)
-        self._prefix = key_prefix
         self._token = worker_token
         self._ttl_s = ttl_s
         self._append = redis.register_script(_APPEND)
 
     def key(self, request_id: str) -> str:
         # The record's hash tag: one slot for the record and its journal.
-        return f"{self._prefix}steps:{{{request_id}}}"
+        return self._keys.steps(request_id)
 
     async def load(self, request_id: str) -> list[dict[str, Any]]:
         """The entries kept for ``request_id``, oldest first."""

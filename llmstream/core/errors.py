@@ -13,6 +13,8 @@ Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
      ├── processors.providers.ProviderError  a provider call failed (carries status, retryable,
      │   │                                   retry_after)
      │   └── processors.retry.RetriesExhausted  no more attempts (max attempts, or the deadline)
+     ├── processors.tool_loop.ToolStepsExhausted  the model kept calling server tools past
+     │                                       LLMSTREAM_MAX_TOOL_STEPS
      ├── ingress.errors.ApiError             an HTTP answer other than success (status, OpenAI
      │                                       error body, headers such as Retry-After)
      ├── replay.ReplayError                  a replay that cannot run as asked

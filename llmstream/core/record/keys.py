@@ -69,6 +69,10 @@ class RecordKeys:
     def rejected(self, request_id: str) -> str:
         return f"{self.prefix}rejected:{{{request_id}}}"
 
+    def steps(self, request_id: str) -> str:
+        """The tool loop's journal of a request (processors.tool_loop), in its record's slot."""
+        return f"{self.prefix}steps:{{{request_id}}}"
+
     def heartbeat(self, token: str) -> str:
         return f"{self.prefix}worker:{{{token}}}"
 

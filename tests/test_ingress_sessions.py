@@ -204,13 +204,13 @@ async def test_a_sessions_requests_are_answered_in_order_each_after_the_history(
     answers = [first["response"], second["response"]]
     assert [a["content"] for a in answers] == [f"echo: {q}" for q in questions[:2]]
     assert third.choices[0].message.content == f"echo: {questions[2]}"
-    assert answers[0]["completed_at_ms"] <= answers[1]["completed_at_ms"]
     # The simulator counts a prompt's words: the second saw the first's question and answer,
     # the third both turns before it.
     words = [len(q.split()) for q in questions]
     echoed = [w + 1 for w in words]  # "echo: " and the question
     assert answers[0]["prompt_tokens"] == words[0]
     assert answers[1]["prompt_tokens"] == words[0] + echoed[0] + words[1]
+    assert answers[0]["completed_at_ms"] <= answers[1]["completed_at_ms"]
     assert third.usage is not None
     assert third.usage.prompt_tokens == words[0] + echoed[0] + words[1] + echoed[1] + words[2]
     assert [(m["role"], m["content"]) for m in history["messages"]] == [

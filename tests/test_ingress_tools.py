@@ -169,7 +169,11 @@ async def test_the_openai_sdk_runs_a_function_calling_loop_through_the_ingress(
         assert message.tool_calls is not None
         result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": '{"c":21}'}
         worker = asyncio.create_task(
-            stand_in(ingress, "fc-2", lambda r: response_to(r, "21 degrees in Oslo."))
+            stand_in(
+                ingress,
+                "fc-2",
+                lambda r: response_to(r, "21 degrees in Oslo.", service_tier="standard"),
+            )
         )
         final = await sdk.chat.completions.create(
             model=MODEL,
@@ -193,6 +197,7 @@ async def test_the_openai_sdk_runs_a_function_calling_loop_through_the_ingress(
     assert final.choices[0].message.content == "21 degrees in Oslo."
     assert final.choices[0].message.tool_calls is None
     assert final.choices[0].finish_reason == "stop"
+    assert (first.service_tier, final.service_tier) == (None, "default")  # OpenAI's name
 
 
 @pytest.mark.parametrize("said", ["", "Let me look."], ids=["calls-only", "with-text"])
@@ -390,17 +395,22 @@ async def test_server_tools_named_in_extra_body_are_run_by_the_worker(
             sdk_client(url, timeout=60) as sdk,
             httpx.AsyncClient(base_url=url) as http,
         ):
+            question = [{"role": "user", "content": "the weather in Oslo"}]
             answer = await sdk.chat.completions.create(
-                model=MODEL,
-                messages=[{"role": "user", "content": "the weather in Oslo"}],
-                extra_body={"server_tools": ["get_weather"]},
+                model=MODEL, messages=question, extra_body={"server_tools": ["get_weather"]}
             )
-            stored = (await http.get(f"/v1/requests/{answer.id}")).json()
+            async with sdk.chat.completions.stream(
+                model=ANTHROPIC, messages=question, extra_body={"server_tools": ["get_weather"]}
+            ) as stream:
+                streamed = await stream.get_final_completion()
+            stored = [(await http.get(f"/v1/requests/{a.id}")).json() for a in (answer, streamed)]
         seen = list(tool.received)
-    assert answer.choices[0].finish_reason == "stop"
-    assert "temperature_c" in (answer.choices[0].message.content or "")
-    assert answer.choices[0].message.tool_calls is None
-    [step] = stored["response"]["tool_steps"]
-    assert (step["tool"], step["status"]) == ("get_weather", "ok")
-    # The tool saw exactly the one call the model made, with its arguments.
-    assert len(seen) == 1 and seen[0].json() == json.loads(step["arguments"])
+    for got, record in zip((answer, streamed), stored, strict=True):
+        assert got.choices[0].finish_reason == "stop"
+        assert "temperature_c" in (got.choices[0].message.content or "")
+        assert got.choices[0].message.tool_calls is None
+        assert got.choices[0].message.content == record["response"]["content"]
+    steps = [step for record in stored for step in record["response"]["tool_steps"]]
+    assert [(step["tool"], step["status"]) for step in steps] == [("get_weather", "ok")] * 2
+    # The tool saw exactly one call per step, with the arguments the model wrote.
+    assert [r.json() for r in seen] == [json.loads(step["arguments"]) for step in steps]

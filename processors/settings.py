@@ -17,6 +17,7 @@ from llmstream.processors.circuit import CircuitParams
 from llmstream.processors.pricing import Price
 from llmstream.processors.ratelimit import RateLimit
 from llmstream.processors.retry import RetryPolicy
+from llmstream.processors.tiers import TierParams
 
 
 def _default_worker_id() -> str:
@@ -26,7 +27,13 @@ def _default_worker_id() -> str:
 # The traffic-control parts' knobs are declared once, on the part that uses them, and the worker's
 # settings derive from them: each part takes exactly its own (``params=settings``).
 class WorkerSettings(
-    ToolParams, SessionParams, CircuitParams, AdaptiveParams, RetryPolicy, ServiceSettings
+    TierParams,
+    ToolParams,
+    SessionParams,
+    CircuitParams,
+    AdaptiveParams,
+    RetryPolicy,
+    ServiceSettings,
 ):
     """Everything the worker reads from the environment (``LLMSTREAM_*`` plus Kafka/Redis).
 

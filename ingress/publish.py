@@ -29,7 +29,7 @@ from llmstream.ingress.errors import ApiError, unavailable
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.results import RequestLedger, Status, Stored, owner
 from llmstream.ingress.settings import IngressSettings
-from llmstream.schemas.codec import WireFormat, encode
+from llmstream.schemas.codec import WireFormat, encode, message_key
 from llmstream.schemas.models import LLMRequest
 
 log = logging.getLogger(__name__)
@@ -41,8 +41,8 @@ class Event:
 
     request_id: str
     value: bytes
-    # The message key: the session's ID for a request in a session, else the request's.
-    key: str
+    # The message key (schemas.codec.message_key): the session's ID in a session, else the ID.
+    key: bytes
     # Of what was asked (not when, or the ID): the same ID with other content is a conflict.
     digest: str
 
@@ -92,8 +92,8 @@ class Publisher:
             )
         # What was asked, without when: a resubmission with a later created_at_ms is the same.
         content = encode(request.model_copy(update={"created_at_ms": None}), WireFormat.JSON)
-        key = request.session_id or request.request_id
-        return Event(request.request_id, value, key, hashlib.sha256(content).hexdigest())
+        digest = hashlib.sha256(content).hexdigest()
+        return Event(request.request_id, value, message_key(request), digest)
 
     async def submit(
         self, events: Sequence[Event], client: str | None, id_fields: Sequence[str]
@@ -172,9 +172,7 @@ class Publisher:
         topic = self._settings.requests_topic
 
         async def send_all() -> list[object]:
-            pending = [
-                await self._producer.send(topic, e.value, key=e.key.encode()) for e in events
-            ]
+            pending = [await self._producer.send(topic, e.value, key=e.key) for e in events]
             return list(await asyncio.gather(*pending, return_exceptions=True))
 
         try:

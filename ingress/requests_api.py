@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.sessions import Session, SessionStore
+from llmstream.core.sessions import SessionStore
 from llmstream.ingress.auth import CallerDep, Identity
 from llmstream.ingress.errors import ApiError, failure_message, unavailable, validation_error
 from llmstream.ingress.parts import LedgerDep, PublisherDep, Routes, SettingsDep, part
@@ -295,15 +295,15 @@ async def check_sessions(
     if not named:
         return
     sessions = part(connection, "sessions", SessionStore)
-    found: dict[str, Session | None] = {}
+    found: dict[str, tuple[bool, str | None]] = {}
     for session_id, request, field in named:
         if session_id not in found:
             try:
-                found[session_id] = await sessions.get(session_id)
+                found[session_id] = await sessions.owner(session_id)
             except RedisError:
                 raise unavailable("Redis") from None
-        session = found[session_id]
-        if session is None or session.owner == request.client_id:
+        exists, owner = found[session_id]
+        if not exists or owner == request.client_id:
             continue
         param = f"{field}.session_id" if field else "session_id"
         if identity.client_id is not None:

@@ -49,7 +49,7 @@ from llmstream.core.connections import (
 from llmstream.core.errors import LLMStreamError
 from llmstream.core.record import RecordStore
 from llmstream.core.settings import ServiceSettings
-from llmstream.schemas.codec import DecodeError, decode, encode
+from llmstream.schemas.codec import DecodeError, decode, encode, message_key
 from llmstream.schemas.models import LLMError
 
 # Records are stamped by their producer's clock; allow that much skew against ours when
@@ -186,7 +186,7 @@ async def replay(
                 continue
             value = encode(request, settings.output_format)
             pending.append(
-                await producer.send(settings.requests_topic, value, key=request.request_id.encode())
+                await producer.send(settings.requests_topic, value, key=message_key(request))
             )
             _line(out, "replayed", error)
         # Every publication acknowledged by the brokers, or this raises.

@@ -306,10 +306,17 @@ def _is_request_id(value: str) -> bool:
     return True
 
 
+def message_key(request: LLMRequest) -> bytes:
+    """The Kafka key a request is produced with: its ``session_id`` when it has one (a session's
+    requests share a partition, so they are answered in order), else its request ID."""
+    return (request.session_id or request.request_id).encode()
+
+
 def peek_request_id(data: bytes | None, key: bytes | None = None) -> str | None:
     """The request ID of an event that does not decode: its own ``request_id`` when that can be
     read (the ID a valid event would be processed under), else the event's key; None when
-    neither is a valid request ID."""
+    neither is a valid request ID. The key of a session's request is its session ID (see
+    :func:`message_key`): an undecodable one whose ID cannot be read is reported under that."""
     found = _payload_id(data or b"")
     if found is not None and _is_request_id(found):
         return found

@@ -278,6 +278,13 @@ class SessionStore:
                 break
         return Session(session_id, owner, now, (), 0, 0, 0.0, 0, self.params.session_ttl_s * 1000)
 
+    async def owner(self, session_id: str) -> tuple[bool, str | None]:
+        """Whether the session exists, and its owner: one field read, not the history."""
+        created, owner = await self.redis.hmget(
+            self.keys.meta(session_id), "created_at_ms", "owner"
+        )
+        return created is not None, (_text(owner) or None) if owner is not None else None
+
     async def get(self, session_id: str) -> Session | None:
         """The session, or None when there is none (never created, expired or deleted)."""
         reply = await self._read(keys=self.keys.all(session_id))

@@ -6,9 +6,11 @@ The key is the SHA-256 of a canonical JSON (sorted keys, no whitespace) of the c
 ``tool_calls`` and ``tool_call_id`` when set) and ``temperature``, ``top_p``, ``max_tokens``,
 ``stop``, and, when set, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``response_format``
 and ``server_tools``: anything that changes what a model would answer is in it, and nothing else
-(request ID, metadata, deadline, streaming are not). Fields added with function calling are left
-out while unset, so a request without them keeps the key it had before. An entry is
-``{prefix}cache:{hex}`` holding the answer, its tool calls and its usage as JSON, for ``ttl_s``.
+(request ID, metadata, deadline, streaming, service tier are not: a model answers alike at
+every tier, so a flex request may be served what a standard one stored). Fields added with
+function calling are left out while unset, so a request without them keeps the key it had
+before. An entry is ``{prefix}cache:{hex}`` holding the answer, its tool calls and its usage as
+JSON, for ``ttl_s``.
 
 A request with a ``session_id`` is never cached, neither served nor stored: its answer follows
 the session's history, which lives in the session store and changes with every turn, so the same

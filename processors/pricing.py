@@ -1,10 +1,12 @@
 """What a call cost: a price table in US dollars per million input and output tokens.
 
-The built-in table holds list prices of common models for standard (uncached, non-batch) tokens.
-Configuration overrides or extends it (``LLMSTREAM_PRICES``, ``LLMSTREAM_PRICES_FILE``), keyed by
-``provider/model`` or by the bare model name::
+The built-in table holds list prices of common models for standard (uncached, non-batch) tokens;
+the batch and flex tiers cost half of those. Configuration overrides or extends it
+(``LLMSTREAM_PRICES``, ``LLMSTREAM_PRICES_FILE``), keyed by ``provider/model`` or by the bare model
+name, with the tier prices optional (half the standard ones when left out)::
 
-    {"openai/gpt-4o": {"input": 2.5, "output": 10.0}, "my-finetune": {"input": 0.3, "output": 1.2}}
+    {"openai/gpt-4o": {"input": 2.5, "output": 10.0},
+     "my-finetune": {"input": 0.3, "output": 1.2, "batch_input": 0.2, "batch_output": 0.8}}
 
 A model is looked up as ``provider/model``, then as the bare model, then without a date or
 ``-latest`` suffix (``gpt-4o-2024-08-06`` → ``gpt-4o``). A model found nowhere costs ``None``
@@ -45,14 +47,21 @@ class PriceTable:
         return None
 
     def cost(
-        self, provider: str, model: str, prompt_tokens: int, completion_tokens: int
+        self,
+        provider: str,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        tier: str = "standard",
     ) -> float | None:
-        """USD for one call, or None when the model's price is unknown, or the result is
-        negative or not finite (a provider's bad counts, an infinite configured price)."""
+        """USD for one call served at ``tier`` ("standard", "batch" or "flex"), or None when the
+        model's price is unknown, or the result is negative or not finite (a provider's bad
+        counts, an infinite configured price)."""
         price = self.price(provider, model)
         if price is None:
             return None
-        cost = (prompt_tokens * price.input + completion_tokens * price.output) / 1_000_000
+        input_price, output_price = price.at(tier)
+        cost = (prompt_tokens * input_price + completion_tokens * output_price) / 1_000_000
         if math.isfinite(cost) and cost >= 0:
             return cost
         # Only a bad count or price gets here; the answer is paid for and must not become a
@@ -69,3 +78,10 @@ class PriceTable:
             completion_tokens,
         )
         return None
+
+    def standard_cost(
+        self, provider: str, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> float | None:
+        """What the call would have cost at the standard tier (what a cheaper tier saves
+        against)."""
+        return self.cost(provider, model, prompt_tokens, completion_tokens, "standard")

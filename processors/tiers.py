@@ -4,17 +4,24 @@ A request names its tier (``service_tier``) or takes the configured default. ``a
 far off the deadline is: batch when it is at least ``batch_min_deadline_s`` away (a batch may take
 its providers' 24 h window), flex when at least ``flex_min_deadline_s``, standard otherwise. A tier
 the provider does not offer falls back to standard, and the response says which tier served it.
+
+An answer is priced at the tier that served it (:class:`TierCosts`), and what that saved against
+the standard price is counted in ``llmstream_saved_usd_total{provider, tier}``.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmstream.processors.metrics import TrafficMetrics
+from llmstream.processors.pricing import PriceTable
+from llmstream.processors.providers import Completion, Provider
 from llmstream.schemas.models import LLMRequest
 
-__all__ = ["ServedTier", "TierParams", "choose_tier"]
+__all__ = ["ServedTier", "TierCosts", "TierParams", "choose_tier", "flex_capable"]
 
 ServedTier = Literal["standard", "flex", "batch"]
 
@@ -67,3 +74,43 @@ def choose_tier(
     if (tier == "batch" and not batch_capable) or (tier == "flex" and not flex_capable):
         return "standard"
     return tier
+
+
+def flex_capable(provider: Provider) -> bool:
+    """Whether ``provider`` has OpenAI's flex tier (its adapter says so: the OpenAI wire format)."""
+    return bool(getattr(provider, "offers_flex", False))
+
+
+class TierCosts:
+    """Prices answers at the tier that served them, counting the cost by provider, model and
+    client (``llmstream_cost_usd_total``) and what a cheaper tier saved against the standard
+    price (``llmstream_saved_usd_total{provider, tier}``)."""
+
+    def __init__(
+        self, prices: PriceTable, metrics: TrafficMetrics, registry: CollectorRegistry
+    ) -> None:
+        self.prices = prices
+        self._metrics = metrics
+        self.saved = Counter(
+            "llmstream_saved_usd_total",
+            "USD saved against standard prices by answers served at a cheaper tier",
+            ["provider", "tier"],
+            registry=registry,
+        )
+
+    def cost(self, request: LLMRequest, completion: Completion, tier: str) -> float | None:
+        """What ``completion`` cost at ``tier``, counted; None when its model's price is
+        unknown."""
+        provider, model = completion.provider, completion.model
+        tokens = completion.prompt_tokens, completion.completion_tokens
+        cost = self.prices.cost(provider, model, *tokens, tier)
+        if cost is None:
+            return None
+        metrics = self._metrics
+        client = metrics.client_label(request.client_id or "")
+        metrics.cost.labels(provider, metrics.model_label(model), client).inc(cost)
+        if tier != "standard":
+            standard = self.prices.standard_cost(provider, model, *tokens)
+            if standard is not None and standard > cost:
+                self.saved.labels(provider, tier).inc(standard - cost)
+        return cost

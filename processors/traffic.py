@@ -24,7 +24,8 @@ settle. For one request:
    circuit is open spends no retry budget either: the request waits for the circuit or falls
    back, so no request fails for lack of retries while its provider is known to be down. Other
    retryable failures are retried with full-jitter backoff, up to ``LLMSTREAM_MAX_ATTEMPTS``.
-6. **Cost** from the price table (:mod:`processors.pricing`), counted per provider, model, client.
+6. **Cost** at the tier that served (:class:`processors.tiers.TierCosts`). A flex request's calls
+   go at flex until flex stays busy, then at standard (:mod:`processors.flex`).
 
 A ``stream: true`` request brings an :class:`~processors.streaming.AnswerStream`: each call
 streams into it, its chunks numbered by the call (as ``attempts`` counts); a cache hit is one chunk.
@@ -57,6 +58,7 @@ from llmstream.processors.adaptive import AdaptiveControl
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
 from llmstream.processors.circuit import CircuitAdmission, CircuitBreakers, OutageWatch, is_outage
+from llmstream.processors.flex import FlexTier, FlexWindow, flex_busy
 from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
 from llmstream.processors.pricing import PriceTable, load_prices_file
 from llmstream.processors.providers import Completion, Provider, ProviderError, ProviderRouter
@@ -64,6 +66,7 @@ from llmstream.processors.ratelimit import Grant, Lane, RateLimiter, estimate_to
 from llmstream.processors.retry import Charge, RetriesExhausted, call_with_retries, expired
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.streaming import AnswerStream, StreamMetrics
+from llmstream.processors.tiers import ServedTier, TierCosts
 from llmstream.schemas.models import LLMRequest
 
 __all__ = ["CallGate", "TrafficControl", "TrafficProgress"]
@@ -95,6 +98,8 @@ class TrafficProgress:
     cost_usd: float | None = None
     cached: bool = False
     last_error: ProviderError | None = None
+    service_tier: ServedTier = "standard"  # the tier of the last answer (or the one asked)
+    flex: FlexWindow | None = None
 
 
 class _CircuitOpen(Exception):
@@ -156,11 +161,14 @@ class TrafficControl:
         self.limiter = limiter
         self.circuits = circuits
         self.cache = cache
-        self.prices = prices
+        self.costs = TierCosts(prices, self.metrics, metrics.registry)
         # Which provider/models keep failing here (for the worker's /ready).
         self.outages = outages or OutageWatch()
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._now_ms = now_ms
+        self.flex = FlexTier(
+            metrics.registry, params=settings, policy=settings, rng=self._rng, now_ms=now_ms
+        )
         self._providers_seen: set[str] = set()
 
     @classmethod
@@ -252,16 +260,19 @@ class TrafficControl:
         progress: TrafficProgress,
         gate: CallGate | None = None,
         chunks: AnswerStream | None = None,
+        tier: ServedTier | None = None,
     ) -> tuple[Completion, int]:
         """The answer to ``request`` and the number of calls made; raises ProviderError (with
         ``attempts``) when no candidate answered. ``gate`` is asked before every attempt;
-        ``chunks``, for a request that streams, gets the answer as it comes."""
+        ``chunks``, for a request that streams, gets the answer as it comes. ``tier`` is the
+        one chosen for it (None: chosen here); ``progress.service_tier`` says which served."""
         stay = self.room.stay()
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline_ms = request.deadline_ms
         if deadline_ms is None:
             deadline_ms = self._now_ms() + int(self._settings.max_queue_s * 1000)
+        request = self.flex.begin(request, provider, tier, deadline_ms, progress)
         try:
             cache_key = self._cache_key(request, provider, model)
             if cache_key is not None:
@@ -276,7 +287,7 @@ class TrafficControl:
             completion, by_primary = await self._first_answer(
                 request, provider, model, progress, stay, deadline_ms, gate, chunks
             )
-            progress.cost_usd = self._cost(request, completion)
+            progress.cost_usd = self.costs.cost(request, completion, progress.service_tier)
             if cache_key is not None and by_primary:
                 self.metrics.cache.labels(await self.cache.put(cache_key, completion)).inc()
             return completion, progress.attempts
@@ -511,6 +522,8 @@ class TrafficControl:
         """What a failed call costs the request: the one place that decides that a 429 and a
         failure that leaves the circuit open spend no retry budget."""
         name, model = calls.provider.name, calls.model
+        if flex_busy(error):  # flex short of capacity: wait for it or go standard, for free
+            return await self.flex.busy(calls, error)
         if error.error_type == "rate_limited" and error.retryable:
             calls.retrying = True
             await self._report_429(calls, error)
@@ -528,6 +541,7 @@ class TrafficControl:
 
     async def _succeeded(self, calls: _ModelCalls, completion: Completion) -> None:
         name, model = calls.provider.name, calls.model
+        calls.progress.service_tier = self.flex.served(calls.request, calls.provider)
         self.outages.succeeded(name, model)
         if self.circuits is not None:
             if calls.probe:
@@ -583,18 +597,3 @@ class TrafficControl:
                 seen.add(name)
                 result.append((request.model_copy(update={"model": name, "provider": None}), name))
         return result
-
-    def _cost(self, request: LLMRequest, completion: Completion) -> float | None:
-        cost = self.prices.cost(
-            completion.provider,
-            completion.model,
-            completion.prompt_tokens,
-            completion.completion_tokens,
-        )
-        if cost is not None:
-            self.metrics.cost.labels(
-                completion.provider,
-                self.metrics.model_label(completion.model),
-                self.metrics.client_label(request.client_id or ""),
-            ).inc(cost)
-        return cost

@@ -32,6 +32,7 @@ from llmstream.core.settings import load_object_file
 __all__ = [
     "BUILTIN_MODELS",
     "BUILTIN_PRICES",
+    "TIER_PRICE_SHARE",
     "Catalog",
     "CatalogParams",
     "KnownModel",
@@ -40,18 +41,45 @@ __all__ = [
 ]
 
 
+# What the batch and flex tiers charge when a price names no tier price of its own: OpenAI's
+# Batch API and flex tier and Anthropic's Message Batches all charge half the standard price.
+TIER_PRICE_SHARE = 0.5
+
+
 class Price(BaseModel):
-    """USD per million tokens."""
+    """USD per million tokens at the standard tier (``input``, ``output``) and at the batch and
+    flex tiers (``batch_input``, ...; half the standard price when not given, see
+    :data:`TIER_PRICE_SHARE`). A tier serves a request only where its provider offers it, so a
+    provider's price for a tier it lacks is never used."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: float = Field(ge=0)
     output: float = Field(ge=0)
+    batch_input: float | None = Field(None, ge=0)
+    batch_output: float | None = Field(None, ge=0)
+    flex_input: float | None = Field(None, ge=0)
+    flex_output: float | None = Field(None, ge=0)
+
+    def at(self, tier: str) -> tuple[float, float]:
+        """``(input, output)`` per million tokens at ``tier`` ("standard", "batch", "flex")."""
+        if tier not in ("batch", "flex"):
+            return self.input, self.output
+        given_input, given_output = (
+            (self.batch_input, self.batch_output)
+            if tier == "batch"
+            else (self.flex_input, self.flex_output)
+        )
+        return (
+            self.input * TIER_PRICE_SHARE if given_input is None else given_input,
+            self.output * TIER_PRICE_SHARE if given_output is None else given_output,
+        )
 
 
 # List prices per million tokens (input, output), standard tier, as published on the providers'
-# pricing pages (openai.com/api/pricing, anthropic.com/pricing); checked 2025-06. Prices change:
-# override them with LLMSTREAM_PRICES rather than trusting this table for invoices.
+# pricing pages (openai.com/api/pricing, anthropic.com/pricing); checked 2025-06. Their batch and
+# flex prices are half these (TIER_PRICE_SHARE). Prices change: override them with
+# LLMSTREAM_PRICES rather than trusting this table for invoices.
 _BUILTIN: Mapping[str, Mapping[str, tuple[float, float]]] = {
     "openai": {
         "gpt-4o": (2.50, 10.00),

@@ -23,7 +23,9 @@ How the provider-neutral request is translated:
   into one by the API;
 - ``response_format`` ``json_object`` or ``json_schema`` has no equivalent here: the request fails
   (``invalid_request``) before any call;
-- user and assistant turns are sent in the order given.
+- user and assistant turns are sent in the order given;
+- ``service_tier`` is not sent: Anthropic has no flex tier, so a flex request is served (and
+  priced) as standard; its batch tier is the Message Batches API, not a field of this call.
 
 An answer's text blocks are joined into the content, its ``tool_use`` blocks become tool calls
 (``arguments`` the compact JSON text of ``input``), and ``stop_reason: "tool_use"`` is the finish

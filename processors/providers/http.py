@@ -14,6 +14,10 @@ retryable ``connection_error``.
 A tool call that does not fit the contract (:mod:`.toolcalls`) makes the whole answer a
 non-retryable ``provider_error`` ("malformed response"): nothing invalid travels further.
 
+A 429 whose code says the service tier asked for has no capacity now (OpenAI's
+``resource_unavailable`` on flex) is a :class:`CapacityUnavailable`: the tier is busy, not the
+account over its limits, so traffic control neither pauses the provider nor slows its rate for it.
+
 Calls go through aiohttp directly: this is the per-request path, and httpx's layer on top of
 aiohttp cost about 250 µs of CPU per call here (40 % of the worker's CPU at full load).
 """
@@ -51,6 +55,7 @@ from llmstream.schemas.models import LLMRequest
 
 __all__ = [
     "Answer",
+    "CapacityUnavailable",
     "ErrorFields",
     "HTTPAdapter",
     "StreamedAnswer",
@@ -74,6 +79,11 @@ _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
 MAX_TOKEN_COUNT = 2**31 - 1
 
 
+class CapacityUnavailable(ProviderError):
+    """A 429 saying the service tier the call asked for (flex) has no capacity for it now; the
+    same call at the standard tier would be served (:mod:`processors.flex`)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ErrorFields:
     """The machine-readable parts of a provider's error body; empty strings when absent."""
@@ -91,6 +101,10 @@ class HTTPAdapter(ABC):
     # 429 kinds or codes meaning money or quota ran out, not "slow down": a retry cannot
     # succeed until a person acts.
     quota_codes: ClassVar[frozenset[str]] = frozenset()
+    # 429 codes meaning the service tier asked for is short of capacity (CapacityUnavailable).
+    capacity_codes: ClassVar[frozenset[str]] = frozenset()
+    # Whether the API has OpenAI's flex tier (a request's service_tier "flex" is sent as such).
+    offers_flex: ClassVar[bool] = False
     # What a success body must hold, for the message when it does not.
     success_shape: ClassVar[str]
     # An error event in a stream has no status of its own: the status its kind stands for.
@@ -303,7 +317,8 @@ class HTTPAdapter(ABC):
         message = f"{self.name}: HTTP {response.status} from {endpoint_label(self._url)}"
         if detail:
             message = f"{message}: {detail}"
-        return ProviderError(
+        busy = response.status == 429 and fields.code in self.capacity_codes
+        return (CapacityUnavailable if busy else ProviderError)(
             message,
             provider=self.name,
             error_type=error_type,

@@ -10,6 +10,10 @@ choice carries ``finish_reason``; then a chunk with empty ``choices`` and the ``
 ``data: [DONE]``. An ``{"error": ...}`` object in a data line is the provider failing mid-stream
 (OpenRouter sends its HTTP status as the ``code``).
 
+A request whose ``service_tier`` is ``"flex"`` is sent with ``"service_tier": "flex"`` (OpenAI's
+flex processing: batch prices, slower, and a 429 ``resource_unavailable`` when flex is short,
+raised as :class:`~.http.CapacityUnavailable`); any other tier is sent without it (the default).
+
 Function calling is sent as OpenAI documents it: ``tools``, and with them ``tool_choice`` and
 ``parallel_tool_calls`` (the API refuses either without tools: a request that offers only server
 tools has them added as ``tools`` by the worker first); ``response_format``; assistant messages
@@ -60,6 +64,9 @@ class OpenAICompatible(HTTPAdapter):
             "billing_hard_limit_reached",
         }
     )
+    # Flex is short of capacity: the same call without "service_tier" would be served.
+    capacity_codes = frozenset({"resource_unavailable"})
+    offers_flex = True
     success_shape = "choices[0].message"
     error_statuses: ClassVar[Mapping[str, int]] = {
         "invalid_request_error": 400,
@@ -88,6 +95,8 @@ class OpenAICompatible(HTTPAdapter):
                 stop=request.stop or None,
             ),
         }
+        if request.service_tier == "flex":
+            body["service_tier"] = "flex"
         if request.tools:
             body["tools"] = [t.model_dump(mode="json", exclude_none=True) for t in request.tools]
             choice = request.tool_choice

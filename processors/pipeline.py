@@ -281,6 +281,7 @@ class RequestProcessor:
             cost_usd=loop.cost_usd,
             cached=loop.cached,
             tool_steps=loop.steps,
+            service_tier=traffic.service_tier,
         )
         self._observe_overhead(started, provider_s + traffic.waited_s)
 
@@ -321,6 +322,7 @@ class RequestProcessor:
         cost_usd: float | None = None,
         cached: bool = False,
         tool_steps: Sequence[ToolStep] = (),
+        service_tier: str = "standard",
     ) -> None:
         response = self._events.response(
             request,
@@ -331,6 +333,7 @@ class RequestProcessor:
             cost_usd=cost_usd,
             cached=cached,
             tool_steps=tool_steps,
+            service_tier=service_tier,
         )
         if not await self._store(request, response):
             return

@@ -4,19 +4,23 @@ marked ``[flex-busy]`` or ``[flex-busy:N]``)."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.pricing import Price
 from llmstream.processors.providers import ProviderError
 from llmstream.processors.providers.http import CapacityUnavailable
 from llmstream.processors.traffic import TrafficProgress
 from llmstream.schemas.models import LLMMetric, LLMResponse, LLMResponseChunk
+from tests import harness
 from tests.conftest import Services
 from tests.harness import request
 from tests.inprocess import Rig, rig, sim, worker_settings
@@ -239,3 +243,42 @@ async def test_traffic_control_serves_the_tier_it_is_given(
         assert (as_flex.service_tier, as_batch.service_tier) == ("flex", "standard")
         flex_calls = (await sim_stats(r))["flex_calls_by_request_id"]
         assert (flex_calls.get(given), flex_calls.get(batch)) == (1, None)
+
+
+@pytest.mark.integration
+async def test_a_worker_on_the_broker_reports_tier_and_cost_on_its_events(
+    settings: ServiceSettings, simulator: SimulatorServer, unique: str, tmp_path: Path
+) -> None:
+    in_an_hour = int(time.time() * 1000) + 3_600_000
+    asked = {
+        "as-flex": request("as-flex", service_tier="flex"),
+        "busy-once": request("busy-once", text="later [flex-busy:1]", service_tier="flex"),
+        "auto-hour": request("auto-hour", service_tier="auto", deadline_ms=in_an_hour),
+        "no-flex": request("no-flex", model=HAIKU, service_tier="flex"),
+        "plain": request("plain"),
+    }
+    prices = {name: price.model_dump(exclude_none=True) for name, price in PRICES.items()}
+
+    async with harness.running_worker(
+        settings, simulator.url, f"g-{unique}", tmp_path, LLMSTREAM_PRICES=json.dumps(prices)
+    ):
+        await harness.produce_requests(settings, list(asked.values()))
+        metrics = await harness.read_outputs(settings, LLMMetric, len(asked), timeout=120)
+    responses = await harness.read_outputs(settings, LLMResponse, len(asked), timeout=10)
+
+    by_id = {response.request_id: response for response in responses}
+    assert {rid: r.service_tier for rid, r in by_id.items()} == {
+        "as-flex": "flex",
+        "busy-once": "flex",
+        "auto-hour": "flex",
+        "no-flex": "standard",
+        "plain": "standard",
+    }
+    assert {m.request_id: m.service_tier for m in metrics} == {
+        rid: r.service_tier for rid, r in by_id.items()
+    }
+    for rid, response in by_id.items():
+        full = standard_cost(response, PRICES[asked[rid].model])
+        share = 0.5 if response.service_tier == "flex" else 1.0
+        assert response.cost_usd == pytest.approx(full * share), rid
+    assert by_id["busy-once"].attempts == 2

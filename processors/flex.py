@@ -71,9 +71,10 @@ class _Calls(Protocol):
     def progress(self) -> _Progress: ...
 
 
-def flex_busy(error: ProviderError) -> bool:
-    """Whether ``error`` is flex (or another tier) short of capacity, not the account's limit."""
-    return isinstance(error, CapacityUnavailable)
+def flex_busy(calls: _Calls, error: ProviderError) -> bool:
+    """Whether ``error`` says flex is short of capacity for a flex call (not the account's
+    limit). The same answer to a standard call is any 429: bounded, and slowing the provider."""
+    return isinstance(error, CapacityUnavailable) and calls.request.service_tier == "flex"
 
 
 class FlexTier:

@@ -522,7 +522,7 @@ class TrafficControl:
         """What a failed call costs the request: the one place that decides that a 429 and a
         failure that leaves the circuit open spend no retry budget."""
         name, model = calls.provider.name, calls.model
-        if flex_busy(error):  # flex short of capacity: wait for it or go standard, for free
+        if flex_busy(calls, error):  # flex short of capacity: wait for it or go standard, for free
             return await self.flex.busy(calls, error)
         if error.error_type == "rate_limited" and error.retryable:
             calls.retrying = True

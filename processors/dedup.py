@@ -60,6 +60,10 @@ class ClaimStatus(enum.Enum):
     BUSY = "busy"  # a live worker owns it: wait and ask again
     DONE = "done"  # an outcome was emitted already: a duplicate
     RECOVER = "recover"  # an outcome is stored but was never emitted: emit it, no call
+    BATCHED = "batched"  # a batch holds it (``submission``): its poller answers, nobody calls
+    # Claimed from a worker that died submitting it in a batch (``submission``): find out
+    # whether that batch exists before anything else (processors.batches).
+    RESOLVE = "resolve"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Claim:
     state: str | None = None  # "completed" or "failed" for DONE and RECOVER
     payload: bytes | None = None  # the stored LLMResponse or LLMError JSON
     takeover: bool = False  # CLAIMED from a worker whose lease lapsed
+    submission: str | None = None  # BATCHED and RESOLVE: the batch submission
 
 
 _MAX_BATCH = 512  # calls per run: bounds how long one script run holds Redis
@@ -235,12 +240,27 @@ class DedupStore:
             return Claim(ClaimStatus.CLAIMED, takeover=kind == "takeover")
         if kind == "busy":
             return Claim(ClaimStatus.BUSY)
+        if kind in ("batched", "resolve"):
+            submission = (extra or b"").decode()
+            if kind == "resolve":
+                self._epochs[request_id] = rest
+                return Claim(ClaimStatus.RESOLVE, takeover=True, submission=submission)
+            return Claim(ClaimStatus.BATCHED, submission=submission)
         if kind == "recover":
             state, _, epoch = rest.partition(":")
             self._epochs[request_id] = epoch
             return Claim(ClaimStatus.RECOVER, state=state, payload=extra or None)
         self._epochs.pop(request_id, None)
         return Claim(ClaimStatus.DONE, state=rest, payload=extra or None)
+
+    def epoch(self, request_id: str) -> str:
+        """The epoch of the claim this worker holds on ``request_id`` ('' for none)."""
+        return self._epochs.get(request_id, "")
+
+    def hold(self, request_id: str, epoch: str) -> None:
+        """This worker holds ``request_id`` at ``epoch`` now, by a batch operation of the record
+        (taken out of a batch, or a batch line's outcome stored): it may call, settle, emit."""
+        self._epochs[request_id] = epoch
 
     async def still_owner(self, request_id: str) -> bool:
         """Whether this worker still holds the claim on ``request_id``: ask just before each

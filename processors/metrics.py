@@ -250,3 +250,45 @@ class TrafficMetrics:
             "Requests passed from one model to the next of their fallbacks.",
             ["from_model", "to_model"],
         )
+
+
+class BatchMetrics:
+    """Metrics of the batch tier (processors/batches), on the worker's registry. What batches
+    saved against standard prices is ``llmstream_saved_usd_total{tier="batch"}``
+    (:class:`processors.tiers.TierCosts`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.waiting = _gauge(
+            registry,
+            "batch_waiting_requests",
+            "Requests gathered in this worker for a batch and not yet submitted, by provider.",
+            ["provider"],
+        )
+        self.in_flight = _gauge(
+            registry,
+            "batches_in_flight",
+            "Batches this worker submits or polls, by provider and state (submitting, then the "
+            "provider's status: validating, in_progress, finalizing, ended ...).",
+            ["provider", "state"],
+        )
+        self.turnaround = _histogram(
+            registry,
+            "batch_turnaround_seconds",
+            "From a batch's submission to the end of its results, per batch.",
+            ["provider"],
+            buckets=(1, 5, 15, 30, 60, 300, 900, 1800, 3600, 7200, 14400, 43200, 86400, 172800),
+        )
+        self.submissions = _counter(
+            registry,
+            "batch_submissions_total",
+            "Batch submissions by result: created, retried (the provider refused or failed; "
+            "sent again), abandoned and adopted (after their submitter died), cancelled.",
+            ["provider", "result"],
+        )
+        self.lines = _counter(
+            registry,
+            "batch_lines_total",
+            "Batch lines read, by outcome: answered, failed, resubmitted (in a later batch), "
+            "standard (called at once: its deadline is too near for another batch).",
+            ["provider", "outcome"],
+        )

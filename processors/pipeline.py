@@ -10,7 +10,8 @@ emitted. A request that streams has its chunks produced during the calls
 :meth:`RequestProcessor.process` returns only once the event's outcomes are acknowledged by the
 broker (or the event is a duplicate whose outcome already was), and never raises for bad input,
 provider failures, or Redis/Kafka outages: those are classified and routed to ``llm-errors``, or
-waited out (fail closed). The caller acks the event's offset when it returns.
+waited out (fail closed). The caller acks the event's offset when it returns: for a request of
+the batch tier (:mod:`processors.batches`), as soon as a batch holds it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import State
 from llmstream.core.sessions import SessionError, SessionStore, SessionTurnTooLarge
 from llmstream.core.tools import ToolExecutor, UnknownTool
+from llmstream.processors.batches import BatchTier
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
 from llmstream.processors.metrics import WorkerMetrics, provider_label
 from llmstream.processors.outcomes import Outcomes, Output, Source
@@ -83,6 +85,7 @@ class RequestProcessor:
         traffic: TrafficControl,
         tools: ToolExecutor | None = None,
         sessions: SessionStore | None = None,
+        batches: BatchTier | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
@@ -114,6 +117,9 @@ class RequestProcessor:
             metrics=metrics,
             persist=self._until_ok,
         )
+        self._batches = batches  # requests of the batch tier go there after their claim
+        if batches is not None:
+            batches.bind(self._until_ok, self._emit_and_mark, self.process_held, self._events)
 
     async def process(self, raw: bytes | None, key: bytes | None, source: Source) -> None:
         """Handle one event; returns when its outcomes are on the broker."""
@@ -133,18 +139,22 @@ class RequestProcessor:
             if turn is not None:
                 self._turns.leave(turn)
 
+    async def process_held(self, request: LLMRequest, source: Source) -> None:
+        """As :meth:`process`, for a request whose claim this worker holds (the batch tier's)."""
+        await self._process(request, source, wall_clock_ms(), time.perf_counter(), held=True)
+
     async def _process(
-        self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
+        self, request: LLMRequest, source: Source, picked_up: int, at: float, held: bool = False
     ) -> None:
         waiting = self._local.get(request.request_id)
-        while waiting is not None:
+        while waiting is not None and not held:  # a held claim waits for no copy: they wait
             # The same ID is already in flight here: let it finish, then decide (duplicate).
             await asyncio.shield(waiting)
             waiting = self._local.get(request.request_id)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._local[request.request_id] = done
+        mine = self._local.setdefault(request.request_id, done) is done
         try:
-            await self._handle(request, source, picked_up_ms, started)
+            await self._handle(request, source, picked_up, at, held)
         except Exception as exc:
             # A bug of ours, not bad input: settle it rather than stall the partition or lose it.
             log.exception("unexpected failure processing %s", request.request_id)
@@ -155,7 +165,8 @@ class RequestProcessor:
                 if not self._dedup.draining:  # a drain resigns the whole lease once tasks stop
                     await self._give_back(request.request_id)
             finally:
-                del self._local[request.request_id]
+                if mine:
+                    del self._local[request.request_id]
                 done.set_result(None)
 
     async def _give_back(self, request_id: str) -> None:
@@ -200,15 +211,19 @@ class RequestProcessor:
         await self._finish_failed(request, error)
 
     async def _handle(
-        self, request: LLMRequest, source: Source, picked_up_ms: int, started: float
+        self, request: LLMRequest, source: Source, picked_up_ms: int, started: float, held: bool
     ) -> None:
-        claim = await self._claim(request.request_id)
+        claim = Claim(ClaimStatus.CLAIMED) if held else await self._claim(request.request_id)
         if claim.status is ClaimStatus.DONE:
             await self._duplicate(request, claim)
             return
         if claim.status is ClaimStatus.RECOVER:
             await self._recover(request, claim)
             return
+        if claim.status is ClaimStatus.BATCHED or (
+            self._batches and not held and await self._batches.admit(request, claim, source)
+        ):
+            return  # a batch holds it: the batch's poller stores and emits its outcome
         self._metrics.dedup.labels("takeover" if claim.takeover else "claimed").inc()
         queue_ms = None
         if request.created_at_ms is not None:
@@ -374,10 +389,8 @@ class RequestProcessor:
         metric = self._events.duplicate_metric(request)
         outputs = [self._events.output(self._settings.metrics_topic, request.request_id, metric)]
         if self._settings.reemit_duplicates and claim.state == "completed" and claim.payload:
-            response = decode(claim.payload, LLMResponse)
-            outputs.append(
-                self._events.output(self._settings.responses_topic, request.request_id, response)
-            )
+            topic, response = self._settings.responses_topic, decode(claim.payload, LLMResponse)
+            outputs.append(self._events.output(topic, request.request_id, response))
         self._count(metric)
         await self._until_ok(lambda: self._emitter.emit(outputs), "emit a duplicate's metric")
 

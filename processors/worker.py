@@ -29,6 +29,7 @@ from llmstream.core.connections import faust_options, idempotence_wanted, redis_
 from llmstream.core.sessions import SessionStore
 from llmstream.core.tools import ToolExecutor, ToolRegistry
 from llmstream.processors.acks import OrderedAcks, Ticket
+from llmstream.processors.batches import BatchTier, batch_apis
 from llmstream.processors.dedup import ClaimUnavailable, DedupStore
 from llmstream.processors.lag import ConsumerLag
 from llmstream.processors.metrics import WorkerMetrics
@@ -293,6 +294,15 @@ class Worker:
             metrics=self.metrics,
             worker_token=self._token,
         )
+        # The batch tier: batches gathered here, and polled by whichever worker holds each.
+        batches = BatchTier(
+            settings,
+            apis=batch_apis(self.providers, router, http),
+            router=router,
+            dedup=dedup,
+            traffic=traffic,
+            metrics=self.metrics,
+        )
         processor = RequestProcessor(
             settings,
             dedup=dedup,
@@ -303,12 +313,14 @@ class Worker:
             # Tools are called with the providers' HTTP client (its connection limit included).
             tools=ToolExecutor(tools, http),
             sessions=SessionStore(redis, key_prefix=settings.redis_key_prefix, params=settings),
+            batches=batches,
         )
         if len(tools):
             log.info("server-side tools: %s", ", ".join(tools.names))
         self._dedup = dedup
         heartbeat = asyncio.create_task(self._watch_redis(RedisGuard(redis, settings), dedup))
         background = [heartbeat, asyncio.create_task(traffic.run())]
+        background.append(asyncio.create_task(batches.run()))
         if settings.consumer_lag_interval_s > 0:
             lag = ConsumerLag(settings, self.metrics.consumer_lag)
             background.append(asyncio.create_task(lag.run(settings.consumer_lag_interval_s)))
@@ -317,6 +329,7 @@ class Worker:
             yield processor
         finally:
             await self._drain()
+            await batches.close(self.providers.timeout_s)
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)

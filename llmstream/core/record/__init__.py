@@ -17,8 +17,18 @@ Transitions (``owner``/``epoch`` change only where said)::
     completed|failed, not emitted, owner seen dead --claim--> recover: owner = taker, epoch + 1
     failed    --replay reset------------> queued     outcome dropped, epoch + 1
 
+    claimed   --into a batch (owner + epoch)-----> submitting  submission, request kept, calls + 1
+    submitting --claim, owner seen dead----------> submitting  owner = taker, epoch + 1 (resolve)
+    submitting --batched (submission)------------> batched     batch, owner dropped, epoch + 1
+    batched   --claim--------------------------> (unchanged: the batch answers it)
+    submitting|batched --out of batch (submission)-> claimed   owner = taker, epoch + 1
+    submitting|batched --line outcome (submission)-> completed | failed, owner = poller, epoch + 1
+
+The batch tier's steps, and how a request in a batch survives crashes, are in :mod:`.batches`.
+
 TTLs: a record lives ``LLMSTREAM_RESULT_TTL_S`` from its creation (reserve or claim) and again
-from its settle; marking emitted never creates or extends a record. A rejection
+from its settle; marking emitted never creates or extends a record. A record going into a batch
+lives two days more (the provider's 24 h window may pass before its outcome is stored). A rejection
 (``{prefix}rejected:{<id>}``) lives the same TTL. A worker's heartbeat
 (``{prefix}worker:{<token>}``) lives one lease and is renewed several times per lease.
 
@@ -52,8 +62,18 @@ on from the dead worker's count). Streamed chunks carry that number as their ``a
   an operator accepts it (``llmstream recover-redis --accept-loss``).
 """
 
+from llmstream.core.record.batches import LineRecord, Submission, SubmissionStore
 from llmstream.core.record.epoch import DeploymentEpoch
-from llmstream.core.record.keys import AnyRedis, Field, RecordKeys, State, by_slot, slot
+from llmstream.core.record.keys import (
+    AnyRedis,
+    BatchField,
+    BatchState,
+    Field,
+    RecordKeys,
+    State,
+    by_slot,
+    slot,
+)
 from llmstream.core.record.store import (
     ClaimUnavailable,
     Outcome,
@@ -67,9 +87,12 @@ from llmstream.core.record.store import (
 
 __all__ = [
     "AnyRedis",
+    "BatchField",
+    "BatchState",
     "ClaimUnavailable",
     "DeploymentEpoch",
     "Field",
+    "LineRecord",
     "Outcome",
     "RecordKeys",
     "RecordStore",
@@ -78,6 +101,8 @@ __all__ = [
     "Status",
     "Stored",
     "StoredOutcome",
+    "Submission",
+    "SubmissionStore",
     "WorkerOp",
     "by_slot",
     "slot",

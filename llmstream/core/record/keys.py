@@ -7,6 +7,9 @@ the rejection of one request ID live in one slot::
     {prefix}rejected:{<request id>}   why the worker rejected an event with this ID (a hash)
     {prefix}worker:{<token>}          a worker process's heartbeat (a string with a TTL)
     {prefix}epoch                     the deployment epoch (a string, no TTL; see :mod:`.epoch`)
+    {prefix}batch:{<submission id>}   one submission to a provider's batch API (a hash, fields
+                                      :class:`BatchField`; see :mod:`.batches`)
+    {prefix}batches                   the submission IDs not yet finished (a set)
 
 Redis hashes only what is between the first ``{`` and the next ``}``: a key prefix holding braces
 would become the tag of every key (one slot for everything, still correct, just not spread out).
@@ -34,6 +37,10 @@ class State(enum.StrEnum):
     CLAIMED = "claimed"  # a worker owns it and may call the provider
     COMPLETED = "completed"  # the response is stored (``response``)
     FAILED = "failed"  # the error is stored (``error``)
+    # The batch tier (:mod:`.batches`): a worker is submitting it in a batch (``submission``),
+    # then the provider accepted that batch, and the batch's poller answers it.
+    SUBMITTING = "submitting"
+    BATCHED = "batched"
 
 
 class Field(enum.StrEnum):
@@ -55,6 +62,32 @@ class Field(enum.StrEnum):
     TAKEOVERS = "takeovers"
     REPLAYS = "replays"
     INVALID_FIELD = "field"  # of a rejection: the first invalid field
+    SUBMISSION = "submission"  # the batch submission it is (or was last) part of
+    BATCH = "batch"  # the provider's ID of that batch, once it accepted it
+    REQUEST = "request"  # LLMRequest JSON, kept while a batch holds the request
+    SOURCE = "source"  # "topic:partition:offset" of the event it came in, while batched
+
+
+class BatchState(enum.StrEnum):
+    """The ``state`` field of a batch submission."""
+
+    INTENT = "intent"  # its requests are marked; the provider may or may not have it yet
+    CREATED = "created"  # the provider accepted it (``batch``): polled until it ends
+    ABANDONED = "abandoned"  # never to be created: its requests go on without it
+
+
+class BatchField(enum.StrEnum):
+    """The fields of a batch submission."""
+
+    STATE = "state"
+    OWNER = "owner"  # the worker submitting it, then polling it (a lease, like a claim's)
+    EPOCH = "epoch"  # +1 at every takeover
+    PROVIDER = "provider"
+    MODEL = "model"
+    BATCH = "batch"  # the provider's batch ID
+    REQUESTS = "requests"  # JSON [[request ID, custom_id], ...] in the order of the batch
+    CREATED_AT_MS = "created_at_ms"
+    SUBMITTED_AT_MS = "submitted_at_ms"
 
 
 class RecordKeys:
@@ -75,6 +108,13 @@ class RecordKeys:
 
     def heartbeat(self, token: str) -> str:
         return f"{self.prefix}worker:{{{token}}}"
+
+    def batch(self, submission: str) -> str:
+        return f"{self.prefix}batch:{{{submission}}}"
+
+    def batches(self) -> str:
+        # Read and written with plain commands only: on Redis Cluster it may live in any slot.
+        return f"{self.prefix}batches"
 
     def epoch(self) -> str:
         # Read and written with plain GET/SET only, never inside a script: on Redis Cluster it

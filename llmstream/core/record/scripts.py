@@ -10,13 +10,22 @@ from __future__ import annotations
 #   m (mark emitted) -
 #   o (still owner)  own epoch
 #   u (unclaim)      own epoch
+# and the batch tier's (see batches.py):
+#   b (into a batch)   submission, request JSON, source, own epoch
+#   B (batched)        submission, the provider's batch ID
+#   x (out of a batch) submission, now_ms
+#   r (a batch line's outcome)  c|f, payload, now_ms, submission
 # Reply: {answers, extra, ...}; answers is one space-separated string (redis-py spends far more
 # CPU per reply element it parses than Redis spends running the script), one answer per call:
 #   claim   claimed:<epoch> | takeover:<epoch> | busy:<epoch> (+ owner in extra)
 #           | done:<state> (+ payload) | recover:<state>:<epoch> (+ payload)
+#           | batched:<epoch> (+ submission) | resolve:<epoch> (+ submission)
 #   settle  1 stored | 0 fenced;   still owner  1 | 0;   mark  -;   unclaim  1 | 0
+#   b  calls so far | 0 fenced;   B  1 | 0;   x, r  the new epoch | 0 (not in that submission)
 WORKER = """
 local token, ttl = ARGV[1], ARGV[2]
+-- A request in a batch lives as long as the provider's 24 h window may take, and more.
+local batch_ttl = tonumber(ttl) + 172800
 
 local function claim(key, now, dead, dead_epoch)
   local h = redis.call('HMGET', key, 'state', 'owner', 'emitted', 'epoch')
@@ -32,8 +41,20 @@ local function claim(key, now, dead, dead_epoch)
     redis.call('HINCRBY', key, 'takeovers', 1)
     return {'recover:' .. state .. ':' .. epoch, payload or ''}
   end
-  if state == 'claimed' and owner and not lapsed then return {'busy:' .. epoch, owner} end
+  -- A batch holds it: its poller answers, nobody calls.
+  if state == 'batched' then
+    return {'batched:' .. epoch, redis.call('HGET', key, 'submission') or ''}
+  end
+  if (state == 'claimed' or state == 'submitting') and owner and not lapsed then
+    return {'busy:' .. epoch, owner}
+  end
   epoch = redis.call('HINCRBY', key, 'epoch', 1)
+  if state == 'submitting' then
+    -- Its owner died submitting it: the taker finds out whether that batch exists first.
+    redis.call('HSET', key, 'owner', token, 'claimed_at_ms', now)
+    redis.call('HINCRBY', key, 'takeovers', 1)
+    return {'resolve:' .. epoch, redis.call('HGET', key, 'submission') or ''}
+  end
   if state == 'claimed' then
     redis.call('HSET', key, 'owner', token, 'claimed_at_ms', now)
     redis.call('HINCRBY', key, 'takeovers', 1)
@@ -58,6 +79,7 @@ local function settle(key, code, payload, now, my_epoch)
   if code == 'f' then state, field = 'failed', 'error' end
   redis.call('HSET', key, 'state', state, field, payload, 'settled_at_ms', now, 'owner', token,
              'epoch', my_epoch, 'emitted', '0')
+  redis.call('HDEL', key, 'request', 'source')  -- kept while a batch held it; no more use
   redis.call('EXPIRE', key, ttl)
   return {'1'}
 end
@@ -73,6 +95,60 @@ local function unclaim(key, my_epoch)
   redis.call('HSET', key, 'state', 'queued')
   redis.call('HINCRBY', key, 'epoch', 1)
   return {'1'}
+end
+
+-- The batch tier. Into a batch: only a claim still ours, at our epoch; counted as a call.
+local function into_batch(key, submission, request, source, my_epoch)
+  local h = redis.call('HMGET', key, 'state', 'owner', 'epoch')
+  if (h[1] ~= 'claimed' and h[1] ~= 'submitting') or h[2] ~= token or h[3] ~= my_epoch then
+    return {'0'}
+  end
+  redis.call('HSET', key, 'state', 'submitting', 'submission', submission, 'request', request,
+             'source', source)
+  local calls = redis.call('HINCRBY', key, 'calls', 1)
+  redis.call('EXPIRE', key, batch_ttl)
+  return {tostring(calls)}
+end
+
+-- Fenced by the submission, not the owner: whoever learns that the provider accepted it (the
+-- submitter, or a taker of its requests) may say so. The record then belongs to the batch.
+local function in_submission(key, submission)
+  local h = redis.call('HMGET', key, 'state', 'submission')
+  return (h[1] == 'submitting' or h[1] == 'batched') and h[2] == submission
+end
+
+local function batched(key, submission, batch)
+  if redis.call('HGET', key, 'state') ~= 'submitting' or not in_submission(key, submission) then
+    return {'0'}
+  end
+  redis.call('HSET', key, 'state', 'batched', 'batch', batch)
+  redis.call('HDEL', key, 'owner', 'claimed_at_ms')
+  redis.call('HINCRBY', key, 'epoch', 1)
+  redis.call('EXPIRE', key, batch_ttl)
+  return {'1'}
+end
+
+-- Out of the batch, claimed by this worker (to be batched again, or called): one taker wins.
+local function out_of_batch(key, submission, now)
+  if not in_submission(key, submission) then return {'0'} end
+  local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+  redis.call('HSET', key, 'state', 'claimed', 'owner', token, 'claimed_at_ms', now)
+  redis.call('HDEL', key, 'submission', 'batch')
+  return {tostring(epoch)}
+end
+
+-- A batch line's outcome, stored by the batch's poller; it owns the record until it emits.
+-- The submission stays, so the batch's next poller knows the outcome is its own to emit.
+local function settle_line(key, code, payload, now, submission)
+  if not in_submission(key, submission) then return {'0'} end
+  local state, field = 'completed', 'response'
+  if code == 'f' then state, field = 'failed', 'error' end
+  local epoch = redis.call('HINCRBY', key, 'epoch', 1)
+  redis.call('HSET', key, 'state', state, field, payload, 'settled_at_ms', now, 'owner', token,
+             'emitted', '0')
+  redis.call('HDEL', key, 'request', 'source')
+  redis.call('EXPIRE', key, ttl)
+  return {tostring(epoch)}
 end
 
 local answers, reply = {}, {''}
@@ -97,6 +173,14 @@ for i, key in ipairs(KEYS) do
     end
   elseif kind == 'u' then
     r = unclaim(key, ARGV[at + 2])
+  elseif kind == 'b' then
+    r = into_batch(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
+  elseif kind == 'B' then
+    r = batched(key, ARGV[at + 2], ARGV[at + 3])
+  elseif kind == 'x' then
+    r = out_of_batch(key, ARGV[at + 2], ARGV[at + 3])
+  elseif kind == 'r' then
+    r = settle_line(key, ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5])
   else
     -- Only an existing record: an expired one is not recreated without a TTL.
     if redis.call('EXISTS', key) == 1 then redis.call('HSET', key, 'emitted', '1') end
@@ -172,4 +256,65 @@ redis.call('HSET', KEYS[1], 'state', 'queued', 'queued_at_ms', ARGV[1], 'queued_
 redis.call('HINCRBY', KEYS[1], 'replays', 1)
 redis.call('HINCRBY', KEYS[1], 'epoch', 1)
 return 'reset'
+"""
+
+# A batch submission (see batches.py). KEYS[1] the submission; ARGV[1] the operation, ARGV[2]
+# the worker's token, then per operation:
+#   intent   provider, model, requests JSON, now_ms, ttl_s  -> intent | the state found
+#   created  own epoch, batch ID, now_ms                     -> created | the state found
+#   abandon  owner seen dead, its epoch, ttl_s               -> abandoned | created
+#   adopt    owner seen dead, its epoch, batch ID, now_ms    -> created | the state found
+#   lease    owner seen dead, its epoch                      -> leased | busy
+#   finish   own epoch                                       -> finished | busy
+# Every answer is {answer, epoch, batch ID}.
+SUBMISSION = """
+local key, op, token = KEYS[1], ARGV[1], ARGV[2]
+local h = redis.call('HMGET', key, 'state', 'owner', 'epoch', 'batch')
+local state, owner, epoch, batch = h[1], h[2], h[3] or '0', h[4] or ''
+local function answer(what) return {what, epoch, batch} end
+-- The owner the caller saw dead still holds it, at the epoch seen.
+local function lapsed(at) return owner ~= false and owner == ARGV[at] and epoch == ARGV[at + 1] end
+
+if op == 'intent' then
+  if state then return answer(state) end
+  redis.call('HSET', key, 'state', 'intent', 'owner', token, 'epoch', '1', 'provider', ARGV[3],
+             'model', ARGV[4], 'requests', ARGV[5], 'created_at_ms', ARGV[6])
+  redis.call('EXPIRE', key, ARGV[7])
+  epoch = '1'
+  return answer('intent')
+elseif op == 'created' then
+  if state ~= 'intent' or owner ~= token or epoch ~= ARGV[3] then return answer(state or '') end
+  redis.call('HSET', key, 'state', 'created', 'batch', ARGV[4], 'submitted_at_ms', ARGV[5])
+  batch = ARGV[4]
+  return answer('created')
+elseif op == 'abandon' then
+  -- No submission recorded: none was sent (it is recorded before it is sent), and none will be.
+  if not state then
+    redis.call('HSET', key, 'state', 'abandoned')
+    redis.call('EXPIRE', key, ARGV[5])
+    return answer('abandoned')
+  end
+  if state == 'intent' and lapsed(3) then
+    redis.call('HSET', key, 'state', 'abandoned')
+    return answer('abandoned')
+  end
+  return answer(state)
+elseif op == 'adopt' then
+  if state ~= 'intent' or not lapsed(3) then return answer(state or '') end
+  epoch = tostring(redis.call('HINCRBY', key, 'epoch', 1))
+  redis.call('HSET', key, 'state', 'created', 'owner', token, 'batch', ARGV[5],
+             'submitted_at_ms', ARGV[6])
+  batch = ARGV[5]
+  return answer('created')
+elseif op == 'lease' then
+  if state ~= 'created' or not lapsed(3) then return answer('busy') end
+  epoch = tostring(redis.call('HINCRBY', key, 'epoch', 1))
+  redis.call('HSET', key, 'owner', token)
+  return answer('leased')
+elseif op == 'finish' then
+  if owner ~= token or epoch ~= ARGV[3] then return answer('busy') end
+  redis.call('DEL', key)
+  return answer('finished')
+end
+return redis.error_reply('unknown operation ' .. op)
 """

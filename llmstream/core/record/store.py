@@ -70,14 +70,15 @@ class Reservation:
 class WorkerOp:
     """One call of the worker's batched script (see :data:`scripts.WORKER`)."""
 
-    # claim, settle, mark emitted, still owner, a call begins (still owner + count), unclaim
-    kind: Literal["c", "s", "m", "o", "a", "u"]
+    # claim, settle, mark emitted, still owner, a call begins (still owner + count), unclaim;
+    # the batch tier's: into a batch, batched, out of a batch, a batch line's outcome
+    kind: Literal["c", "s", "m", "o", "a", "u", "b", "B", "x", "r"]
     request_id: str
     args: tuple[Any, Any, Any, Any] = ("", "", "", "")
 
 
 # Answers of the worker script that carry one extra reply element (an owner or a payload).
-_WITH_EXTRA = ("busy:", "done:", "recover:")
+_WITH_EXTRA = ("busy:", "done:", "recover:", "batched:", "resolve:")
 
 
 class RecordStore:

@@ -298,6 +298,8 @@ class ToolLoop:
             )
             loop.count(answer, entry.get("cost_usd"), bool(entry.get("cached")))
             if kind == "final":
+                # The tier that served the kept answer, not the one a call now would get.
+                traffic.service_tier = entry.get("service_tier", traffic.service_tier)
                 return answer, None
             round_ = _Round(answer)
         return None, round_
@@ -368,6 +370,7 @@ def _answer_entry(kind: str, answer: Completion, traffic: TrafficProgress) -> di
         "attempts": traffic.attempts,
         "cost_usd": traffic.cost_usd,
         "cached": traffic.cached,
+        "service_tier": traffic.service_tier,
         "completion": completion,
     }
 

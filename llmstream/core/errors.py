@@ -12,6 +12,8 @@ Every error llmstream raises on purpose derives from :class:`LLMStreamError`::
      ├── core.tools.UnknownTool              a request names a server tool nobody registered
      ├── processors.providers.ProviderError  a provider call failed (carries status, retryable,
      │   │                                   retry_after)
+     │   ├── processors.providers.http.CapacityUnavailable  a 429 saying the tier asked for
+     │   │                                   (flex) has no capacity now
      │   └── processors.retry.RetriesExhausted  no more attempts (max attempts, or the deadline)
      ├── processors.tool_loop.ToolStepsExhausted  the model kept calling server tools past
      │                                       LLMSTREAM_MAX_TOOL_STEPS

@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from llmstream.core.catalog import BUILTIN_PRICES
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.record import State
+from llmstream.core.record import State, SubmissionStore, WorkerOp
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.processors.batches import BatchTier, batch_apis
 from llmstream.processors.dedup import DedupStore
@@ -29,11 +29,11 @@ from llmstream.processors.providers import create_http_client
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl
-from llmstream.schemas.codec import encode
+from llmstream.schemas.codec import WireFormat, encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.conftest import Services
 from tests.inprocess import SOURCE, ListEmitter, worker_settings
-from tests.samples import request
+from tests.samples import request, response_to
 
 OPENAI = "openai/gpt-4o-mini"
 ANTHROPIC = "anthropic/claude-3-5-haiku"
@@ -50,6 +50,7 @@ class BatchRig:
     emitter: ListEmitter
     metrics: WorkerMetrics
     redis: aioredis.Redis
+    dies: bool = False  # at the end of its block, gone without a goodbye: its lease lapses
 
     async def process(self, request: LLMRequest) -> None:
         await self.processor.process(encode(request), None, SOURCE)
@@ -140,13 +141,16 @@ async def batch_rig(
 
     await dedup.heartbeat()
     background = [asyncio.create_task(heartbeat()), asyncio.create_task(tier.run())]
+    rig = BatchRig(settings, processor, tier, dedup, emitter, metrics, redis)
     try:
-        yield BatchRig(settings, processor, tier, dedup, emitter, metrics, redis)
+        yield rig
     finally:
-        await tier.close(1.0)
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        await tier.close(0 if rig.dies else 1.0)
+        if rig.dies:
+            await dedup.resign()
         await http.close()
         await redis.aclose()
 
@@ -323,3 +327,137 @@ async def test_a_batch_expired_by_the_provider_has_its_requests_answered_in_the_
 async def _configure(sim: SimulatorServer, **config: Any) -> None:
     async with httpx.AsyncClient() as client:
         (await client.post(f"{sim.url}/_sim/config", json=config)).raise_for_status()
+
+
+# -- a submitter or poller that dies ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def dead_worker(settings: WorkerSettings) -> AsyncIterator[DedupStore]:
+    """Another worker's dedup store: alive until the block ends, then its heartbeat is gone."""
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    dedup = DedupStore(
+        redis,
+        key_prefix=settings.redis_key_prefix,
+        worker_token=f"doomed-{uuid.uuid4().hex[:6]}",
+        lease_ms=settings.lease_ms,
+        result_ttl_s=settings.result_ttl_s,
+    )
+    await dedup.heartbeat()
+    try:
+        yield dedup
+    finally:
+        await dedup.resign()
+        await redis.aclose()
+
+
+async def submit_until(
+    dedup: DedupStore, rig: BatchRig, original: LLMRequest, last_step: int
+) -> tuple[str, str | None]:
+    """The submission steps (core/record/batches.py) of one request, as worker ``dedup`` would
+    take them, up to ``last_step``; the submission ID and the provider's batch ID (once sent)."""
+    submission, rid, token = uuid.uuid4().hex, original.request_id, dedup.worker_token
+    store = SubmissionStore(dedup.records.redis, key_prefix=rig.settings.redis_key_prefix)
+    api = rig.tier.apis["openai"]
+    assert (await dedup.claim(rid, wall_clock_ms())).status.value == "claimed"
+    payload = encode(original, WireFormat.JSON)
+    op = WorkerOp("b", rid, (submission, payload, "topic:0:7", dedup.epoch(rid)))
+    assert (await dedup.records.run(token, [op]))[0][0] == "1"
+    if last_step >= 2:
+        pairs = [(rid, rid)]
+        intent = await store.intent(
+            submission, token, provider="openai", model="gpt-4o-mini", requests=pairs, now_ms=1
+        )
+        assert intent.answer == "intent"
+    batch = None
+    if last_step >= 3:
+        batch = await api.create([api.line(original, "gpt-4o-mini", rid)], "gpt-4o", submission)
+    if last_step >= 4:
+        assert batch is not None
+        assert (await store.created(submission, token, "1", batch, 2)).answer == "created"
+    return submission, batch
+
+
+async def test_a_taker_finds_the_batch_a_dead_submitter_created_and_sends_nothing_again(
+    services: Services, sim: SimulatorServer
+) -> None:
+    settings = batch_settings(services)
+    original = batch_request("accepted", OPENAI, "sent once")
+    async with batch_rig(sim.url, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            # Died after the provider accepted the batch, before its records said batched.
+            _, batch = await submit_until(doomed, rig, original, last_step=4)
+        assert await rig.state("accepted") == State.SUBMITTING
+        await rig.process(original)  # its event again: resolved, no new batch
+        assert await rig.state("accepted") in (State.BATCHED, State.COMPLETED)
+        [response] = await rig.outcomes(1)  # polled by the taker, the submitter being dead
+    assert isinstance(response, LLMResponse) and response.service_tier == "batch"
+    seen = await stats(sim)
+    assert seen["batches_by_request_id"] == {"accepted": [batch]}
+    assert seen["calls_by_request_id"] == {}
+
+
+@pytest.mark.parametrize("last_step", [1, 2])
+async def test_a_submission_that_was_never_sent_is_abandoned_and_its_request_batched_again(
+    services: Services, sim: SimulatorServer, last_step: int
+) -> None:
+    settings = batch_settings(services)
+    original = batch_request(f"unsent-{last_step}", OPENAI, "not sent yet")
+    async with batch_rig(sim.url, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            submission, _ = await submit_until(doomed, rig, original, last_step=last_step)
+            token = doomed.worker_token
+        await rig.process(original)
+        [response] = await rig.outcomes(1)
+        # The submitter, had it only stalled, could neither record nor finish it now.
+        store = SubmissionStore(rig.redis, key_prefix=settings.redis_key_prefix)
+        pairs = [(original.request_id, original.request_id)]
+        late = await store.intent(
+            submission, token, provider="openai", model="gpt-4o-mini", requests=pairs, now_ms=3
+        )
+        assert late.answer == "abandoned"
+        assert (await store.created(submission, token, "1", "batch_late", 4)).answer != "created"
+    assert isinstance(response, LLMResponse) and response.attempts == 2
+    seen = await stats(sim)
+    assert len(seen["batches_by_request_id"][original.request_id]) == 1
+    assert seen["calls_by_request_id"] == {}
+
+
+async def test_another_worker_polls_the_batches_of_a_worker_that_died_after_submitting(
+    services: Services, sim: SimulatorServer
+) -> None:
+    settings = batch_settings(services)
+    await _configure(sim, batch_delay_ms=1500)
+    requests = [batch_request(f"orphan-{i}", ANTHROPIC, f"orphan {i}") for i in range(5)]
+    async with batch_rig(sim.url, settings) as first:
+        await asyncio.gather(*(first.process(r) for r in requests))
+        assert first.responses() == []
+        first.dies = True
+    async with batch_rig(sim.url, settings) as second:
+        outcomes = await second.outcomes(len(requests))
+        await asyncio.sleep(0.3)
+        assert len(second.responses()) == len(requests)
+    assert {o.request_id for o in outcomes} == {r.request_id for r in requests}
+    assert all(isinstance(o, LLMResponse) and o.service_tier == "batch" for o in outcomes)
+    seen = await stats(sim)
+    assert all(len(seen["batches_by_request_id"][r.request_id]) == 1 for r in requests)
+
+
+async def test_an_outcome_stored_by_a_poller_that_died_before_emitting_it_is_emitted_by_the_next(
+    services: Services, sim: SimulatorServer
+) -> None:
+    settings = batch_settings(services)
+    original = batch_request("stored", OPENAI, "kept")
+    async with batch_rig(sim.url, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            submission, batch = await submit_until(doomed, rig, original, last_step=4)
+            mark = WorkerOp("B", "stored", (submission, batch or "", "", ""))
+            assert (await doomed.records.run(doomed.worker_token, [mark]))[0][0] == "1"
+            # Its poller stored the line's answer, then died before emitting it.
+            kept = response_to(original, "as stored", service_tier="batch")
+            payload = encode(kept, WireFormat.JSON)
+            line = WorkerOp("r", "stored", ("c", payload, 5, submission))
+            assert (await doomed.records.run(doomed.worker_token, [line]))[0][0] != "0"
+        [response] = await rig.outcomes(1)
+        assert rig.sample("llmstream_dedup_total", outcome="recovered") == 1
+    assert isinstance(response, LLMResponse) and response.content == "as stored"

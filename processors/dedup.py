@@ -109,11 +109,15 @@ class _Batcher:
         self._next_run = 0.0
 
     async def __call__(self, op: WorkerOp, what: str) -> tuple[str, bytes | None]:
+        return await self.submit(op, what)
+
+    def submit(self, op: WorkerOp, what: str) -> asyncio.Future[tuple[str, bytes | None]]:
+        """Queue ``op`` for the next run; the future resolves with its answer."""
         call = _Call(op, what)
         self._waiting.append(call)
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush())
-        return await call.future
+        return call.future
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
@@ -346,9 +350,12 @@ class DedupStore:
 
     async def mark_emitted(self, request_ids: Sequence[str]) -> None:
         """Record that these outcomes are on the broker: later copies are duplicates."""
-        calls: list[Any] = [
-            self._batcher(WorkerOp("m", r), "mark outcomes emitted") for r in request_ids
+        # Each mark is queued at once (they share the batcher's next run); awaiting them in turn
+        # spares the gather a request would otherwise pay for its single mark.
+        calls = [
+            self._batcher.submit(WorkerOp("m", r), "mark outcomes emitted") for r in request_ids
         ]
-        await asyncio.gather(*calls)
+        for call in calls:
+            await call
         for request_id in request_ids:
             self._epochs.pop(request_id, None)

@@ -115,7 +115,8 @@ class Outcomes:
             model=completion.model,
             tool_calls=list(completion.tool_calls) or None,
             tool_steps=list(tool_steps),
-            **request.model_dump(include=_CARRIED),
+            # Read off the request, not dumped: a dump copies every field to drop most of them.
+            **{name: getattr(request, name) for name in _CARRIED},
             cost_usd=cost_usd,
             latency_ms=latency_ms,
             queue_ms=queue_ms,

@@ -26,7 +26,11 @@ from llmstream.processors.dedup import DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import RequestProcessor
 from llmstream.processors.providers import create_http_client
-from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.providers.settings import (
+    EndpointConfig,
+    ProviderSettings,
+    build_router,
+)
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl
 from llmstream.schemas.codec import WireFormat, encode
@@ -92,15 +96,23 @@ def batch_settings(services: Services, **overrides: Any) -> WorkerSettings:
 
 @asynccontextmanager
 async def batch_rig(
-    sim_url: str, settings: WorkerSettings, *, anthropic_url: str | None = None
+    sim_url: str,
+    settings: WorkerSettings,
+    *,
+    openai_url: str | None = None,
+    anthropic_url: str | None = None,
+    endpoints: dict[str, EndpointConfig] | None = None,
 ) -> AsyncIterator[BatchRig]:
+    """A worker's pipeline and batch tier calling the simulator at ``sim_url`` (OpenAI or
+    Anthropic at another URL when given, and any other ``endpoints``)."""
     redis = aioredis.Redis.from_url(settings.redis_url)
     http = create_http_client(timeout_s=10.0, max_connections=50)
     providers = ProviderSettings(
-        openai_base_url=f"{sim_url}/v1",
+        openai_base_url=f"{openai_url or sim_url}/v1",
         openai_api_key=SecretStr("sk-test-not-a-real-key"),
         anthropic_base_url=anthropic_url or sim_url,
         anthropic_api_key=SecretStr("sk-ant-test-not-a-real-key"),
+        providers=endpoints or {},
     )
     router = build_router(providers, http)
     metrics = WorkerMetrics(CollectorRegistry())

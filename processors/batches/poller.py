@@ -81,7 +81,7 @@ class Poller:
         for submission_id in unfinished:
             if submission_id in self._tending:
                 continue
-            found = await tier.store.get(submission_id)
+            found = await tier.store.get(submission_id, requests=False)
             if found is None or found.state == BatchState.ABANDONED:
                 await tier.store.forget(submission_id)
                 continue
@@ -97,12 +97,9 @@ class Poller:
                 if leased.answer != "leased":
                     continue
                 log.info("took over polling batch %s from %s", found.batch, found.owner)
-                found = await tier.store.get(submission_id)
-                if found is None:
-                    continue
             if found.state != BatchState.CREATED:
                 continue  # in intent and ours: the collector is sending it
-            self._tending[submission_id] = asyncio.create_task(self._tend(found))
+            self._tending[submission_id] = asyncio.create_task(self._tend(submission_id))
         self._gauge()
 
     def _gauge(self) -> None:
@@ -112,11 +109,15 @@ class Poller:
         for provider, state in self._states.values():
             gauge.labels(provider, state).inc()
 
-    async def _tend(self, submission: Submission) -> None:
+    async def _tend(self, submission_id: str) -> None:
         try:
-            await self._tend_one(submission)
+            found = await self._tier.store.get(submission_id)
+            if found is not None and found.owner == self._tier.dedup.worker_token:
+                await self._tend_one(found)
+        except (ClaimUnavailable, RedisError, RedisClusterException) as exc:
+            log.warning("batch submission %s not read this round: %s", submission_id, exc)
         finally:
-            self._tending.pop(submission.id, None)
+            self._tending.pop(submission_id, None)
 
     async def _tend_one(self, submission: Submission) -> None:
         api = self._tier.apis.get(submission.provider)

@@ -178,12 +178,20 @@ class SubmissionStore:
         """The IDs of every submission not yet finished or abandoned."""
         return sorted(_text(x) for x in await self.redis.smembers(self.keys.batches()))
 
-    async def get(self, submission: str) -> Submission | None:
-        raw = await self.redis.hgetall(self.keys.batch(submission))
+    async def get(self, submission: str, *, requests: bool = True) -> Submission | None:
+        """The submission as stored; without its list of requests (which may hold 100,000)
+        unless ``requests``."""
+        key = self.keys.batch(submission)
+        if requests:
+            raw = await self.redis.hgetall(key)
+        else:
+            names = [f for f in BatchField if f != BatchField.REQUESTS]
+            values = await self.redis.hmget(key, names)
+            raw = {name: value for name, value in zip(names, values, strict=True) if value}
         if not raw:
             return None
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        requests = orjson.loads(fields.get(BatchField.REQUESTS, "[]"))
+        requests_seen = orjson.loads(fields.get(BatchField.REQUESTS, "[]"))
         submitted = fields.get(BatchField.SUBMITTED_AT_MS)
         return Submission(
             id=submission,
@@ -193,7 +201,7 @@ class SubmissionStore:
             provider=fields.get(BatchField.PROVIDER, ""),
             model=fields.get(BatchField.MODEL, ""),
             batch=fields.get(BatchField.BATCH),
-            requests=[(str(r), str(c)) for r, c in requests],
+            requests=[(str(r), str(c)) for r, c in requests_seen],
             created_at_ms=int(fields.get(BatchField.CREATED_AT_MS, "0")),
             submitted_at_ms=int(submitted) if submitted else None,
         )

@@ -370,7 +370,8 @@ async def submit_until(
     take them, up to ``last_step``; the submission ID and the provider's batch ID (once sent)."""
     submission, rid, token = uuid.uuid4().hex, original.request_id, dedup.worker_token
     store = SubmissionStore(dedup.records.redis, key_prefix=rig.settings.redis_key_prefix)
-    api = rig.tier.apis["openai"]
+    provider, _, model = original.model.partition("/")
+    api = rig.tier.apis[provider]
     assert (await dedup.claim(rid, wall_clock_ms())).status.value == "claimed"
     payload = encode(original, WireFormat.JSON)
     op = WorkerOp("b", rid, (submission, payload, "topic:0:7", dedup.epoch(rid)))
@@ -378,12 +379,12 @@ async def submit_until(
     if last_step >= 2:
         pairs = [(rid, rid)]
         intent = await store.intent(
-            submission, token, provider="openai", model="gpt-4o-mini", requests=pairs, now_ms=1
+            submission, token, provider=provider, model=model, requests=pairs, now_ms=1
         )
         assert intent.answer == "intent"
     batch = None
     if last_step >= 3:
-        batch = await api.create([api.line(original, "gpt-4o-mini", rid)], "gpt-4o", submission)
+        batch = await api.create([api.line(original, model, rid)], model, submission)
     if last_step >= 4:
         assert batch is not None
         assert (await store.created(submission, token, "1", batch, 2)).answer == "created"
@@ -473,3 +474,29 @@ async def test_an_outcome_stored_by_a_poller_that_died_before_emitting_it_is_emi
         [response] = await rig.outcomes(1)
         assert rig.sample("llmstream_dedup_total", outcome="recovered") == 1
     assert isinstance(response, LLMResponse) and response.content == "as stored"
+
+
+@pytest.mark.parametrize("own", [True, False])
+async def test_requests_of_a_submission_never_sent_are_sent_on_without_their_events(
+    services: Services, sim: SimulatorServer, own: bool
+) -> None:
+    # Their events are not read again (a failover lost writes after they were committed): the
+    # poller finds the submission in intent, its submitter dead or (own) not sending it, and
+    # sends its requests on itself.
+    settings = batch_settings(services)
+    original = batch_request(f"stranded-{own}", ANTHROPIC, "stranded")
+    async with batch_rig(sim.url, settings) as rig:
+        if own:
+            await submit_until(rig.dedup, rig, original, last_step=2)
+        else:
+            async with dead_worker(settings) as doomed:
+                await submit_until(doomed, rig, original, last_step=2)
+        [response] = await rig.outcomes(1)
+        for _ in range(200):  # its new batch is forgotten once settled
+            if not (unfinished := await rig.tier.store.unfinished()):
+                break
+            await asyncio.sleep(0.05)
+    assert isinstance(response, LLMResponse) and response.service_tier == "batch"
+    seen = await stats(sim)
+    assert len(seen["batches_by_request_id"][original.request_id]) == 1
+    assert unfinished == []

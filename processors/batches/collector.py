@@ -105,6 +105,7 @@ class Collector:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self._gathering: dict[tuple[str, str], _Gathering] = {}
         self._submitting: set[asyncio.Task[None]] = set()
+        self.sending: set[str] = set()  # the submissions this worker is sending now
 
     async def add(
         self, request: LLMRequest, source: Source, api: BatchAPI, model: str, line: BatchLine
@@ -184,6 +185,15 @@ class Collector:
 
     async def _steps(self, api: BatchAPI, model: str, entries: list[_Entry]) -> None:
         submission = uuid.uuid4().hex
+        self.sending.add(submission)
+        try:
+            await self._send(api, model, entries, submission)
+        finally:
+            self.sending.discard(submission)
+
+    async def _send(
+        self, api: BatchAPI, model: str, entries: list[_Entry], submission: str
+    ) -> None:
         token = self._dedup.worker_token
         records = self._dedup.records
         # 1. The records say which submission each request is in, before anything is sent.

@@ -82,13 +82,17 @@ class Poller:
             if submission_id in self._tending:
                 continue
             found = await tier.store.get(submission_id, requests=False)
-            if found is None or found.state == BatchState.ABANDONED:
+            if found is None:
                 await tier.store.forget(submission_id)
                 continue
+            if found.state == BatchState.INTENT:
+                # Adopted or abandoned (tended next round) if its submitter is not sending it.
+                await tier.settle_intent(found)
+                continue
+            if found.state == BatchState.ABANDONED:
+                self._tending[submission_id] = asyncio.create_task(self._release(submission_id))
+                continue
             if found.owner != token:
-                if found.state == BatchState.INTENT:
-                    await tier.settle_intent(found)  # adopted or abandoned if its owner died
-                    continue
                 if await tier.dedup.records.alive(found.owner or ""):
                     continue
                 leased = await tier.store.lease(
@@ -97,8 +101,6 @@ class Poller:
                 if leased.answer != "leased":
                     continue
                 log.info("took over polling batch %s from %s", found.batch, found.owner)
-            if found.state != BatchState.CREATED:
-                continue  # in intent and ours: the collector is sending it
             self._tending[submission_id] = asyncio.create_task(self._tend(submission_id))
         self._gauge()
 
@@ -116,6 +118,32 @@ class Poller:
                 await self._tend_one(found)
         except (ClaimUnavailable, RedisError, RedisClusterException) as exc:
             log.warning("batch submission %s not read this round: %s", submission_id, exc)
+        finally:
+            self._tending.pop(submission_id, None)
+
+    async def _release(self, submission_id: str) -> None:
+        """An abandoned submission: its requests still in it are taken out and sent on."""
+        tier = self._tier
+        try:
+            found = await tier.store.get(submission_id)
+            if found is None:
+                await tier.store.forget(submission_id)
+                return
+            records = await tier.store.lines([rid for rid, _ in found.requests])
+            left = [r for r in records if r.state in _IN_BATCH and r.submission == found.id]
+            now = wall_clock_ms()
+            ops = [WorkerOp("x", r.request_id, (found.id, now, "", "")) for r in left]
+            answers = await tier.run_ops(ops, "take requests out of a batch")
+            jobs = []
+            for record, (epoch, _) in zip(left, answers, strict=True):
+                if epoch != "0":
+                    tier.dedup.hold(record.request_id, epoch)
+                    request = decode(record.request or b"", LLMRequest)
+                    jobs.append(self._send_on(found.provider, request, _source(record.source)))
+            await asyncio.gather(*(self._bounded(job) for job in jobs))
+            await tier.store.forget(submission_id)
+        except (ClaimUnavailable, RedisError, RedisClusterException) as exc:
+            log.warning("abandoned submission %s not released yet: %s", submission_id, exc)
         finally:
             self._tending.pop(submission_id, None)
 

@@ -187,14 +187,21 @@ class BatchTier:
         token, records = self.dedup.worker_token, self.dedup.records
         return await self.bound.persist(lambda: guarded(records.run(token, ops), what), what)
 
+    def sending(self, submission: str) -> bool:
+        """Whether this worker is sending ``submission`` now."""
+        return self._collector is not None and submission in self._collector.sending
+
     async def settle_intent(self, submission: Submission) -> bool:
-        """A submission still in ``intent``: when its submitter is dead, adopt the batch it
-        created (where the provider can say) or abandon it. False while the submitter lives
-        (or Redis or the provider cannot be reached: asked again later)."""
+        """A submission still in ``intent``: when its submitter is dead (or is this worker, not
+        sending it), adopt the batch it created (where the provider can say) or abandon it.
+        False while its submitter sends it (or Redis or the provider cannot be reached: asked
+        again later)."""
         owner, token = submission.owner or "", self.dedup.worker_token
         api = self.apis.get(submission.provider)
         try:
-            if owner == token or await self.dedup.records.alive(owner):
+            if self.sending(submission.id):
+                return False
+            if owner != token and await self.dedup.records.alive(owner):
                 return False
             batch = None
             if api is not None and api.can_find:

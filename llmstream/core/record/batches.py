@@ -27,6 +27,12 @@ committed, so it comes again) and its submission is *resolved* before anything e
   leaves a batch nobody reads: its requests are in two batches (paid twice) but answered once;
 - ``abandoned``: the requests are taken back (``out of batch``) and go on as any claimed request.
 
+The pollers do the same for every submission they find in ``intent`` with its submitter dead,
+and for one of their own that no task of theirs is sending (Redis lost the write of step 4, or
+the sending task failed): an abandoned submission stays among the unfinished until each request
+still in it is taken back and sent on, since the events of requests that a lost write left in
+``submitting`` may have been committed already.
+
 A submitter that finds its submission abandoned at step 4 cancels the batch it just created.
 """
 
@@ -147,10 +153,7 @@ class SubmissionStore:
     async def abandon(self, submission: str, token: str, dead: str, epoch: str) -> SubmissionAnswer:
         """Never to be created: when none is recorded, or its submitter ``dead`` (seen dead at
         ``epoch``) still holds it in ``intent``. Answers ``created`` when it was."""
-        answer = await self._run(submission, "abandon", token, dead, epoch, SUBMISSION_TTL_S)
-        if answer.answer == "abandoned":
-            await self.redis.srem(self.keys.batches(), submission)
-        return answer
+        return await self._run(submission, "abandon", token, dead, epoch, SUBMISSION_TTL_S)
 
     async def adopt(
         self, submission: str, token: str, dead: str, epoch: str, batch: str, now_ms: int
@@ -171,11 +174,12 @@ class SubmissionStore:
         return True
 
     async def forget(self, submission: str) -> None:
-        """Drop an abandoned submission from the unfinished (its marker expires by itself)."""
+        """Drop an abandoned submission from the unfinished once none of its requests is left in
+        it (its marker expires by itself)."""
         await self.redis.srem(self.keys.batches(), submission)
 
     async def unfinished(self) -> list[str]:
-        """The IDs of every submission not yet finished or abandoned."""
+        """The IDs of every submission not yet finished, or abandoned with requests left in it."""
         return sorted(_text(x) for x in await self.redis.smembers(self.keys.batches()))
 
     async def get(self, submission: str, *, requests: bool = True) -> Submission | None:

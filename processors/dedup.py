@@ -266,6 +266,10 @@ class DedupStore:
         (taken out of a batch, or a batch line's outcome stored): it may call, settle, emit."""
         self._epochs[request_id] = epoch
 
+    def forget(self, request_id: str) -> None:
+        """This worker holds ``request_id`` no more (a batch holds it now)."""
+        self._epochs.pop(request_id, None)
+
     async def still_owner(self, request_id: str) -> bool:
         """Whether this worker still holds the claim on ``request_id``: ask just before each
         provider attempt. False once another worker took it over (it calls, not this one);

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Awaitable
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -54,6 +55,7 @@ class Poller:
         self._tier = tier
         self._tending: dict[str, asyncio.Task[None]] = {}
         self._states: dict[str, tuple[str, str]] = {}  # submission -> (provider, state)
+        self._shown: set[tuple[str, str]] = set()
         self._slots = asyncio.Semaphore(_LINES_AT_ONCE)
 
     async def run(self) -> None:
@@ -105,11 +107,10 @@ class Poller:
         self._gauge()
 
     def _gauge(self) -> None:
-        gauge = self._tier.metrics.in_flight
-        for provider, state in set(self._states.values()):
-            gauge.labels(provider, state).set(0)
-        for provider, state in self._states.values():
-            gauge.labels(provider, state).inc()
+        counts = Counter(self._states.values())
+        for labels in self._shown | set(counts):  # a state no batch is in any more shows 0
+            self._tier.metrics.in_flight.labels(*labels).set(counts.get(labels, 0))
+        self._shown |= set(counts)
 
     async def _tend(self, submission_id: str) -> None:
         try:
@@ -240,9 +241,10 @@ class Poller:
                 stores.append((record, request, outcome))
             elif record.calls >= max_attempts:
                 reason = error or ProviderError(
-                    f"{api.name}: batch line {result.unanswered} {record.calls} times",
+                    f"{api.name}: batch line {result.unanswered}, in each of {record.calls} "
+                    "batches (LLMSTREAM_MAX_ATTEMPTS)",
                     provider=api.name,
-                    error_type="expired" if result.unanswered == "expired" else "provider_error",
+                    error_type="provider_error",
                     retryable=True,
                 )
                 outcome = events.provider_error(request, reason, source, record.calls)
@@ -318,6 +320,7 @@ class Poller:
         """A line to send again, which this worker now holds: a later batch, or at once."""
         tier = self._tier
         if await tier.route(request, source, again=True):
+            tier.dedup.forget(request.request_id)
             tier.metrics.lines.labels(provider, "resubmitted").inc()
         else:
             tier.metrics.lines.labels(provider, "standard").inc()

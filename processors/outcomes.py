@@ -8,6 +8,7 @@ request has, this module says what that outcome looks like on ``llm-responses``,
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from llmstream.schemas.models import (
     ToolStep,
 )
 
-__all__ = ["Outcomes", "Output", "Source"]
+__all__ = ["Outcomes", "Output", "Source", "carried_payload"]
 
 # Whose request an event is about: every event carries these, under the same names, copied
 # from the event (or request) it follows from.
@@ -250,3 +251,23 @@ class Outcomes:
             worker_id=self._worker_id,
             occurred_at_ms=wall_clock_ms(),
         )
+
+
+# Room in an error event for everything but the payload (the message is bounded by the codec).
+_ERROR_EVENT_ROOM = 16 * 1024
+_TRUNCATED_PAYLOAD_BYTES = 64 * 1024
+
+
+def carried_payload(
+    raw: bytes | None, max_event_bytes: int
+) -> tuple[bytes | None, int | None, str | None]:
+    """What of an undecodable payload its error event carries: the whole payload when the event
+    still fits under the producer's limit (base64 in JSON grows it by a third), else its first
+    bytes with its size and SHA-256, so that one oversized event cannot stop its partition."""
+    if raw is None:
+        return None, None, None
+    fits = max(0, (max_event_bytes - _ERROR_EVENT_ROOM) * 3 // 4)
+    if len(raw) <= fits:
+        return raw, None, None
+    kept = raw[: min(fits, _TRUNCATED_PAYLOAD_BYTES)]
+    return kept, len(raw), hashlib.sha256(raw).hexdigest()

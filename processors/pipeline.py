@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import random
 import time
@@ -34,7 +33,7 @@ from llmstream.core.tools import ToolExecutor, UnknownTool
 from llmstream.processors.batches import BatchTier
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
 from llmstream.processors.metrics import WorkerMetrics, provider_label
-from llmstream.processors.outcomes import Outcomes, Output, Source
+from llmstream.processors.outcomes import Outcomes, Output, Source, carried_payload
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.session_turns import SessionTurns
 from llmstream.processors.settings import WorkerSettings
@@ -426,7 +425,7 @@ class RequestProcessor:
         bytes), so ``GET /v1/requests/{id}`` answers ``failed`` by the time the error is out.
         """
         request_id = peek_request_id(raw, key)
-        payload, size, digest = _carried_payload(raw, self._settings.max_event_bytes)
+        payload, size, digest = carried_payload(raw, self._settings.max_event_bytes)
         error = self._events.rejection(
             request_id,
             exc.kind,
@@ -578,23 +577,3 @@ def _bookkeeping(request_id: str | None) -> Iterator[None]:
         yield
     except Exception:
         log.exception("metrics not updated for %s; its outcome stands", request_id or "a request")
-
-
-# Room in an error event for everything but the payload (the message is bounded by the codec).
-_ERROR_EVENT_ROOM = 16 * 1024
-_TRUNCATED_PAYLOAD_BYTES = 64 * 1024
-
-
-def _carried_payload(
-    raw: bytes | None, max_event_bytes: int
-) -> tuple[bytes | None, int | None, str | None]:
-    """What of an undecodable payload its error event carries: the whole payload when the event
-    still fits under the producer's limit (base64 in JSON grows it by a third), else its first
-    bytes with its size and SHA-256, so that one oversized event cannot stop its partition."""
-    if raw is None:
-        return None, None, None
-    fits = max(0, (max_event_bytes - _ERROR_EVENT_ROOM) * 3 // 4)
-    if len(raw) <= fits:
-        return raw, None, None
-    kept = raw[: min(fits, _TRUNCATED_PAYLOAD_BYTES)]
-    return kept, len(raw), hashlib.sha256(raw).hexdigest()

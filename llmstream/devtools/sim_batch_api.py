@@ -30,7 +30,9 @@ providers give batches a pool of their own); they are not counted as calls.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -41,6 +43,7 @@ from llmstream.devtools.sim_batches import (
     BATCH_WINDOW_S,
     ENDED,
     OPENAI_MAX_BATCH_BYTES,
+    BatchFile,
     BatchStore,
     Job,
     Line,
@@ -58,6 +61,8 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 _FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _CHUNK = 1 << 20
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def add_batch_routes(app: web.Application, store: BatchStore) -> None:
@@ -78,13 +83,66 @@ def add_batch_routes(app: web.Application, store: BatchStore) -> None:
     app.router.add_post("/_sim/batches/{batch_id}/expire", _expire)
 
 
+# --- what every endpoint checks first ----------------------------------------------------------
+
+
+def _authorized(
+    wire: Wire,
+) -> Callable[[Callable[[web.Request, BatchStore], Awaitable[web.Response]]], Handler]:
+    """Serve a request only with ``wire``'s API key, answering 401 as that provider does."""
+
+    def wrap(handler: Callable[[web.Request, BatchStore], Awaitable[web.Response]]) -> Handler:
+        @functools.wraps(handler)
+        async def serve(request: web.Request) -> web.Response:
+            store = request.app[BATCHES]
+            if not store.authorized(request, wire):
+                return _json(error_body(wire, 401, None, next(store.ids)), 401)
+            return await handler(request, store)
+
+        return serve
+
+    return wrap
+
+
+def _with_batch(
+    wire: Wire,
+) -> Callable[[Callable[[web.Request, BatchStore, Job], web.Response]], Handler]:
+    """Authorized as ``wire``, then the batch of that API named in the path, or its 404."""
+
+    def wrap(handler: Callable[[web.Request, BatchStore, Job], web.Response]) -> Handler:
+        @_authorized(wire)
+        async def serve(request: web.Request, store: BatchStore) -> web.Response:
+            batch_id = request.match_info["batch_id"]
+            job = store.jobs.get(batch_id)
+            if job is not None and job.api == wire:
+                return handler(request, store, job)
+            if wire == "openai":
+                return _openai_error(404, f"No batch found with id '{batch_id}'.")
+            return _anthropic_error(store, 404, f"No Message Batch with ID {batch_id}.")
+
+        return functools.wraps(handler)(serve)
+
+    return wrap
+
+
+def _with_file(handler: Callable[[BatchStore, BatchFile], web.Response]) -> Handler:
+    """Authorized as OpenAI, then the file named in the path, or OpenAI's 404."""
+
+    @_authorized("openai")
+    async def serve(request: web.Request, store: BatchStore) -> web.Response:
+        file = store.files.get(request.match_info["file_id"])
+        if file is None:
+            return _no_file(request.match_info["file_id"])
+        return handler(store, file)
+
+    return functools.wraps(handler)(serve)
+
+
 # --- OpenAI ----------------------------------------------------------------------------------
 
 
-async def _upload(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
+@_authorized("openai")
+async def _upload(request: web.Request, store: BatchStore) -> web.Response:
     if not request.content_type.startswith("multipart/"):
         return _openai_error(400, "The request must be multipart/form-data.", param="file")
     content: bytes | None = None
@@ -126,40 +184,24 @@ async def _read_part(part: BodyPartReader, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _file(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
-    file = store.files.get(request.match_info["file_id"])
-    if file is None:
-        return _no_file(request.match_info["file_id"])
+@_with_file
+def _file(store: BatchStore, file: BatchFile) -> web.Response:
     return _json(file.as_json())
 
 
-async def _file_content(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
-    file = store.files.get(request.match_info["file_id"])
-    if file is None:
-        return _no_file(request.match_info["file_id"])
+@_with_file
+def _file_content(store: BatchStore, file: BatchFile) -> web.Response:
     return web.Response(body=file.content, content_type="application/octet-stream")
 
 
-async def _delete_file(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
-    file = store.files.pop(request.match_info["file_id"], None)
-    if file is None:
-        return _no_file(request.match_info["file_id"])
+@_with_file
+def _delete_file(store: BatchStore, file: BatchFile) -> web.Response:
+    del store.files[file.id]
     return _json({"id": file.id, "object": "file", "deleted": True})
 
 
-async def _create_openai(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
+@_authorized("openai")
+async def _create_openai(request: web.Request, store: BatchStore) -> web.Response:
     try:
         body = orjson.loads(await request.read())
     except orjson.JSONDecodeError:
@@ -196,23 +238,13 @@ async def _create_openai(request: web.Request) -> web.Response:
     return _json(_openai_batch(job))
 
 
-async def _get_openai(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
-    job = _job(store, request, "openai")
-    if job is None:
-        return _no_batch_openai(request.match_info["batch_id"])
+@_with_batch("openai")
+def _get_openai(request: web.Request, store: BatchStore, job: Job) -> web.Response:
     return _json(_openai_batch(job))
 
 
-async def _cancel_openai(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "openai"):
-        return _unauthorized(store, "openai")
-    job = _job(store, request, "openai")
-    if job is None:
-        return _no_batch_openai(request.match_info["batch_id"])
+@_with_batch("openai")
+def _cancel_openai(request: web.Request, store: BatchStore, job: Job) -> web.Response:
     if job.ended:
         return _openai_error(400, f"Cannot cancel a batch with status '{job.phase}'.")
     store.interrupt(job, "cancel")
@@ -281,17 +313,11 @@ def _no_file(file_id: str, param: str = "id") -> web.Response:
     return _openai_error(404, f"No such File object: {file_id}", param=param)
 
 
-def _no_batch_openai(batch_id: str) -> web.Response:
-    return _openai_error(404, f"No batch found with id '{batch_id}'.")
-
-
 # --- Anthropic -------------------------------------------------------------------------------
 
 
-async def _create_anthropic(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "anthropic"):
-        return _unauthorized(store, "anthropic")
+@_authorized("anthropic")
+async def _create_anthropic(request: web.Request, store: BatchStore) -> web.Response:
     version = request.headers.get("anthropic-version")
     if not version:
         return _anthropic_error(store, 400, "anthropic-version: header is required")
@@ -341,36 +367,21 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
-async def _get_anthropic(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "anthropic"):
-        return _unauthorized(store, "anthropic")
-    job = _job(store, request, "anthropic")
-    if job is None:
-        return _no_batch_anthropic(store, request)
+@_with_batch("anthropic")
+def _get_anthropic(request: web.Request, store: BatchStore, job: Job) -> web.Response:
     return _json(_anthropic_batch(job, request))
 
 
-async def _anthropic_results(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "anthropic"):
-        return _unauthorized(store, "anthropic")
-    job = _job(store, request, "anthropic")
-    if job is None:
-        return _no_batch_anthropic(store, request)
+@_with_batch("anthropic")
+def _anthropic_results(request: web.Request, store: BatchStore, job: Job) -> web.Response:
     if not job.ended:
         message = f"Message Batch {job.id} has not ended yet: its results are not available."
         return _anthropic_error(store, 404, message)
     return web.Response(body=job.results, content_type="application/binary")
 
 
-async def _cancel_anthropic(request: web.Request) -> web.Response:
-    store = request.app[BATCHES]
-    if not store.authorized(request, "anthropic"):
-        return _unauthorized(store, "anthropic")
-    job = _job(store, request, "anthropic")
-    if job is None:
-        return _no_batch_anthropic(store, request)
+@_with_batch("anthropic")
+def _cancel_anthropic(request: web.Request, store: BatchStore, job: Job) -> web.Response:
     if job.ended:
         return _anthropic_error(store, 400, f"Message Batch {job.id} has already ended.")
     store.interrupt(job, "cancel")
@@ -415,21 +426,7 @@ def _anthropic_error(store: BatchStore, status: int, message: str) -> web.Respon
     return _json(error_body("anthropic", status, message, next(store.ids)), status)
 
 
-def _no_batch_anthropic(store: BatchStore, request: web.Request) -> web.Response:
-    message = f"No Message Batch with ID {request.match_info['batch_id']}."
-    return _anthropic_error(store, 404, message)
-
-
 # --- shared ----------------------------------------------------------------------------------
-
-
-def _job(store: BatchStore, request: web.Request, api: Wire) -> Job | None:
-    job = store.jobs.get(request.match_info["batch_id"])
-    return job if job is not None and job.api == api else None
-
-
-def _unauthorized(store: BatchStore, wire: Wire) -> web.Response:
-    return _json(error_body(wire, 401, None, next(store.ids)), 401)
 
 
 async def _expire(request: web.Request) -> web.Response:

@@ -38,9 +38,9 @@ from aiokafka.errors import KafkaError
 from aiokafka.partitioner import DefaultPartitioner
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.connections import kafka_client_options
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
+from llmstream.ingress.tailing import partitions_of, stop_reading, ungrouped_consumer
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMResponseChunk
 
@@ -173,17 +173,10 @@ class ChunkHub:
     async def start(self) -> None:
         """Assign every partition at its end; a missing topic is looked for again until found
         (streamed answers then come whole, at their end)."""
-        consumer = AIOKafkaConsumer(
-            **kafka_client_options(self._settings),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            fetch_max_wait_ms=self._settings.listener_fetch_max_wait_ms,
-            client_id="llmstream-ingress-chunks",
-        )
+        consumer = ungrouped_consumer(self._settings, "llmstream-ingress-chunks")
         await consumer.start()
         try:
-            found = await self._find_partitions(consumer)
+            found = await partitions_of(consumer, self._topic)
             if found:
                 await self._assign(consumer, found, at_end=True)
             else:
@@ -200,19 +193,7 @@ class ChunkHub:
         self._task = asyncio.create_task(self._run(consumer), name="ingress-chunk-hub")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
-
-    async def _find_partitions(self, consumer: AIOKafkaConsumer) -> list[int]:
-        found = consumer.partitions_for_topic(self._topic)
-        if not found:
-            await consumer._client.force_metadata_update()
-            found = consumer.partitions_for_topic(self._topic)
-        return sorted(found or ())
+        await stop_reading(self._task, self._consumer)
 
     async def _assign(
         self, consumer: AIOKafkaConsumer, partitions: list[int], *, at_end: bool
@@ -232,7 +213,7 @@ class ChunkHub:
         while not self._partitions:
             await asyncio.sleep(_TOPIC_RETRY_S)
             try:
-                found = await self._find_partitions(consumer)
+                found = await partitions_of(consumer, self._topic)
                 if found:
                     await self._assign(consumer, found, at_end=False)
                     log.info("topic %r found: streaming chunks", self._topic)
@@ -415,13 +396,7 @@ class ChunkHub:
     async def _read_partition(
         self, request_id: str, partition: int, since_ms: int, until: int
     ) -> list[_Kept]:
-        consumer = AIOKafkaConsumer(
-            **kafka_client_options(self._settings),
-            group_id=None,
-            enable_auto_commit=False,
-            fetch_max_wait_ms=self._settings.listener_fetch_max_wait_ms,
-            client_id="llmstream-ingress-read-back",
-        )
+        consumer = ungrouped_consumer(self._settings, "llmstream-ingress-read-back")
         await consumer.start()
         try:
             tp = TopicPartition(self._topic, partition)

@@ -31,9 +31,9 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.core.connections import kafka_client_options
 from llmstream.core.record import AnyRedis, Field, Outcome, RecordStore, Reservation, Status, Stored
 from llmstream.ingress.settings import IngressSettings
+from llmstream.ingress.tailing import partitions_of, stop_reading, ungrouped_consumer
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMError, LLMResponse
 
@@ -176,13 +176,7 @@ class ResponseListener:
 
     async def start(self) -> None:
         """Assign every partition at its end; returns once the positions are known."""
-        consumer = AIOKafkaConsumer(
-            **kafka_client_options(self._settings),
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="latest",
-            fetch_max_wait_ms=self._settings.listener_fetch_max_wait_ms,
-        )
+        consumer = ungrouped_consumer(self._settings, "llmstream-ingress-responses")
         await consumer.start()
         try:
             partitions = await self._partitions(consumer)
@@ -199,22 +193,14 @@ class ResponseListener:
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         partitions = []
         for topic in self._topics:
-            found = consumer.partitions_for_topic(topic)
-            if not found:
-                await consumer._client.force_metadata_update()
-                found = consumer.partitions_for_topic(topic)
+            found = await partitions_of(consumer, topic)
             if not found:
                 raise KafkaError(f"topic {topic!r} does not exist (create it first)")
-            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+            partitions += [TopicPartition(topic, p) for p in found]
         return partitions
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer is not None:
-            await self._consumer.stop()
+        await stop_reading(self._task, self._consumer)
 
     @contextlib.asynccontextmanager
     async def waiter(self, request_id: str) -> AsyncIterator[Waiter]:

@@ -40,7 +40,12 @@ from aiokafka.partitioner import DefaultPartitioner
 from llmstream.core.clock import wall_clock_ms
 from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
-from llmstream.ingress.tailing import partitions_of, stop_reading, ungrouped_consumer
+from llmstream.ingress.tailing import (
+    fetches,
+    partitions_of,
+    stop_reading,
+    ungrouped_consumer,
+)
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMResponseChunk
 
@@ -219,13 +224,7 @@ class ChunkHub:
                     log.info("topic %r found: streaming chunks", self._topic)
             except KafkaError as exc:
                 log.warning("chunk hub: %s; retrying", exc)
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=2000)
-            except KafkaError as exc:
-                log.warning("chunk hub: %s; retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
+        async for batches in fetches(consumer, "chunk hub", max_records=2000):
             now = wall_clock_ms()
             for tp, records in batches.items():
                 for record in records:

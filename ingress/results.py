@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import AnyRedis, Field, Outcome, RecordStore, Reservation, Status, Stored
 from llmstream.ingress.settings import IngressSettings
-from llmstream.ingress.tailing import partitions_of, stop_reading, ungrouped_consumer
+from llmstream.ingress.tailing import fetches, partitions_of, stop_reading, ungrouped_consumer
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMError, LLMResponse
 
@@ -217,13 +217,7 @@ class ResponseListener:
                     del self._waiters[request_id]
 
     async def _run(self, consumer: AIOKafkaConsumer) -> None:
-        while True:
-            try:
-                batches = await consumer.getmany(timeout_ms=1000, max_records=1000)
-            except KafkaError as exc:
-                log.warning("response listener: %s; retrying", exc)
-                await asyncio.sleep(1.0)
-                continue
+        async for batches in fetches(consumer, "response listener", max_records=1000):
             for tp, records in batches.items():
                 model = self._topics[tp.topic]
                 for record in records:

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import AsyncIterator
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
 
 from llmstream.core.connections import kafka_client_options
 from llmstream.ingress.settings import IngressSettings
 
-__all__ = ["partitions_of", "stop_reading", "ungrouped_consumer"]
+__all__ = ["fetches", "partitions_of", "stop_reading", "ungrouped_consumer"]
+
+log = logging.getLogger(__name__)
 
 
 def ungrouped_consumer(settings: IngressSettings, client_id: str) -> AIOKafkaConsumer:
@@ -40,6 +45,19 @@ async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[int]:
         await consumer._client.force_metadata_update()
         found = consumer.partitions_for_topic(topic)
     return sorted(found or ())
+
+
+async def fetches(
+    consumer: AIOKafkaConsumer, reader: str, max_records: int
+) -> AsyncIterator[dict[TopicPartition, list[ConsumerRecord]]]:
+    """What ``consumer`` fetches, a second's wait at a time (empty when nothing came), forever: a
+    failed fetch is logged as ``reader``'s and tried again a second later."""
+    while True:
+        try:
+            yield await consumer.getmany(timeout_ms=1000, max_records=max_records)
+        except KafkaError as exc:
+            log.warning("%s: %s; retrying", reader, exc)
+            await asyncio.sleep(1.0)
 
 
 async def stop_reading(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:

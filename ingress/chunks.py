@@ -42,6 +42,7 @@ from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
 from llmstream.ingress.tailing import (
     fetches,
+    keyed_request_id,
     partitions_of,
     stop_reading,
     ungrouped_consumer,
@@ -240,11 +241,8 @@ class ChunkHub:
         self, partition: int, offset: int, key: bytes | None, value: bytes | None, now_ms: int
     ) -> None:
         self._next[partition] = offset + 1
-        if not key or not value:
-            return
-        try:
-            request_id = key.decode()
-        except UnicodeDecodeError:
+        request_id = keyed_request_id(key)
+        if request_id is None or not value:
             return
         kept = _Kept(offset, value)
         self._keep(request_id, kept, now_ms)

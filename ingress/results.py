@@ -33,7 +33,13 @@ from redis.exceptions import RedisError
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.record import AnyRedis, Field, Outcome, RecordStore, Reservation, Status, Stored
 from llmstream.ingress.settings import IngressSettings
-from llmstream.ingress.tailing import fetches, partitions_of, stop_reading, ungrouped_consumer
+from llmstream.ingress.tailing import (
+    fetches,
+    keyed_request_id,
+    partitions_of,
+    stop_reading,
+    ungrouped_consumer,
+)
 from llmstream.schemas.codec import DecodeError, decode
 from llmstream.schemas.models import LLMError, LLMResponse
 
@@ -228,11 +234,8 @@ class ResponseListener:
     ) -> None:
         # The worker keys outcomes by request ID: most belong to nobody waiting here, and are
         # skipped without being decoded.
-        if not key or not value:
-            return
-        try:
-            request_id = key.decode()
-        except UnicodeDecodeError:
+        request_id = keyed_request_id(key)
+        if request_id is None or not value:
             return
         futures = self._waiters.get(request_id)
         if not futures:

@@ -23,6 +23,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from llmstream.devtools.simulator import AppServer
+
 __all__ = ["Handler", "LoopbackServer", "Received", "Reply"]
 
 
@@ -75,52 +77,21 @@ class Reply:
 Handler = Callable[[Received], Reply | Awaitable[Reply]]
 
 
-class LoopbackServer:
+class LoopbackServer(AppServer):
     """An aiohttp server on 127.0.0.1 and a free port, answering every path and method with
     ``handler``'s reply (or always the same ``Reply``); ``received`` lists the requests in the
     order they arrived."""
 
     def __init__(self, handler: Handler | Reply) -> None:
+        super().__init__(web.Application())
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
         self._handler = handler
         self.received: list[Received] = []
         self._stopping = asyncio.Event()
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:port`` once started."""
-        if self._port is None:
-            raise RuntimeError("the loopback server is not started")
-        return f"http://127.0.0.1:{self._port}"
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        # Handlers still running at stop (a held answer) get a moment, then are cancelled.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        try:
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self._port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
-        self._stopping.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def __aenter__(self) -> LoopbackServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.stop()
+        self._stopping.set()  # held answers end now
+        await super().stop()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         received = Received(

@@ -12,7 +12,6 @@ from typing import Any, cast
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from llmstream.core.record import RecordKeys
@@ -27,40 +26,17 @@ from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.conftest import Services
 from tests.harness import request
 from tests.inprocess import SOURCE, ListEmitter, Rig, rig, sim, worker_settings
+from tests.loopback import LoopbackServer, Reply
 
 __all__ = ["sim"]  # the module's provider simulator fixture
 
 ABSURD = 10**12  # over the events' 32-bit token fields
 
 
-class FixedProvider:
-    """A real HTTP server on loopback answering every call with one body; counts the calls."""
-
-    def __init__(self, openai: dict[str, Any], anthropic: dict[str, Any]) -> None:
-        self.calls = 0
-        self._bodies = {"/v1/chat/completions": openai, "/v1/messages": anthropic}
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def _answer(self, http: web.Request) -> web.Response:
-        self.calls += 1
-        return web.json_response(self._bodies[http.path])
-
-    async def __aenter__(self) -> FixedProvider:
-        app = web.Application()
-        for path in self._bodies:
-            app.router.add_post(path, self._answer)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
+def fixed_provider(openai: dict[str, Any], anthropic: dict[str, Any]) -> LoopbackServer:
+    """A real HTTP server on loopback answering every call with one body per API."""
+    bodies = {"/v1/chat/completions": openai, "/v1/messages": anthropic}
+    return LoopbackServer(lambda received: Reply.json(bodies[received.path]))
 
 
 BAD_USAGE_OPENAI = {
@@ -88,8 +64,8 @@ BAD_USAGE_ANTHROPIC = {
 
 
 @pytest_asyncio.fixture
-async def bad_usage() -> AsyncIterator[FixedProvider]:
-    async with FixedProvider(BAD_USAGE_OPENAI, BAD_USAGE_ANTHROPIC) as server:
+async def bad_usage() -> AsyncIterator[LoopbackServer]:
+    async with fixed_provider(BAD_USAGE_OPENAI, BAD_USAGE_ANTHROPIC) as server:
         yield server
 
 
@@ -107,7 +83,7 @@ async def record_of(r: Rig, request_id: str) -> dict[bytes, bytes]:
     ],
 )
 async def test_bad_usage_counts_keep_the_answer_with_one_call(
-    services: Services, bad_usage: FixedProvider, model: str
+    services: Services, bad_usage: LoopbackServer, model: str
 ) -> None:
     # rig() reads only the provider's URL.
     async with rig(cast(SimulatorServer, bad_usage), worker_settings(services.redis_url)) as r:
@@ -125,7 +101,7 @@ async def test_bad_usage_counts_keep_the_answer_with_one_call(
         )
         assert response.cost_usd in (0.0, None)
         assert r.metric_statuses() == ["success", "duplicate"]
-        assert bad_usage.calls == 1
+        assert len(bad_usage.received) == 1
         stored = await record_of(r, rid)
         assert stored[b"state"] == b"completed" and stored[b"emitted"] == b"1"
 

@@ -17,8 +17,7 @@ import pytest_asyncio
 from aiohttp import web
 from pydantic import SecretStr
 
-from llmstream.devtools.processes import free_port
-from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from llmstream.devtools.simulator import AppServer, SimulatorServer, SimulatorSettings
 from llmstream.processors.providers import Completion, ProviderError, create_http_client
 from llmstream.processors.providers.anthropic import AnthropicMessages
 from llmstream.processors.providers.http import HTTPAdapter
@@ -129,14 +128,8 @@ async def serving(
 
     app = web.Application()
     app.router.add_route("POST", "/{tail:.*}", handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield Served(f"http://127.0.0.1:{port}", received)
-    finally:
-        await runner.cleanup()
+    async with AppServer(app) as server:
+        yield Served(server.url, received)
 
 
 def sse(event: str | None, data: Any) -> bytes:

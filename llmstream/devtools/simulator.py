@@ -75,7 +75,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import orjson
 from aiohttp import web
@@ -104,6 +104,7 @@ from llmstream.devtools.wire import (
 )
 
 __all__ = [
+    "AppServer",
     "SimulatorServer",
     "SimulatorSettings",
     "create_simulator_app",
@@ -284,15 +285,17 @@ def create_simulator_app(settings: SimulatorSettings) -> web.Application:
     return app
 
 
-class SimulatorServer:
-    """Runs the simulator in the current event loop; port 0 picks a free port.
+class AppServer:
+    """Serves an aiohttp ``app`` from the current event loop on ``host``:``port`` (port 0 picks
+    a free one): the simulator, and the small servers tests stand in for a provider with."""
 
-    ``async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0)) as sim: sim.url``
-    """
-
-    def __init__(self, settings: SimulatorSettings) -> None:
-        self.settings = settings
-        self.app = create_simulator_app(settings)
+    def __init__(
+        self, app: web.Application, host: str = "127.0.0.1", port: int = 0, *, backlog: int = 1024
+    ) -> None:
+        self.app = app
+        self._host = host
+        self._bind_port = port
+        self._backlog = backlog
         self._runner: web.AppRunner | None = None
         self._port: int | None = None
 
@@ -300,8 +303,8 @@ class SimulatorServer:
     def url(self) -> str:
         """``http://host:port`` once started."""
         if self._port is None:
-            raise RuntimeError("the simulator is not started")
-        host = self.settings.host
+            raise RuntimeError(f"{type(self).__name__} is not started")
+        host = self._host
         return f"http://[{host}]:{self._port}" if ":" in host else f"http://{host}:{self._port}"
 
     async def start(self) -> None:
@@ -310,7 +313,7 @@ class SimulatorServer:
         # Calls still running at stop get half a second, then are cancelled.
         runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, self.settings.host, self.settings.port, backlog=4096)
+        site = web.TCPSite(runner, self._host, self._bind_port, backlog=self._backlog)
         try:
             await site.start()
         except BaseException:
@@ -320,18 +323,28 @@ class SimulatorServer:
         self._port = int(runner.addresses[0][1])
 
     async def stop(self) -> None:
-        """Close the listener and every connection."""
+        """Close the listener and every connection (``url`` still says where it served)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-            self._port = None
 
-    async def __aenter__(self) -> SimulatorServer:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+class SimulatorServer(AppServer):
+    """Runs the simulator in the current event loop; port 0 picks a free port.
+
+    ``async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0)) as sim: sim.url``
+    """
+
+    def __init__(self, settings: SimulatorSettings) -> None:
+        super().__init__(create_simulator_app(settings), settings.host, settings.port, backlog=4096)
+        self.settings = settings
 
 
 async def serve_simulator(settings: SimulatorSettings) -> None:

@@ -130,14 +130,7 @@ async def stream_chat(
         early = contextlib.AsyncExitStack()
         stack.push_async_callback(early.aclose)
         subscription = await early.enter_async_context(hub.subscribe(request_id))
-        [receipt] = await publisher.submit([event], identity.client_id, ["Idempotency-Key"])
-        if receipt.failed:
-            raise ApiError(
-                503,
-                "the request could not be published; retry",
-                code="publish_failed",
-                headers={"x-request-id": request_id, "Retry-After": "1"},
-            )
+        receipt = await publisher.submit_chat(event, identity.client_id)
         if not receipt.published:
             # A request ID known already (the Idempotency-Key again): its chunks may be older
             # than the subscription, so follow it as a late follower does.

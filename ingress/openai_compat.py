@@ -521,14 +521,7 @@ async def chat_completions(
     final = {"x-request-id": request_id, "x-should-retry": "false"}
     started = time.perf_counter()
     async with listener.waiter(request_id) as waiter:
-        [receipt] = await publisher.submit([event], identity.client_id, ["Idempotency-Key"])
-        if receipt.failed:
-            raise ApiError(
-                503,
-                "the request could not be published; retry",
-                code="publish_failed",
-                headers={"x-request-id": request_id, "Retry-After": "1"},
-            )
+        await publisher.submit_chat(event, identity.client_id)
         outcome = await waiter.result(settings.chat_timeout_s)
     waited = time.perf_counter() - started
     if outcome is None:

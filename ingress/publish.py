@@ -126,6 +126,19 @@ class Publisher:
                 )
         return receipts
 
+    async def submit_chat(self, event: Event, client: str | None) -> Receipt:
+        """One chat completion, its ID from the ``Idempotency-Key`` header: as :meth:`submit`,
+        and 503 (retry) when the broker did not acknowledge it."""
+        [receipt] = await self.submit([event], client, ["Idempotency-Key"])
+        if receipt.failed:
+            raise ApiError(
+                503,
+                "the request could not be published; retry",
+                code="publish_failed",
+                headers={"x-request-id": event.request_id, "Retry-After": "1"},
+            )
+        return receipt
+
     async def _record_and_publish(
         self, events: Sequence[Event], client: str | None
     ) -> list[Receipt]:

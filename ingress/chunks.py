@@ -42,12 +42,11 @@ from llmstream.ingress.metrics import IngressMetrics
 from llmstream.ingress.settings import IngressSettings
 from llmstream.ingress.tailing import (
     fetches,
-    keyed_request_id,
     partitions_of,
     stop_reading,
     ungrouped_consumer,
 )
-from llmstream.schemas.codec import DecodeError, decode
+from llmstream.schemas.codec import DecodeError, decode, key_as_id
 from llmstream.schemas.models import LLMResponseChunk
 
 __all__ = ["ChunkHub", "FellBehind", "Subscription"]
@@ -241,7 +240,7 @@ class ChunkHub:
         self, partition: int, offset: int, key: bytes | None, value: bytes | None, now_ms: int
     ) -> None:
         self._next[partition] = offset + 1
-        request_id = keyed_request_id(key)
+        request_id = key_as_id(key)
         if request_id is None or not value:
             return
         kept = _Kept(offset, value)

@@ -35,12 +35,11 @@ from llmstream.core.record import AnyRedis, Field, Outcome, RecordStore, Reserva
 from llmstream.ingress.settings import IngressSettings
 from llmstream.ingress.tailing import (
     fetches,
-    keyed_request_id,
     partitions_of,
     stop_reading,
     ungrouped_consumer,
 )
-from llmstream.schemas.codec import DecodeError, decode
+from llmstream.schemas.codec import DecodeError, decode, key_as_id
 from llmstream.schemas.models import LLMError, LLMResponse
 
 __all__ = [
@@ -234,7 +233,7 @@ class ResponseListener:
     ) -> None:
         # The worker keys outcomes by request ID: most belong to nobody waiting here, and are
         # skipped without being decoded.
-        request_id = keyed_request_id(key)
+        request_id = key_as_id(key)
         if request_id is None or not value:
             return
         futures = self._waiters.get(request_id)

@@ -19,7 +19,7 @@ from aiokafka.errors import KafkaError
 from llmstream.core.connections import kafka_client_options
 from llmstream.ingress.settings import IngressSettings
 
-__all__ = ["fetches", "keyed_request_id", "partitions_of", "stop_reading", "ungrouped_consumer"]
+__all__ = ["fetches", "partitions_of", "stop_reading", "ungrouped_consumer"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,6 @@ async def fetches(
         except KafkaError as exc:
             log.warning("%s: %s; retrying", reader, exc)
             await asyncio.sleep(1.0)
-
-
-def keyed_request_id(key: bytes | None) -> str | None:
-    """The request ID a record is keyed by (outcomes and chunks are), or None (no key, or one
-    that is not text)."""
-    if not key:
-        return None
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        return None
 
 
 async def stop_reading(task: asyncio.Task[None] | None, consumer: AIOKafkaConsumer | None) -> None:

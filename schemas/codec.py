@@ -286,7 +286,9 @@ def _json_type(value: object) -> str:
     return type(value).__name__
 
 
-def _key_as_id(key: bytes | None) -> str | None:
+def key_as_id(key: bytes | None) -> str | None:
+    """The ID a record's Kafka key carries (a request's or session's, see :func:`message_key`;
+    outcomes and chunks are keyed by request ID), or None: no key, or one that is not text."""
     if not key:
         return None
     try:
@@ -320,7 +322,7 @@ def peek_request_id(data: bytes | None, key: bytes | None = None) -> str | None:
     found = _payload_id(data or b"")
     if found is not None and _is_request_id(found):
         return found
-    from_key = _key_as_id(key)
+    from_key = key_as_id(key)
     return from_key if from_key is not None and _is_request_id(from_key) else None
 
 

@@ -90,6 +90,18 @@ class Rig:
     redis: AnyRedis
     router: ProviderRouter
 
+    def processor_with(self, **parts: Any) -> RequestProcessor:
+        """A request path on this rig's parts, with ``parts`` (``emitter=``, ``tools=``,
+        ``sessions=``, ``router=``...) in place of the rig's or added."""
+        mine = {
+            "dedup": self.dedup,
+            "router": self.router,
+            "emitter": self.emitter,
+            "metrics": self.metrics,
+            "traffic": self.traffic,
+        }
+        return RequestProcessor(self.settings, **{**mine, **parts})
+
     async def process(self, request: LLMRequest | bytes) -> None:
         raw = request if isinstance(request, bytes) else encode(request)
         await self.processor.process(raw, None, SOURCE)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from llmstream.core.record import RecordKeys
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.metrics import WorkerMetrics
-from llmstream.processors.pipeline import Output, RequestProcessor
+from llmstream.processors.pipeline import Output
 from llmstream.processors.pricing import Price, PriceTable
 from llmstream.processors.providers import Completion, ProviderRouter
 from llmstream.processors.traffic import TrafficControl
@@ -126,14 +126,7 @@ async def test_a_failure_after_the_answer_is_stored_emits_the_answer_not_an_erro
 ) -> None:
     async with rig(sim, worker_settings(services.redis_url)) as r:
         emitter = FailsOnceAfterStore()
-        processor = RequestProcessor(
-            r.settings,
-            dedup=r.dedup,
-            router=r.router,
-            emitter=emitter,
-            metrics=r.metrics,
-            traffic=r.traffic,
-        )
+        processor = r.processor_with(emitter=emitter)
         rid = f"paid-{uuid.uuid4().hex}"
         await processor.process(encode(request(rid, text="keep me")), None, SOURCE)
 
@@ -169,14 +162,7 @@ async def test_a_bug_before_any_answer_is_an_internal_error_with_the_request(
             metrics=metrics,
             worker_token=r.dedup.worker_token,
         )
-        processor = RequestProcessor(
-            r.settings,
-            dedup=r.dedup,
-            router=router,
-            emitter=r.emitter,
-            metrics=metrics,
-            traffic=traffic,
-        )
+        processor = r.processor_with(router=router, metrics=metrics, traffic=traffic)
         rid = f"bug-{uuid.uuid4().hex}"
         await processor.process(encode(request(rid)), None, SOURCE)
 

@@ -18,7 +18,6 @@ import pytest_asyncio
 from llmstream.core.sessions import Appended, SessionStore
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
-from llmstream.processors.pipeline import RequestProcessor
 from llmstream.schemas.codec import encode
 from llmstream.schemas.models import ChatMessage, LLMRequest
 from tests.conftest import Services
@@ -277,15 +276,7 @@ async def test_a_worker_that_dies_between_appending_and_storing_leaves_the_answe
         store = DiesAfterAppending(
             r.redis, key_prefix=r.settings.redis_key_prefix, params=r.settings
         )
-        dying = RequestProcessor(
-            r.settings,
-            dedup=r.dedup,
-            router=r.router,
-            emitter=r.emitter,
-            metrics=r.metrics,
-            traffic=r.traffic,
-            sessions=store,
-        )
+        dying = r.processor_with(sessions=store)
         with pytest.raises(asyncio.CancelledError):
             await dying.process(encode(turn), None, SOURCE)
         assert r.responses() == [] and len(proxy.sent(turn.request_id)) == 1

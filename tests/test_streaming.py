@@ -19,7 +19,6 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 from llmstream.core.settings import ServiceSettings
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.outcomes import Output
-from llmstream.processors.pipeline import RequestProcessor
 from llmstream.schemas.codec import encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse, LLMResponseChunk
 from tests import harness
@@ -226,14 +225,7 @@ async def test_chunks_the_broker_failed_are_written_before_the_response(
 ) -> None:
     async with rig(sim, worker_settings(services.redis_url)) as r:
         broker = FlakyBroker()
-        processor = RequestProcessor(
-            r.settings,
-            dedup=r.dedup,
-            router=r.router,
-            emitter=broker,
-            metrics=r.metrics,
-            traffic=r.traffic,
-        )
+        processor = r.processor_with(emitter=broker)
         rid = f"k-{uuid.uuid4().hex}"
         await processor.process(encode(streamed(rid, text="one two three four five")), None, SOURCE)
 

@@ -18,7 +18,6 @@ import pytest
 from llmstream.core.settings import ServiceSettings
 from llmstream.core.tools import ToolExecutor, ToolRegistry, ToolSpec
 from llmstream.devtools.simulator import SimulatorServer
-from llmstream.processors.pipeline import RequestProcessor
 from llmstream.schemas.models import LLMResponseChunk, Tool, ToolFunction
 from tests.conftest import Services
 from tests.harness import (
@@ -60,15 +59,7 @@ async def tool_pipeline(
         rig(simulator, worker_settings(services.redis_url, **settings)) as r,
         aiohttp.ClientSession() as http,
     ):
-        r.processor = RequestProcessor(
-            r.settings,
-            dedup=r.dedup,
-            router=r.router,
-            emitter=r.emitter,
-            metrics=r.metrics,
-            traffic=r.traffic,
-            tools=ToolExecutor(ToolRegistry(tools), http),
-        )
+        r.processor = r.processor_with(tools=ToolExecutor(ToolRegistry(tools), http))
         yield r
 
 

@@ -14,17 +14,16 @@ import orjson
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
-from pydantic import SecretStr
 
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.processors.cache import ResponseCache, cache_key_material
-from llmstream.processors.providers import Completion, ProviderError, create_http_client
-from llmstream.processors.providers.anthropic import AnthropicMessages
-from llmstream.processors.providers.http import HTTPAdapter
-from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers import Completion, ProviderError
 from llmstream.schemas.models import FunctionCall, LLMRequest, ToolCall
+from tests.adapters import adapter, client
 from tests.conftest import Services
 from tests.inprocess import rig, worker_settings
+
+__all__ = ["client"]  # the module's HTTP client fixture
 
 WEATHER = {
     "type": "object",
@@ -52,23 +51,10 @@ def make_request(text: str, **fields: Any) -> LLMRequest:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    http = create_http_client(timeout_s=10.0, max_connections=20)
-    yield http
-    await http.close()
-
-
-@pytest_asyncio.fixture(scope="module")
 async def sim() -> AsyncIterator[SimulatorServer]:
     settings = SimulatorSettings(port=0, latency_ms=0, stream_chunks=4, stream_chunk_delay_ms=0)
     async with SimulatorServer(settings) as server:
         yield server
-
-
-def adapter(wire: str, sim: SimulatorServer, client: aiohttp.ClientSession) -> HTTPAdapter:
-    if wire == "openai":
-        return OpenAICompatible("openai", client, f"{sim.url}/v1", SecretStr("sk-test-1"))
-    return AnthropicMessages("anthropic", client, sim.url, SecretStr("sk-ant-test-1"))
 
 
 async def ask(
@@ -79,7 +65,7 @@ async def ask(
     client: aiohttp.ClientSession,
 ) -> Completion:
     """One call, streamed or not; a streamed call's chunks must join into its content."""
-    provider = adapter(wire, sim, client)
+    provider = adapter(wire, sim.url, client)
     if not streamed:
         return await provider.complete(request, "m")
     got: list[tuple[str, str | None]] = []

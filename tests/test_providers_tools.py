@@ -6,21 +6,18 @@ the contract."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
-import pytest_asyncio
-from pydantic import SecretStr
 
-from llmstream.processors.providers import Completion, ProviderError, create_http_client
-from llmstream.processors.providers.anthropic import AnthropicMessages
-from llmstream.processors.providers.http import HTTPAdapter
-from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers import Completion, ProviderError
 from llmstream.schemas.models import FunctionCall, LLMRequest, ToolCall
+from tests.adapters import adapter, client
 from tests.loopback import LoopbackServer, Reply
+
+__all__ = ["client"]  # the module's HTTP client fixture
 
 WEATHER = {
     "type": "object",
@@ -93,23 +90,10 @@ def make_request(**fields: Any) -> LLMRequest:
     return LLMRequest.model_validate(document)
 
 
-def adapter(wire: str, server: LoopbackServer, client: aiohttp.ClientSession) -> HTTPAdapter:
-    if wire == "openai":
-        return OpenAICompatible("openai", client, f"{server.url}/v1", SecretStr("sk-test-1"))
-    return AnthropicMessages("anthropic", client, server.url, SecretStr("sk-ant-test-1"))
-
-
-@pytest_asyncio.fixture(scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    http = create_http_client(timeout_s=10.0, max_connections=20)
-    yield http
-    await http.close()
-
-
 async def sent_body(client: aiohttp.ClientSession, wire: str, request: LLMRequest) -> Any:
     """The JSON body the ``wire`` adapter sends for ``request``."""
     async with LoopbackServer(Reply.json(ANSWERS[wire])) as server:
-        await adapter(wire, server, client).complete(request, "m")
+        await adapter(wire, server.url, client).complete(request, "m")
     [sent] = server.received
     return sent.json()
 
@@ -118,7 +102,7 @@ async def refused(client: aiohttp.ClientSession, wire: str, request: LLMRequest)
     """What the ``wire`` adapter raises for ``request`` without calling the server."""
     async with LoopbackServer(Reply.json(ANSWERS[wire])) as server:
         with pytest.raises(ProviderError) as caught:
-            await adapter(wire, server, client).complete(request, "m")
+            await adapter(wire, server.url, client).complete(request, "m")
     assert server.received == []
     return caught.value
 
@@ -331,7 +315,7 @@ def weather_call(call_id: str = "call_1", arguments: str = '{"city":"Oslo"}') ->
 
 async def answer(client: aiohttp.ClientSession, wire: str, body: Any) -> Completion:
     async with LoopbackServer(Reply.json(body)) as server:
-        return await adapter(wire, server, client).complete(make_request(tools=TOOLS), "m")
+        return await adapter(wire, server.url, client).complete(make_request(tools=TOOLS), "m")
 
 
 async def test_openai_tool_calls_are_read_with_their_finish_reason(
@@ -408,7 +392,7 @@ async def test_a_tool_call_that_does_not_fit_the_contract_is_a_malformed_respons
 ) -> None:
     async with LoopbackServer(Reply.json(body)) as server:
         with pytest.raises(ProviderError) as caught:
-            await adapter(wire, server, client).complete(make_request(tools=TOOLS), "m")
+            await adapter(wire, server.url, client).complete(make_request(tools=TOOLS), "m")
 
     error = caught.value
     assert (error.error_type, error.retryable) == ("provider_error", False)
@@ -473,7 +457,7 @@ async def streamed(
     reply = Reply(200, {"content-type": "text/event-stream"}, events)
     async with LoopbackServer(reply) as server:
         try:
-            result: Completion | ProviderError = await adapter(wire, server, client).stream(
+            result: Completion | ProviderError = await adapter(wire, server.url, client).stream(
                 make_request(tools=TOOLS, stream=True), "m", on_delta
             )
         except ProviderError as exc:

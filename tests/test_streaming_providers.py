@@ -15,16 +15,15 @@ import orjson
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from pydantic import SecretStr
 
 from llmstream.devtools.simulator import AppServer, SimulatorServer, SimulatorSettings
 from llmstream.processors.providers import Completion, ProviderError, create_http_client
-from llmstream.processors.providers.anthropic import AnthropicMessages
-from llmstream.processors.providers.http import HTTPAdapter
-from llmstream.processors.providers.openai import OpenAICompatible
 from llmstream.processors.providers.sse import ServerSentEvent, SSEDecoder
 from llmstream.schemas.models import LLMRequest
+from tests.adapters import adapter, client
 from tests.harness import simulator_call
+
+__all__ = ["client"]  # the module's HTTP client fixture
 
 KEY = "sk-test-STREAM-0123456789abcdef"
 PROMPT = "tell me about rivers and the sea ✓ é 😀"
@@ -37,12 +36,6 @@ def make_request(text: str = PROMPT) -> LLMRequest:
         messages=[{"role": "user", "content": text}],  # type: ignore[list-item]
         stream=True,
     )
-
-
-def adapter(wire: str, url: str, client: aiohttp.ClientSession) -> HTTPAdapter:
-    if wire == "openai":
-        return OpenAICompatible("openai", client, f"{url}/v1", SecretStr(KEY))
-    return AnthropicMessages("anthropic", client, url, SecretStr(KEY))
 
 
 @dataclass
@@ -63,7 +56,9 @@ async def stream(
     wire: str, url: str, client: aiohttp.ClientSession, request: LLMRequest | None = None
 ) -> tuple[Completion, Deltas]:
     deltas = Deltas()
-    completion = await adapter(wire, url, client).stream(request or make_request(), "m", deltas)
+    completion = await adapter(wire, url, client, KEY).stream(
+        request or make_request(), "m", deltas
+    )
     return completion, deltas
 
 
@@ -71,13 +66,6 @@ async def stream_failure(wire: str, url: str, client: aiohttp.ClientSession) -> 
     with pytest.raises(ProviderError) as caught:
         await stream(wire, url, client)
     return caught.value
-
-
-@pytest_asyncio.fixture(scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
-    http = create_http_client(timeout_s=10.0, max_connections=50)
-    yield http
-    await http.close()
 
 
 @pytest_asyncio.fixture(scope="module")
@@ -247,7 +235,7 @@ async def test_a_streamed_answer_is_the_whole_answer_in_pieces(
 ) -> None:
     request = make_request()
     completion, deltas = await stream(wire, sim.url, client, request)
-    whole = await adapter(wire, sim.url, client).complete(request.model_copy(), "m")
+    whole = await adapter(wire, sim.url, client, KEY).complete(request.model_copy(), "m")
 
     assert completion == whole
     assert completion.content == f"echo: {PROMPT}" == deltas.text
@@ -268,7 +256,7 @@ async def test_a_stream_broken_half_way_is_a_retryable_connection_error(
     request = make_request("break this one [break-stream]")
     deltas = Deltas()
     with pytest.raises(ProviderError) as caught:
-        await adapter(wire, sim.url, client).stream(request, "m", deltas)
+        await adapter(wire, sim.url, client, KEY).stream(request, "m", deltas)
 
     assert caught.value.error_type == "connection_error" and caught.value.retryable
     assert deltas.got and all(finish is None for _, finish in deltas.got)
@@ -356,7 +344,9 @@ async def test_each_delta_is_passed_on_as_it_arrives(client: aiohttp.ClientSessi
     body += [passed[1], *anthropic_end()]
     async with serving(body) as served:
         async with asyncio.timeout(30):
-            await adapter("anthropic", served.url, client).stream(make_request(), "m", on_delta)
+            await adapter("anthropic", served.url, client, KEY).stream(
+                make_request(), "m", on_delta
+            )
 
     assert deltas == [("one ", None), ("two", None), ("", "stop")]
 

@@ -76,7 +76,7 @@ def create_faust_app(settings: WorkerSettings) -> faust.App:
         **faust_options(settings),
         autodiscover=False,
         web_enabled=False,  # our own endpoints (/metrics, /health, /ready) are served below
-        topic_allow_declare=False,  # the four topics are created by deployment, not by workers
+        topic_allow_declare=False,  # topics are created by deployment, not by workers
         # A rebalance must not wait for calls that last seconds: unfinished events of a revoked
         # partition are re-read by the new owner, and dedup stops a second provider call.
         stream_wait_empty=False,

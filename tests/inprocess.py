@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import aiohttp
 import httpx
 import pytest
 import pytest_asyncio
@@ -24,7 +25,11 @@ from llmstream.processors.dedup import DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output, RequestProcessor, Source
 from llmstream.processors.providers import ProviderRouter, create_http_client
-from llmstream.processors.providers.settings import ProviderSettings, build_router
+from llmstream.processors.providers.settings import (
+    EndpointConfig,
+    ProviderSettings,
+    build_router,
+)
 from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl
 from llmstream.schemas.codec import decode, encode
@@ -89,6 +94,8 @@ class Rig:
     sim: SimulatorServer
     redis: AnyRedis
     router: ProviderRouter
+    providers: ProviderSettings
+    http: aiohttp.ClientSession
 
     def processor_with(self, **parts: Any) -> RequestProcessor:
         """A request path on this rig's parts, with ``parts`` (``emitter=``, ``tools=``,
@@ -165,23 +172,34 @@ def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
 
 @asynccontextmanager
 async def rig(
-    sim: SimulatorServer, settings: WorkerSettings, *, redis: AnyRedis | None = None
+    sim: SimulatorServer,
+    settings: WorkerSettings,
+    *,
+    redis: AnyRedis | None = None,
+    openai_url: str | None = None,
+    anthropic_url: str | None = None,
+    endpoints: dict[str, EndpointConfig] | None = None,
 ) -> AsyncIterator[Rig]:
-    """The worker's request path against ``sim`` and the settings' Redis, or ``redis`` (a
-    single Redis or Redis Cluster client the caller owns and closes)."""
+    """The worker's request path against ``sim`` (OpenAI or Anthropic at another URL when
+    given, and any other ``endpoints``) and the settings' Redis, or ``redis`` (a single Redis or
+    Redis Cluster client the caller owns and closes)."""
     own = redis is None
     if redis is None:
         redis = aioredis.Redis.from_url(settings.redis_url)
     http = create_http_client(timeout_s=10.0, max_connections=50)
+    # Other endpoints from the environment (LLMSTREAM_PROVIDERS...) unless ``endpoints`` given.
+    others: dict[str, Any] = {} if endpoints is None else {"providers": endpoints}
     providers = ProviderSettings(
-        openai_base_url=f"{sim.url}/v1",
+        openai_base_url=f"{openai_url or sim.url}/v1",
         openai_api_key=SecretStr("sk-test-not-a-real-key"),
-        anthropic_base_url=sim.url,
+        anthropic_base_url=anthropic_url or sim.url,
         anthropic_api_key=SecretStr("sk-ant-test-not-a-real-key"),
+        **others,
     )
     router = build_router(providers, http)
     metrics = WorkerMetrics(CollectorRegistry())
-    token = f"{settings.worker_id}-token"
+    # Two rigs on one settings are two workers: each its own token.
+    token = f"{settings.worker_id}-{uuid.uuid4().hex[:6]}"
     dedup = DedupStore(
         redis,
         key_prefix=settings.redis_key_prefix,
@@ -197,8 +215,11 @@ async def rig(
     processor = RequestProcessor(
         settings, dedup=dedup, router=router, emitter=emitter, metrics=metrics, traffic=traffic
     )
+    parts = Rig(
+        settings, processor, traffic, emitter, dedup, metrics, sim, redis, router, providers, http
+    )
     try:
-        yield Rig(settings, processor, traffic, emitter, dedup, metrics, sim, redis, router)
+        yield parts
     finally:
         await http.close()
         if own:

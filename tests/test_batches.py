@@ -14,8 +14,6 @@ from typing import Any
 import httpx
 import pytest
 import redis.asyncio as aioredis
-from prometheus_client import CollectorRegistry
-from pydantic import SecretStr
 
 from llmstream.core.catalog import BUILTIN_PRICES
 from llmstream.core.clock import wall_clock_ms
@@ -23,20 +21,15 @@ from llmstream.core.record import State, SubmissionStore, WorkerOp
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
 from llmstream.processors.batches import BatchTier, batch_apis
 from llmstream.processors.dedup import DedupStore
-from llmstream.processors.metrics import WorkerMetrics
-from llmstream.processors.pipeline import RequestProcessor
-from llmstream.processors.providers import create_http_client
 from llmstream.processors.providers.settings import (
     EndpointConfig,
-    ProviderSettings,
-    build_router,
 )
 from llmstream.processors.settings import WorkerSettings
-from llmstream.processors.traffic import TrafficControl
 from llmstream.schemas.codec import WireFormat, encode
 from llmstream.schemas.models import LLMError, LLMRequest, LLMResponse
 from tests.conftest import Services
-from tests.inprocess import SOURCE, ListEmitter, worker_settings
+from tests.inprocess import Rig, worker_settings
+from tests.inprocess import rig as inprocess_rig
 from tests.samples import request, response_to
 
 OPENAI = "openai/gpt-4o-mini"
@@ -44,26 +37,11 @@ ANTHROPIC = "anthropic/claude-3-5-haiku"
 
 
 @dataclass
-class BatchRig:
+class BatchRig(Rig):
     """One worker's pipeline and batch tier, with its background tasks running."""
 
-    settings: WorkerSettings
-    processor: RequestProcessor
     tier: BatchTier
-    dedup: DedupStore
-    emitter: ListEmitter
-    metrics: WorkerMetrics
-    redis: aioredis.Redis
     dies: bool = False  # at the end of its block, gone without a goodbye: its lease lapses
-
-    async def process(self, request: LLMRequest) -> None:
-        await self.processor.process(encode(request), None, SOURCE)
-
-    def responses(self) -> list[LLMResponse]:
-        return self.emitter.events(self.settings.responses_topic, LLMResponse)
-
-    def errors(self) -> list[LLMError]:
-        return self.emitter.events(self.settings.errors_topic, LLMError)
 
     async def outcomes(self, count: int, polls: int = 600) -> list[LLMResponse | LLMError]:
         """Every response and error, once there are ``count`` (or after ``polls`` * 50 ms)."""
@@ -73,9 +51,6 @@ class BatchRig:
                 return found
             await asyncio.sleep(0.05)
         return [*self.responses(), *self.errors()]
-
-    def sample(self, name: str, **labels: str) -> float:
-        return self.metrics.registry.get_sample_value(name, labels) or 0.0
 
     async def state(self, request_id: str) -> str | None:
         raw = await self.redis.hget(self.dedup.key(request_id), "state")
@@ -96,75 +71,48 @@ def batch_settings(services: Services, **overrides: Any) -> WorkerSettings:
 
 @asynccontextmanager
 async def batch_rig(
-    sim_url: str,
+    sim: SimulatorServer,
     settings: WorkerSettings,
     *,
     openai_url: str | None = None,
     anthropic_url: str | None = None,
     endpoints: dict[str, EndpointConfig] | None = None,
 ) -> AsyncIterator[BatchRig]:
-    """A worker's pipeline and batch tier calling the simulator at ``sim_url`` (OpenAI or
-    Anthropic at another URL when given, and any other ``endpoints``)."""
-    redis = aioredis.Redis.from_url(settings.redis_url)
-    http = create_http_client(timeout_s=10.0, max_connections=50)
-    providers = ProviderSettings(
-        openai_base_url=f"{openai_url or sim_url}/v1",
-        openai_api_key=SecretStr("sk-test-not-a-real-key"),
-        anthropic_base_url=anthropic_url or sim_url,
-        anthropic_api_key=SecretStr("sk-ant-test-not-a-real-key"),
-        providers=endpoints or {},
-    )
-    router = build_router(providers, http)
-    metrics = WorkerMetrics(CollectorRegistry())
-    token = f"{settings.worker_id}-{uuid.uuid4().hex[:6]}"
-    dedup = DedupStore(
-        redis,
-        key_prefix=settings.redis_key_prefix,
-        worker_token=token,
-        lease_ms=settings.lease_ms,
-        result_ttl_s=settings.result_ttl_s,
-    )
-    traffic = TrafficControl.from_settings(
-        settings, redis=redis, router=router, metrics=metrics, worker_token=token
-    )
-    tier = BatchTier(
+    """A worker's pipeline and batch tier calling ``sim`` (OpenAI or Anthropic at another URL
+    when given, and any other ``endpoints``)."""
+    async with inprocess_rig(
+        sim,
         settings,
-        apis=batch_apis(providers, router, http),
-        router=router,
-        dedup=dedup,
-        traffic=traffic,
-        metrics=metrics,
-    )
-    emitter = ListEmitter()
-    processor = RequestProcessor(
-        settings,
-        dedup=dedup,
-        router=router,
-        emitter=emitter,
-        metrics=metrics,
-        traffic=traffic,
-        batches=tier,
-    )
+        openai_url=openai_url,
+        anthropic_url=anthropic_url,
+        endpoints=endpoints or {},
+    ) as base:
+        tier = BatchTier(
+            settings,
+            apis=batch_apis(base.providers, base.router, base.http),
+            router=base.router,
+            dedup=base.dedup,
+            traffic=base.traffic,
+            metrics=base.metrics,
+        )
+        parts = {**vars(base), "processor": base.processor_with(batches=tier)}
+        rig = BatchRig(**parts, tier=tier)
 
-    async def heartbeat() -> None:
-        while True:
-            await dedup.heartbeat()
-            await asyncio.sleep(settings.lease_ms / 4000)
+        async def heartbeat() -> None:
+            while True:
+                await rig.dedup.heartbeat()
+                await asyncio.sleep(settings.lease_ms / 4000)
 
-    await dedup.heartbeat()
-    background = [asyncio.create_task(heartbeat()), asyncio.create_task(tier.run())]
-    rig = BatchRig(settings, processor, tier, dedup, emitter, metrics, redis)
-    try:
-        yield rig
-    finally:
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await tier.close(0 if rig.dies else 1.0)
-        if rig.dies:
-            await dedup.resign()
-        await http.close()
-        await redis.aclose()
+        background = [asyncio.create_task(heartbeat()), asyncio.create_task(tier.run())]
+        try:
+            yield rig
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await tier.close(0 if rig.dies else 1.0)
+            if rig.dies:
+                await rig.dedup.resign()
 
 
 @pytest.fixture
@@ -202,7 +150,7 @@ async def test_batch_requests_are_answered_through_the_providers_batch_apis_only
     settings = batch_settings(services)
     requests = [batch_request(f"oa-{i}", OPENAI, f"question {i}") for i in range(20)]
     requests += [batch_request(f"an-{i}", ANTHROPIC, f"question {i}") for i in range(10)]
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         # Each returns once a batch holds its request: what lets the worker commit its offset.
         await asyncio.gather(*(rig.process(r) for r in requests))
         states = {await rig.state(r.request_id) for r in requests}
@@ -236,7 +184,7 @@ async def test_a_request_whose_record_says_batched_is_acked_without_a_call(
 ) -> None:
     settings = batch_settings(services, batch_max_wait_s=0.05)
     original = batch_request("again-1")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         await rig.process(original)
         await rig.process(original)  # the event again (a rebalance): a batch holds it
         [response] = await rig.outcomes(1)
@@ -259,7 +207,7 @@ async def test_a_retryable_line_error_goes_in_a_later_batch_and_a_permanent_one_
     flaky = batch_request("flaky", model, "[batch-error:500:1] once more")
     refused = batch_request("refused", model, "[batch-error:400] never")
     fine = batch_request("fine", model, "fine")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         await asyncio.gather(*(rig.process(r) for r in (flaky, refused, fine)))
         outcomes = {o.request_id: o for o in await rig.outcomes(3)}
         await asyncio.sleep(0.3)  # nothing more comes
@@ -283,7 +231,7 @@ async def test_a_line_that_keeps_failing_fails_after_max_attempts_batches(
     services: Services, sim: SimulatorServer
 ) -> None:
     settings = batch_settings(services, max_attempts=2)
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         await rig.process(batch_request("doomed", OPENAI, "[batch-error:503] always"))
         [error] = await rig.outcomes(1)
     assert isinstance(error, LLMError)
@@ -301,7 +249,7 @@ async def test_an_expired_batch_is_sent_again_or_called_at_once_when_the_deadlin
     due = batch_request(
         "due", OPENAI, "[batch-expire:1] soon", deadline_ms=wall_clock_ms() + 600_000
     )
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         await asyncio.gather(rig.process(patient), rig.process(due))
         outcomes = {o.request_id: o for o in await rig.outcomes(2)}
     seen = await stats(sim)
@@ -322,7 +270,7 @@ async def test_a_batch_expired_by_the_provider_has_its_requests_answered_in_the_
     settings = batch_settings(services)
     await _configure(sim, batch_delay_ms=60_000)  # the first batch would take a minute
     requests = [batch_request(f"late-{i}", ANTHROPIC, f"late {i}") for i in range(3)]
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         await asyncio.gather(*(rig.process(r) for r in requests))
         [first] = {b for [b] in (await stats(sim))["batches_by_request_id"].values()}
         await _configure(sim, batch_delay_ms=100)
@@ -396,7 +344,7 @@ async def test_a_taker_finds_the_batch_a_dead_submitter_created_and_sends_nothin
 ) -> None:
     settings = batch_settings(services)
     original = batch_request("accepted", OPENAI, "sent once")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         async with dead_worker(settings) as doomed:
             # Died after the provider accepted the batch, before its records said batched.
             _, batch = await submit_until(doomed, rig, original, last_step=4)
@@ -416,7 +364,7 @@ async def test_a_submission_that_was_never_sent_is_abandoned_and_its_request_bat
 ) -> None:
     settings = batch_settings(services)
     original = batch_request(f"unsent-{last_step}", OPENAI, "not sent yet")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         async with dead_worker(settings) as doomed:
             submission, _ = await submit_until(doomed, rig, original, last_step=last_step)
             token = doomed.worker_token
@@ -442,11 +390,11 @@ async def test_another_worker_polls_the_batches_of_a_worker_that_died_after_subm
     settings = batch_settings(services)
     await _configure(sim, batch_delay_ms=1500)
     requests = [batch_request(f"orphan-{i}", ANTHROPIC, f"orphan {i}") for i in range(5)]
-    async with batch_rig(sim.url, settings) as first:
+    async with batch_rig(sim, settings) as first:
         await asyncio.gather(*(first.process(r) for r in requests))
         assert first.responses() == []
         first.dies = True
-    async with batch_rig(sim.url, settings) as second:
+    async with batch_rig(sim, settings) as second:
         outcomes = await second.outcomes(len(requests))
         await asyncio.sleep(0.3)
         assert len(second.responses()) == len(requests)
@@ -461,7 +409,7 @@ async def test_an_outcome_stored_by_a_poller_that_died_before_emitting_it_is_emi
 ) -> None:
     settings = batch_settings(services)
     original = batch_request("stored", OPENAI, "kept")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         async with dead_worker(settings) as doomed:
             submission, batch = await submit_until(doomed, rig, original, last_step=4)
             mark = WorkerOp("B", "stored", (submission, batch or "", "", ""))
@@ -485,7 +433,7 @@ async def test_requests_of_a_submission_never_sent_are_sent_on_without_their_eve
     # sends its requests on itself.
     settings = batch_settings(services)
     original = batch_request(f"stranded-{own}", ANTHROPIC, "stranded")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         if own:
             await submit_until(rig.dedup, rig, original, last_step=2)
         else:

@@ -96,7 +96,7 @@ async def test_a_refused_or_failed_openai_submission_is_sent_again_until_accepte
     async with front(sim, listing=True) as proxy:
         proxy.fail[("POST", "/v1/files")] = [error(400, "The file could not be read.")]
         proxy.fail[("POST", "/v1/batches")] = [error(500, "The server had an error.")]
-        async with batch_rig(sim.url, settings, openai_url=proxy.url) as rig:
+        async with batch_rig(sim, settings, openai_url=proxy.url) as rig:
             await rig.process(original)
             [response] = await rig.outcomes(1)
             retried = rig.sample(
@@ -123,7 +123,7 @@ async def test_a_refused_or_overloaded_anthropic_submission_is_sent_again_until_
     async with front(sim) as proxy:
         refused = error(400, "requests.0.params: invalid")
         proxy.fail[("POST", "/v1/messages/batches")] = [overloaded, refused]
-        async with batch_rig(sim.url, settings, anthropic_url=proxy.url) as rig:
+        async with batch_rig(sim, settings, anthropic_url=proxy.url) as rig:
             await rig.process(original)
             [response] = await rig.outcomes(1)
     assert isinstance(response, LLMResponse) and response.service_tier == "batch"
@@ -137,7 +137,7 @@ async def test_a_dead_submitters_openai_batch_is_found_by_its_metadata_and_adopt
     original = batch_request("adopted", OPENAI, "found")
     async with (
         front(sim, listing=True) as proxy,
-        batch_rig(sim.url, settings, openai_url=proxy.url) as rig,
+        batch_rig(sim, settings, openai_url=proxy.url) as rig,
     ):
         async with dead_worker(settings) as doomed:
             # Died once the provider accepted the batch, before recording it (step 4).
@@ -159,7 +159,7 @@ async def test_where_batches_cannot_be_listed_a_dead_submitters_batch_is_paid_tw
     # taker cannot know the dead submitter's batch exists, and sends the request again.
     settings = batch_settings(services)
     original = batch_request("twice", OPENAI, "unknown")
-    async with batch_rig(sim.url, settings) as rig:
+    async with batch_rig(sim, settings) as rig:
         async with dead_worker(settings) as doomed:
             await submit_until(doomed, rig, original, last_step=3)
         await rig.process(original)
@@ -182,7 +182,7 @@ async def test_a_result_line_that_cannot_be_read_fails_its_request_with_the_line
 
     async with front(sim) as proxy:
         proxy.rewrite = garble
-        async with batch_rig(sim.url, settings, anthropic_url=proxy.url) as rig:
+        async with batch_rig(sim, settings, anthropic_url=proxy.url) as rig:
             await rig.process(batch_request("garbled", ANTHROPIC, "fine"))
             await rig.process(batch_request("intact", ANTHROPIC, "fine"))
             outcomes = {o.request_id: o for o in await rig.outcomes(2)}
@@ -200,7 +200,7 @@ async def test_batch_on_a_provider_without_a_batch_api_is_served_as_standard(
     settings = batch_settings(services)
     vllm = EndpointConfig(kind="openai", base_url=f"{sim.url}/v1")
     original = batch_request("no-batches", "vllm/some-model", "now")
-    async with batch_rig(sim.url, settings, endpoints={"vllm": vllm}) as rig:
+    async with batch_rig(sim, settings, endpoints={"vllm": vllm}) as rig:
         await rig.process(original)
         [response] = rig.responses()
     assert response.service_tier == "standard"

@@ -12,7 +12,6 @@ import json
 import re
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -594,40 +593,37 @@ async def test_read_timeout_is_retryable(wire: str) -> None:
     assert "timed out calling http://127.0.0.1:" in str(error)
 
 
-@asynccontextmanager
-async def only_connection_taken(
-    http: aiohttp.ClientSession, server: LoopbackServer
-) -> AsyncIterator[None]:
-    """While inside, ``http``'s one connection waits for ``server``'s held answer."""
+async def waiting_for_a_connection(query: str = "") -> tuple[ProviderError, LoopbackServer]:
+    """What a call to a held server (at ``/v1`` with ``query``) raises through a client whose
+    one connection another call holds; and the server, stopped."""
+    http = create_http_client(timeout_s=0.5, max_connections=1)
 
-    async def held() -> None:
+    async def held(server: LoopbackServer) -> None:
         # Its own read timeout: this call keeps the connection until the test is done.
         async with http.get(server.url, timeout=aiohttp.ClientTimeout(sock_read=300)) as answer:
             await answer.read()
 
-    task = asyncio.create_task(held())
     try:
-        async with asyncio.timeout(30):
-            while not server.received:
-                await asyncio.sleep(0.01)
-        yield
+        async with LoopbackServer(Reply(delay_s=300)) as server:
+            adapter = OpenAICompatible("p", http, f"{server.url}/v1{query}")
+            task = asyncio.create_task(held(server))
+            try:
+                async with asyncio.timeout(30):
+                    while not server.received:
+                        await asyncio.sleep(0.01)
+                with pytest.raises(ProviderError) as caught:
+                    await adapter.complete(make_request(), "m")
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await http.close()
+    return caught.value, server
 
 
 async def test_waiting_for_a_free_connection_is_a_timeout() -> None:
-    http = create_http_client(timeout_s=0.5, max_connections=1)
-    try:
-        async with LoopbackServer(Reply(delay_s=300)) as server:
-            adapter = OpenAICompatible("p", http, f"{server.url}/v1")
-            async with only_connection_taken(http, server):
-                with pytest.raises(ProviderError) as caught:
-                    await adapter.complete(make_request(), "m")
-    finally:
-        await http.close()
+    error, server = await waiting_for_a_connection()
 
-    error = caught.value
     assert (error.error_type, error.retryable, error.status_code) == ("timeout", True, None)
     assert f"timed out calling {server.url}/v1/chat/completions" in str(error)
     # The call never left the client.
@@ -907,18 +903,10 @@ async def test_transport_error_message_has_no_credentials_from_the_url(
 async def test_connect_timeout_message_has_no_query_secret() -> None:
     # Some gateways take the key in the query string; aiohttp names the whole URL in a connect
     # timeout, here while the call waits for a free connection.
-    http = create_http_client(timeout_s=0.5, max_connections=1)
-    try:
-        async with LoopbackServer(Reply(delay_s=300)) as server:
-            adapter = OpenAICompatible("p", http, f"{server.url}/v1?key=q-SECRET")
-            async with only_connection_taken(http, server):
-                with pytest.raises(ProviderError) as caught:
-                    await adapter.complete(make_request(), "m")
-    finally:
-        await http.close()
+    error, _ = await waiting_for_a_connection("?key=q-SECRET")
 
-    assert caught.value.error_type == "timeout"
-    assert "SECRET" not in f"{caught.value} {caught.value!r}"
+    assert error.error_type == "timeout"
+    assert "SECRET" not in f"{error} {error!r}"
 
 
 async def test_non_http_url_message_has_no_credentials(client: aiohttp.ClientSession) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +136,46 @@ async def server_sent(response: httpx.Response) -> list[tuple[str, dict[str, Any
 PIECES = ["Kafka ", "is ", "a ", "distributed ", "event ", "log."]
 
 
+@dataclass
+class Halfway:
+    """The ingress at ``url`` serving ``request``, whose stand-in worker has emitted the first
+    three of ``chunks``, read by the hub."""
+
+    settings: IngressSettings
+    url: str
+    client: httpx.AsyncClient
+    request: LLMRequest
+    chunks: list[LLMResponseChunk]
+
+    async def finish(self) -> LLMResponse:
+        """The worker's other chunks, then its response (returned)."""
+        await emit_chunks(self.settings, self.chunks[3:])
+        response = response_to(self.request, "".join(c.delta for c in self.chunks))
+        await emit_outcome(self.settings, response)
+        return response
+
+
+@asynccontextmanager
+async def halfway(
+    settings: IngressSettings,
+    registry: CollectorRegistry,
+    request_id: str,
+    pieces: Sequence[str] = PIECES,
+    **client_options: Any,
+) -> AsyncIterator[Halfway]:
+    """An ingress app and a client to it (``client_options`` for httpx, 30 s timeout unless
+    given), and ``request_id`` submitted and three chunks into its answer."""
+    chunks = chunks_of(request_id, 1, pieces)
+    async with (
+        serve_app(create_app(settings, registry=registry)) as url,
+        httpx.AsyncClient(base_url=url, **{"timeout": 30, **client_options}) as client,
+    ):
+        request = await submit(client, request_id)
+        await emit_chunks(settings, chunks[:3])
+        assert await chunks_read(registry, 3) == 3
+        yield Halfway(settings, url, client, request, chunks)
+
+
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "read-back"])
 async def test_sse_follower_joining_after_the_third_chunk_gets_every_chunk(
     streaming: IngressSettings, kept: bool
@@ -143,23 +185,16 @@ async def test_sse_follower_joining_after_the_third_chunk_gets_every_chunk(
     update = {"stream_clock_skew_s": 0} if kept else {"stream_buffer_bytes": 0}
     settings = streaming.model_copy(update=update)
     registry = CollectorRegistry()
-    chunks = chunks_of("follow-1", 1, PIECES)
     async with (
-        serve_app(create_app(settings, registry=registry)) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as client,
+        halfway(settings, registry, "follow-1") as run,
+        run.client.stream("GET", "/v1/requests/follow-1/stream") as answer,
     ):
-        request = await submit(client, "follow-1")
-        await emit_chunks(settings, chunks[:3])
-        assert await chunks_read(registry, 3) == 3
-        async with client.stream("GET", "/v1/requests/follow-1/stream") as answer:
-            assert answer.status_code == 200
-            assert answer.headers["content-type"].startswith("text/event-stream")
-            await emit_chunks(settings, chunks[3:])
-            response = response_to(request, "".join(PIECES))
-            await emit_outcome(settings, response)
-            events = await server_sent(answer)
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        response = await run.finish()
+        events = await server_sent(answer)
     assert [name for name, _ in events] == ["chunk"] * 6 + ["response"]
-    assert [LLMResponseChunk.model_validate(data) for _, data in events[:6]] == chunks
+    assert [LLMResponseChunk.model_validate(data) for _, data in events[:6]] == run.chunks
     assert LLMResponse.model_validate(events[-1][1]) == response
     read_backs = registry.get_sample_value("llmstream_ingress_chunk_read_backs_total")
     assert read_backs == (0 if kept else 1)
@@ -170,26 +205,17 @@ async def test_websocket_follower_joining_after_the_third_chunk_gets_every_chunk
     streaming: IngressSettings,
 ) -> None:
     registry = CollectorRegistry()
-    chunks = chunks_of("ws-1", 1, PIECES)
-    async with (
-        serve_app(create_app(streaming, registry=registry)) as url,
-        httpx.AsyncClient(base_url=url, timeout=30) as client,
-    ):
-        request = await submit(client, "ws-1")
-        await emit_chunks(streaming, chunks[:3])
-        assert await chunks_read(registry, 3) == 3
-        ws_url = url.replace("http://", "ws://") + "/v1/requests/ws-1/ws"
-        async with websocket_connect(ws_url) as websocket:
-            await emit_chunks(streaming, chunks[3:])
-            response = response_to(request, "".join(PIECES))
-            await emit_outcome(streaming, response)
+    async with halfway(streaming, registry, "ws-1") as run:
+        ws_url = run.url.replace("http://", "ws://")
+        async with websocket_connect(f"{ws_url}/v1/requests/ws-1/ws") as websocket:
+            response = await run.finish()
             messages = [json.loads(message) async for message in websocket]
         # Somebody else's request (an unknown ID) is refused in place of the handshake.
         with pytest.raises(Exception, match="404"):
-            async with websocket_connect(url.replace("http://", "ws://") + "/v1/requests/x/ws"):
+            async with websocket_connect(f"{ws_url}/v1/requests/x/ws"):
                 pass
     assert [m["event"] for m in messages] == ["chunk"] * 6 + ["response"]
-    assert [LLMResponseChunk.model_validate(m["data"]) for m in messages[:6]] == chunks
+    assert [LLMResponseChunk.model_validate(m["data"]) for m in messages[:6]] == run.chunks
     assert LLMResponse.model_validate(messages[-1]["data"]) == response
 
 
@@ -231,7 +257,6 @@ async def test_two_hundred_followers_of_one_request_cost_one_read_of_the_topic(
     streaming: IngressSettings,
 ) -> None:
     registry = CollectorRegistry()
-    chunks = chunks_of("many-1", 1, [f"piece {i} " for i in range(10)])
     followers = 200
     connected = asyncio.Event()
     opened = 0
@@ -246,18 +271,13 @@ async def test_two_hundred_followers_of_one_request_cost_one_read_of_the_topic(
             return await server_sent(answer)
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with (
-        serve_app(create_app(streaming, registry=registry)) as url,
-        httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client,
-    ):
-        request = await submit(client, "many-1")
-        await emit_chunks(streaming, chunks[:3])
-        await chunks_read(registry, 3)
-        tasks = [asyncio.create_task(follow(client)) for _ in range(followers)]
+    pieces = [f"piece {i} " for i in range(10)]
+    async with halfway(streaming, registry, "many-1", pieces, timeout=120, limits=limits) as run:
+        tasks = [asyncio.create_task(follow(run.client)) for _ in range(followers)]
         await asyncio.wait_for(connected.wait(), 120)
-        await emit_chunks(streaming, chunks[3:])
-        await emit_outcome(streaming, response_to(request, "".join(c.delta for c in chunks)))
+        await run.finish()
         results = await asyncio.gather(*tasks)
+    chunks = run.chunks
     for events in results:
         assert [LLMResponseChunk.model_validate(data) for _, data in events[:-1]] == chunks
         assert events[-1][0] == "response"

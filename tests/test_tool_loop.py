@@ -63,6 +63,18 @@ async def tool_pipeline(
         yield r
 
 
+@asynccontextmanager
+async def weather_pipeline(
+    services: Services, simulator: SimulatorServer, **settings: Any
+) -> AsyncIterator[tuple[LoopbackServer, Rig]]:
+    """A ``get_weather`` tool server (see what it received) and a request path that calls it."""
+    async with (
+        LoopbackServer(weather) as tool,
+        tool_pipeline(services, simulator, spec("get_weather", tool.url), **settings) as r,
+    ):
+        yield tool, r
+
+
 def new_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
@@ -72,10 +84,7 @@ async def test_server_tools_run_between_model_calls_until_the_model_answers(
     services: Services, sim: SimulatorServer, model: str
 ) -> None:
     rid = new_id()
-    async with (
-        LoopbackServer(weather) as tool,
-        tool_pipeline(services, sim, spec("get_weather", tool.url)) as r,
-    ):
+    async with weather_pipeline(services, sim) as (tool, r):
         text = "[tool-steps:2] get_weather in Paris"
         await r.process(request(rid, model=model, text=text, server_tools=["get_weather"]))
 
@@ -151,10 +160,7 @@ async def test_a_model_that_keeps_calling_tools_fails_as_max_tool_steps_with_its
     services: Services, sim: SimulatorServer
 ) -> None:
     rid = new_id()
-    async with (
-        LoopbackServer(weather) as tool,
-        tool_pipeline(services, sim, spec("get_weather", tool.url), max_tool_steps=2) as r,
-    ):
+    async with weather_pipeline(services, sim, max_tool_steps=2) as (tool, r):
         await r.process(request(rid, text="[tool-steps:5] Oslo", server_tools=["get_weather"]))
 
         assert r.responses() == []
@@ -172,10 +178,7 @@ async def test_a_server_tool_nobody_registered_is_refused_before_any_call(
     services: Services, sim: SimulatorServer
 ) -> None:
     rid = new_id()
-    async with (
-        LoopbackServer(weather) as tool,
-        tool_pipeline(services, sim, spec("get_weather", tool.url)) as r,
-    ):
+    async with weather_pipeline(services, sim) as (tool, r):
         await r.process(request(rid, server_tools=["get_weather", "launch_rocket"]))
 
         [error] = r.errors()
@@ -189,10 +192,7 @@ async def test_a_call_of_a_client_tool_ends_the_loop_and_goes_back_to_the_client
 ) -> None:
     rid = new_id()
     client_tool = Tool(function=ToolFunction(name="lookup_order", parameters=CITY))
-    async with (
-        LoopbackServer(weather) as tool,
-        tool_pipeline(services, sim, spec("get_weather", tool.url)) as r,
-    ):
+    async with weather_pipeline(services, sim) as (tool, r):
         await r.process(
             request(
                 rid,
@@ -214,10 +214,7 @@ async def test_a_streamed_loop_streams_every_call_and_the_answer_is_the_last_att
     services: Services, sim: SimulatorServer
 ) -> None:
     rid = new_id()
-    async with (
-        LoopbackServer(weather) as tool,
-        tool_pipeline(services, sim, spec("get_weather", tool.url)) as r,
-    ):
+    async with weather_pipeline(services, sim) as (_, r):
         await r.process(
             request(rid, text="weather in Lima", stream=True, server_tools=["get_weather"])
         )

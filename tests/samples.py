@@ -8,13 +8,21 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmstream.core.clock import wall_clock_ms
-from llmstream.schemas.models import ChatMessage, LLMError, LLMMetric, LLMRequest, LLMResponse
+from llmstream.schemas.models import (
+    ChatMessage,
+    LLMError,
+    LLMMetric,
+    LLMRequest,
+    LLMResponse,
+    LLMResponseChunk,
+)
 
 __all__ = [
     "EVENTS",
     "MINIMAL_REQUEST",
     "RAW",
     "REQUEST",
+    "SCHEMA_FILES",
     "request",
     "response_to",
 ]
@@ -43,6 +51,15 @@ def response_to(original: LLMRequest, content: str, **kw: Any) -> LLMResponse:
 
 
 # Bytes whose base64 has both '+' and '/', so the alphabet is visible.
+# Each event's schema file in llmstream/schemas/.
+SCHEMA_FILES: dict[type[BaseModel], str] = {
+    LLMRequest: "llm_request.avsc",
+    LLMResponse: "llm_response.avsc",
+    LLMMetric: "llm_metric.avsc",
+    LLMError: "llm_error.avsc",
+    LLMResponseChunk: "llm_response_chunk.avsc",
+}
+
 RAW = b"\xfb\xff\xfe\x00not json"
 
 REQUEST = LLMRequest(

@@ -34,7 +34,7 @@ from llmstream.schemas import (
     encode,
 )
 from llmstream.schemas.codec import fingerprint_for, schema_for
-from tests.samples import EVENTS, MINIMAL_REQUEST, RAW, REQUEST
+from tests.samples import EVENTS, MINIMAL_REQUEST, RAW, REQUEST, SCHEMA_FILES
 
 FUZZ = settings(
     max_examples=300,
@@ -83,13 +83,6 @@ TOOL_EVENTS["error-with-tool-request"] = LLMError(
     occurred_at_ms=1,
 )
 ALL = {**EVENTS, **CHUNKS, **TOOL_EVENTS}
-SCHEMA_FILES = {
-    LLMRequest: "llm_request.avsc",
-    LLMResponse: "llm_response.avsc",
-    LLMMetric: "llm_metric.avsc",
-    LLMError: "llm_error.avsc",
-    LLMResponseChunk: "llm_response_chunk.avsc",
-}
 
 V1_FIELDS = {
     model: {field["name"] for field in json.loads((V1_DIR / filename).read_text())["fields"]}

@@ -22,21 +22,11 @@ from llmstream.schemas.models import (
     JsonObject,
     JsonText,
     LLMError,
-    LLMMetric,
-    LLMRequest,
-    LLMResponse,
-    LLMResponseChunk,
     ToolCall,
     ToolChoice,
 )
+from tests.samples import SCHEMA_FILES
 
-SCHEMA_FILES = {
-    LLMRequest: "llm_request.avsc",
-    LLMResponse: "llm_response.avsc",
-    LLMMetric: "llm_metric.avsc",
-    LLMError: "llm_error.avsc",
-    LLMResponseChunk: "llm_response_chunk.avsc",
-}
 NAMESPACE = "llmstream"
 INT_RANGE = {"int": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
 

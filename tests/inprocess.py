@@ -150,6 +150,16 @@ async def sim() -> AsyncIterator[SimulatorServer]:
         yield server
 
 
+@pytest_asyncio.fixture(name="http")
+async def sim_http(sim: SimulatorServer) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the module's ``sim`` (import it to use it as ``http``), the simulator's
+    calls, scripts and stats reset before and after the test."""
+    async with httpx.AsyncClient(base_url=sim.url) as client:
+        await client.post("/_sim/reset")
+        yield client
+        await client.post("/_sim/reset")
+
+
 def worker_settings(redis_url: str, **overrides: Any) -> WorkerSettings:
     """Settings with this test's own key prefix and topic names, short retry waits."""
     unique = uuid.uuid4().hex[:10]

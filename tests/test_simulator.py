@@ -15,6 +15,10 @@ import pytest_asyncio
 from pydantic import SecretStr
 
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from tests.inprocess import sim_http
+
+# The http fixture: a client of this module's sim, reset around each test.
+__all__ = ["sim_http"]
 
 OPENAI_BODY = {
     "model": "gpt-4o-mini",
@@ -36,14 +40,6 @@ ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 async def sim() -> AsyncIterator[SimulatorServer]:
     async with SimulatorServer(SimulatorSettings(port=0, latency_ms=0, seed=1)) as server:
         yield server
-
-
-@pytest_asyncio.fixture
-async def http(sim: SimulatorServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sim.url) as client:
-        await client.post("/_sim/reset")
-        yield client
-        await client.post("/_sim/reset")
 
 
 def rid() -> dict[str, str]:

@@ -16,6 +16,10 @@ import pytest
 import pytest_asyncio
 
 from llmstream.devtools.simulator import SimulatorServer, SimulatorSettings
+from tests.inprocess import sim_http
+
+# The http fixture: a client of this module's sim, reset around each test.
+__all__ = ["sim_http"]
 
 ANTHROPIC_HEADERS = {"anthropic-version": "2023-06-01"}
 PROMPT = "tell me a rather long story about streams"
@@ -109,14 +113,6 @@ async def sim() -> AsyncIterator[SimulatorServer]:
     settings = SimulatorSettings(port=0, latency_ms=0, seed=1, stream_chunk_delay_ms=0)
     async with SimulatorServer(settings) as server:
         yield server
-
-
-@pytest_asyncio.fixture
-async def http(sim: SimulatorServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=sim.url) as client:
-        await client.post("/_sim/reset")
-        yield client
-        await client.post("/_sim/reset")
 
 
 async def test_openai_stream_is_chat_completion_chunks(http: httpx.AsyncClient) -> None:

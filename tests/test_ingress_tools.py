@@ -19,6 +19,7 @@ import httpx
 import openai
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from openai.types.chat import ChatCompletion
 
 from llmstream.core.clock import wall_clock_ms
 from llmstream.core.settings import ServiceSettings
@@ -321,21 +322,21 @@ async def test_a_two_step_function_calling_conversation_with_a_real_worker(
         serve_app(create_app(ingress)) as url,
         sdk_client(url, timeout=60) as sdk,
     ):
+
+        async def ask(messages: list[Any], streamed: bool) -> ChatCompletion:
+            """The model's answer through the SDK: streamed (its helper's whole answer) or not."""
+            if not streamed:
+                return await sdk.chat.completions.create(
+                    model=model, messages=messages, tools=[WEATHER]
+                )
+            async with sdk.chat.completions.stream(
+                model=model, messages=messages, tools=[WEATHER]
+            ) as stream:
+                return await stream.get_final_completion()
+
         outcomes = {}
         for streamed in (False, True):
-            if streamed:
-                async with sdk.chat.completions.stream(
-                    model=model,
-                    messages=[question],
-                    tools=[WEATHER],
-                ) as stream:
-                    first = await stream.get_final_completion()
-            else:
-                first = await sdk.chat.completions.create(
-                    model=model,
-                    messages=[question],
-                    tools=[WEATHER],
-                )
+            first = await ask([question], streamed)
             message = first.choices[0].message
             assert first.choices[0].finish_reason == "tool_calls", first
             [call] = message.tool_calls or []
@@ -349,19 +350,7 @@ async def test_a_two_step_function_calling_conversation_with_a_real_worker(
                 message,
                 {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
             ]
-            if streamed:
-                async with sdk.chat.completions.stream(
-                    model=model,
-                    messages=followed_up,
-                    tools=[WEATHER],
-                ) as stream:
-                    final = await stream.get_final_completion()
-            else:
-                final = await sdk.chat.completions.create(
-                    model=model,
-                    messages=followed_up,
-                    tools=[WEATHER],
-                )
+            final = await ask(followed_up, streamed)
             outcomes[streamed] = (call, final)
     for call, final in outcomes.values():
         assert call.function.name == "get_weather"

@@ -289,6 +289,47 @@ async def test_files_and_batch_creation_refuse_what_the_api_refuses(
         await oai.files.retrieve(batch_file.id)
 
 
+async def test_openai_batches_are_listed_newest_first_a_page_at_a_time(
+    oai: openai.AsyncOpenAI, claude: anthropic.AsyncAnthropic
+) -> None:
+    file = await oai.files.create(
+        file=("r.jsonl", openai_lines({uid(): chat_body("hi")})), purpose="batch"
+    )
+    created = [
+        await oai.batches.create(
+            input_file_id=file.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={"submission": f"s{i}"},
+        )
+        for i in range(5)
+    ]
+    await claude.messages.batches.create(
+        requests=[{"custom_id": uid(), "params": claude_params("hi")}]
+    )
+    newest_first = [batch.id for batch in reversed(created)]
+
+    first = await oai.batches.list(limit=2)
+    listed = [batch async for batch in oai.batches.list(limit=2)]  # page after page
+    last = await oai.batches.list(after=newest_first[3], limit=2)
+    after_all = await oai.batches.list(after=newest_first[4])
+
+    assert [b.id for b in first.data] == newest_first[:2] and first.has_more
+    assert first.model_extra == {
+        "object": "list",
+        "first_id": newest_first[0],
+        "last_id": newest_first[1],
+    }
+    assert [b.id for b in listed] == newest_first
+    assert [(b.metadata or {}).get("submission") for b in listed] == ["s4", "s3", "s2", "s1", "s0"]
+    assert [b.id for b in last.data] == newest_first[4:] and not last.has_more
+    assert (after_all.data, after_all.has_more) == ([], False)
+    assert [b.id for b in (await oai.batches.list()).data] == newest_first  # 20 by default
+    for limit in (0, 101):
+        with pytest.raises(openai.BadRequestError, match="Invalid 'limit'"):
+            await oai.batches.list(limit=limit)
+
+
 async def test_a_cancelled_openai_batch_answers_nothing(
     oai: openai.AsyncOpenAI, http: httpx.AsyncClient
 ) -> None:
@@ -386,7 +427,9 @@ async def test_anthropic_batch_through_the_sdk_answers_as_messages_does(
     )
     results = {r.custom_id: r.result async for r in await claude.messages.batches.results(batch.id)}
     raw = await http.get(batch.results_url or "", headers=ANTHROPIC_HEADERS)
-    raw_results = {row["custom_id"]: row["result"] for row in map(json.loads, raw.text.splitlines())}
+    raw_results = {
+        row["custom_id"]: row["result"] for row in map(json.loads, raw.text.splitlines())
+    }
 
     assert created.id.startswith("msgbatch_") and created.type == "message_batch"
     assert (created.processing_status, created.results_url, created.ended_at) == (
@@ -543,6 +586,8 @@ async def test_batch_endpoints_take_the_api_key_as_the_synchronous_ones_do() -> 
         ) as wrong:
             with pytest.raises(openai.AuthenticationError):
                 await wrong.files.create(file=("r.jsonl", content), purpose="batch")
+            with pytest.raises(openai.AuthenticationError):
+                await wrong.batches.list()
         async with anthropic.AsyncAnthropic(
             base_url=sim.url, api_key="wrong", max_retries=0
         ) as wrong_claude:

@@ -10,6 +10,9 @@ OpenAI (Files and Batches)::
     DELETE /v1/files/{file_id}
     POST /v1/batches                   {"input_file_id", "endpoint": "/v1/chat/completions",
                                         "completion_window": "24h", "metadata"}
+    GET  /v1/batches?limit=&after=     newest first, ``limit`` 1 to 100 (20 by default),
+                                       ``after`` a batch ID: {"object": "list", "data",
+                                       "first_id", "last_id", "has_more"}
     GET  /v1/batches/{batch_id}
     POST /v1/batches/{batch_id}/cancel
 
@@ -61,6 +64,8 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 _FILE_PURPOSES = frozenset({"assistants", "batch", "fine-tune", "vision", "user_data", "evals"})
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _CHUNK = 1 << 20
+_LIST_DEFAULT = 20
+_LIST_MAX = 100
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
@@ -74,6 +79,7 @@ def add_batch_routes(app: web.Application, store: BatchStore) -> None:
     app.router.add_get("/v1/files/{file_id}/content", _file_content)
     app.router.add_delete("/v1/files/{file_id}", _delete_file)
     app.router.add_post("/v1/batches", _create_openai)
+    app.router.add_get("/v1/batches", _list_openai)
     app.router.add_get("/v1/batches/{batch_id}", _get_openai)
     app.router.add_post("/v1/batches/{batch_id}/cancel", _cancel_openai)
     app.router.add_post("/v1/messages/batches", _create_anthropic)
@@ -236,6 +242,40 @@ async def _create_openai(request: web.Request, store: BatchStore) -> web.Respons
     job.source = file.content
     store.start(job)
     return _json(_openai_batch(job))
+
+
+@_authorized("openai")
+async def _list_openai(request: web.Request, store: BatchStore) -> web.Response:
+    raw_limit = request.query.get("limit", str(_LIST_DEFAULT))
+    try:
+        limit = int(raw_limit)
+    except ValueError:
+        message = f"Invalid 'limit': expected an integer, but got {raw_limit!r} instead."
+        return _openai_error(400, message, param="limit", code="invalid_type")
+    if not 1 <= limit <= _LIST_MAX:
+        below = limit < 1
+        message = (
+            f"Invalid 'limit': integer {'below minimum' if below else 'above maximum'} value. "
+            f"Expected a value {'>= 1' if below else f'<= {_LIST_MAX}'}, but got {limit} instead."
+        )
+        code = "integer_below_min_value" if below else "integer_above_max_value"
+        return _openai_error(400, message, param="limit", code=code)
+    newest_first = [job for job in reversed(store.jobs.values()) if job.api == "openai"]
+    after = request.query.get("after")
+    if after is not None:
+        # The page after that batch; a cursor naming no batch lists nothing.
+        ids = [job.id for job in newest_first]
+        newest_first = newest_first[ids.index(after) + 1 :] if after in ids else []
+    page = [_openai_batch(job) for job in newest_first[:limit]]
+    return _json(
+        {
+            "object": "list",
+            "data": page,
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(newest_first) > limit,
+        }
+    )
 
 
 @_with_batch("openai")

@@ -1,0 +1,96 @@
+"""A dead submitter's OpenAI batch, found at the provider simulator itself: the simulator lists
+OpenAI batches (``GET /v1/batches``) as OpenAI does, newest first with their metadata, so the
+worker that takes the request over looks the submission up there and adopts its batch instead
+of sending the request again (core/record/batches.py, ``intent`` with its owner dead)."""
+
+from __future__ import annotations
+
+import openai
+
+from llmstream.devtools.simulator import SimulatorServer
+from llmstream.processors.batches.api import METADATA_KEY
+from llmstream.schemas.models import LLMResponse
+from tests.conftest import Services
+from tests.test_batches import (
+    OPENAI,
+    batch_request,
+    batch_rig,
+    batch_settings,
+    dead_worker,
+    sim,
+    stats,
+    submit_until,
+)
+
+__all__ = ["sim"]  # the simulator fixture, shared with tests/test_batches.py
+
+
+async def test_a_dead_submitters_batch_listed_by_the_simulator_is_adopted_and_answered_once(
+    services: Services, sim: SimulatorServer
+) -> None:
+    settings = batch_settings(services)
+    original = batch_request("adopted-at-sim", OPENAI, "found")
+    async with batch_rig(sim, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            # Died once the simulator accepted the batch, before recording it (step 4).
+            _, batch = await submit_until(doomed, rig, original, last_step=3)
+        await rig.process(original)  # its event again
+        [response] = await rig.outcomes(1)
+        adopted = rig.sample(
+            "llmstream_batch_submissions_total", provider="openai", result="adopted"
+        )
+        abandoned = rig.sample(
+            "llmstream_batch_submissions_total", provider="openai", result="abandoned"
+        )
+    assert isinstance(response, LLMResponse) and response.service_tier == "batch"
+    assert response.request_id == original.request_id
+    assert (adopted, abandoned) == (1, 0)
+    seen = await stats(sim)
+    assert seen["batches_by_request_id"] == {"adopted-at-sim": [batch]}
+    assert seen["calls_by_request_id"] == {}
+
+
+async def test_a_dead_submitters_batch_is_found_pages_back_behind_newer_batches(
+    services: Services, sim: SimulatorServer
+) -> None:
+    # 120 batches created after it, other submissions in their metadata: the batch is on the
+    # second page of 100, reached by the list's ``after`` cursor.
+    settings = batch_settings(services)
+    original = batch_request("paged-back", OPENAI, "found later")
+    async with batch_rig(sim, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            _, batch = await submit_until(doomed, rig, original, last_step=3)
+            newer = await _newer_batches(sim, 120)
+        await rig.process(original)
+        [response] = await rig.outcomes(1)
+        adopted = rig.sample(
+            "llmstream_batch_submissions_total", provider="openai", result="adopted"
+        )
+    assert isinstance(response, LLMResponse) and response.service_tier == "batch"
+    assert adopted == 1
+    seen = await stats(sim)
+    assert seen["batches_by_request_id"]["paged-back"] == [batch]
+    assert len(seen["batches_by_request_id"]["filler"]) == len(newer) == 120
+    assert seen["calls_by_request_id"] == {}
+
+
+async def _newer_batches(sim: SimulatorServer, count: int) -> list[str]:
+    """``count`` OpenAI batches of one filler request, each for a submission of its own."""
+    line = (
+        b'{"custom_id": "filler", "method": "POST", "url": "/v1/chat/completions", '
+        b'"body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}\n'
+    )
+    async with openai.AsyncOpenAI(
+        base_url=f"{sim.url}/v1", api_key="sk-test-not-a-real-key", max_retries=0
+    ) as client:
+        file = await client.files.create(file=("filler.jsonl", line), purpose="batch")
+        created = [
+            await client.batches.create(
+                input_file_id=file.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                metadata={METADATA_KEY: f"other-{i}"},
+            )
+            for i in range(count)
+        ]
+    return [batch.id for batch in created]

@@ -1,6 +1,7 @@
 """The batch tier against a provider that misbehaves: a loopback server in front of the simulator
-refuses or fails submissions, garbles a result line, or lists OpenAI batches (which the
-simulator does not), so that a dead submitter's batch can be looked up by its metadata."""
+refuses or fails submissions, garbles a result line, or lists OpenAI batches (as the simulator
+now also does: tests/test_batches_adopt.py runs that path against the simulator directly), so
+that a dead submitter's batch can be looked up by its metadata."""
 
 from __future__ import annotations
 
@@ -155,10 +156,11 @@ async def test_a_dead_submitters_openai_batch_is_found_by_its_metadata_and_adopt
 async def test_where_batches_cannot_be_listed_a_dead_submitters_batch_is_paid_twice_answered_once(
     services: Services, sim: SimulatorServer
 ) -> None:
-    # The window core/record/batches.py documents: the simulator lists no batches, so the
-    # taker cannot know the dead submitter's batch exists, and sends the request again.
+    # The window core/record/batches.py documents: Anthropic's batches cannot be looked up by
+    # submission, so the taker cannot know the dead submitter's batch exists, and sends the
+    # request again.
     settings = batch_settings(services)
-    original = batch_request("twice", OPENAI, "unknown")
+    original = batch_request("twice", ANTHROPIC, "unknown")
     async with batch_rig(sim, settings) as rig:
         async with dead_worker(settings) as doomed:
             await submit_until(doomed, rig, original, last_step=3)

@@ -111,6 +111,10 @@ class BatchTier:
         another batch (``LLMSTREAM_BATCH_MIN_DEADLINE_S``). ``park``: the caller holds one of the
         worker's in-flight slots, given back while the batch gathers.
         """
+        if (request.service_tier or self.settings.default_service_tier) in ("standard", "flex"):
+            # Never a batch: the common case goes on without resolving and choosing twice
+            # (traffic control resolves its tier itself).
+            return False
         now = wall_clock_ms()
         deadline = request.deadline_ms
         if deadline is not None and deadline <= now:

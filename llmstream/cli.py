@@ -28,12 +28,13 @@ def _worker(args: argparse.Namespace) -> int:
         return await negotiate_idempotence(settings)
 
     settings = asyncio.run(prepare(WorkerSettings()))
+    loop_factory = None
     if importlib.util.find_spec("uvloop") is not None:
         # libuv's loop: less CPU per request than asyncio's own (measured with `llmstream bench`).
-        import mode.loop
+        import uvloop
 
-        mode.loop.use("uvloop")
-    Worker(settings).run()
+        loop_factory = uvloop.new_event_loop
+    Worker(settings).run(loop_factory)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The stream processor: the faust worker, dedup, retries, traffic control and provider adapters."""
+"""The stream processor: the worker, dedup, retries, traffic control and provider adapters."""
 
 if __name__ != "llmstream.processors":  # pragma: no cover - a packaging mistake, caught at import
     # The repository keeps this folder at its top level, but it installs as llmstream.processors:

@@ -1,11 +1,10 @@
 """Acknowledge events strictly in offset order per partition, whatever order they finish in.
 
-faust commits the offset after the highest run of acked messages, and its gap guard is off by one
-(faust-streaming #606): acks that arrive out of order can commit past a message still in flight,
-and a crash then loses it. Requests here finish in any order (a retry waits seconds, its neighbours
-do not), so this gate holds each finished event until every earlier event of its partition has
-finished, and only then hands its offset to faust. faust never sees a gap, so it can only commit
-offsets whose requests are done.
+A committed offset says "everything before this is done": committing past a request still in
+flight would lose it in a crash. Requests here finish in any order (a retry waits seconds, its
+neighbours do not), so this gate holds each finished event until every earlier event of its
+partition has finished, and only then releases its offset for commit
+(:class:`processors.kafka_io.RequestReader` commits what it releases).
 
 The gate keeps offsets only, never an event or its payload: a request that stays unfinished at the
 head of its partition (a slow provider, a long wait for budget) holds up every later one, and the

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 from pydantic import Field
@@ -94,9 +93,6 @@ class WorkerSettings(
     reemit_duplicates: bool = False
     # The largest output event the producer sends (Kafka's default max.message.bytes is ~1 MB).
     max_event_bytes: int = Field(1_000_000, ge=1024)
-    faust_datadir: str = Field(
-        default_factory=lambda: str(Path(tempfile.gettempdir()) / "llmstream-{conf.name}-data")
-    )
     # How often llmstream_consumer_lag_messages is sampled from the brokers; 0 turns it off.
     consumer_lag_interval_s: float = Field(15.0, ge=0.0)
     # Prometheus /metrics, /health and /ready.

@@ -1,11 +1,11 @@
-"""The worker process: a faust agent on ``llm-requests`` with many requests in flight.
+"""The worker process: a consumer of ``llm-requests`` with many requests in flight.
 
-The agent only admits events: each one gets a ticket in :class:`~processors.acks.OrderedAcks` (in
-offset order) and its own task running :class:`~processors.pipeline.RequestProcessor`. A slow call
-or a retry's wait blocks nothing but its own task. The stream is ``noack()``: an event is acked
-when its task has put its outcomes on the broker, through the ordered gate, so the committed
-offset never passes an unfinished request, and an exception can never ack an event by escaping
-the agent (faust acks in the stream's ``finally``).
+The fetch loop only admits events: each one gets a ticket in :class:`~processors.acks.OrderedAcks`
+(in offset order) and its own task running :class:`~processors.pipeline.RequestProcessor`. A slow
+call or a retry's wait blocks nothing but its own task. An event is released for commit when its
+task has put its outcomes on the broker, through the ordered gate, so the committed offset never
+passes an unfinished request; a task that fails releases nothing (see
+:mod:`processors.kafka_io`).
 """
 
 from __future__ import annotations
@@ -13,27 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
-import faust
 from aiohttp import web
+from aiokafka import TopicPartition
 from aiokafka.errors import KafkaError
-from faust.exceptions import ProducerSendError
-from faust.transport.drivers.aiokafka import Producer as AIOKafkaDriverProducer
-from faust.types import TP, Message, ProducerT
+from aiokafka.structs import ConsumerRecord
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from llmstream.core.connections import faust_options, idempotence_wanted, redis_client
+from llmstream.core.connections import redis_client
+from llmstream.core.errors import LLMStreamError
 from llmstream.core.sessions import SessionStore
 from llmstream.core.tools import ToolExecutor, ToolRegistry
-from llmstream.processors.acks import OrderedAcks, Ticket
+from llmstream.processors.acks import Ticket
 from llmstream.processors.batches import BatchTier, batch_apis
 from llmstream.processors.dedup import ClaimUnavailable, DedupStore
+from llmstream.processors.kafka_io import KafkaEmitter, RequestReader, create_producer
 from llmstream.processors.lag import ConsumerLag
 from llmstream.processors.metrics import WorkerMetrics
-from llmstream.processors.pipeline import Output, RequestProcessor, Source
+from llmstream.processors.pipeline import Emitter, RequestProcessor, Source
 from llmstream.processors.providers import create_http_client
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.processors.redis_state import RedisGuard
@@ -41,81 +41,6 @@ from llmstream.processors.settings import WorkerSettings
 from llmstream.processors.traffic import TrafficControl
 
 log = logging.getLogger(__name__)
-
-
-class FaustEmitter:
-    """Sends outputs with the faust app's producer and waits for the broker's acks."""
-
-    def __init__(self, app: faust.App) -> None:
-        self._app = app
-
-    async def emit(self, outputs: Sequence[Output]) -> None:
-        pending = [await self.send(o) for o in outputs]
-        for acked in pending:  # all are in flight already: in turn costs less than a gather
-            await acked
-
-    async def send(self, output: Output) -> Awaitable[object]:
-        """Hand ``output`` to the producer; the result resolves once the broker acked it."""
-        try:
-            return await self._app.producer.send(
-                output.topic, output.key, output.value, None, None, None
-            )
-        except ProducerSendError as exc:
-            # faust wraps aiokafka's errors; the pipeline tells transient ones (retried until
-            # the broker is back) from permanent ones (a message too large) by aiokafka's type.
-            if isinstance(exc.__cause__, KafkaError):
-                raise exc.__cause__ from None
-            raise
-
-
-def create_faust_app(settings: WorkerSettings) -> faust.App:
-    """The faust app of a worker: brokers and their security, consumer group, commit and
-    membership settings, the producer's acks, idempotence and compression."""
-    app = _App(
-        settings.consumer_group,
-        **faust_options(settings),
-        autodiscover=False,
-        web_enabled=False,  # our own endpoints (/metrics, /health, /ready) are served below
-        topic_allow_declare=False,  # topics are created by deployment, not by workers
-        # A rebalance must not wait for calls that last seconds: unfinished events of a revoked
-        # partition are re-read by the new owner, and dedup stops a second provider call.
-        stream_wait_empty=False,
-        consumer_auto_offset_reset=settings.auto_offset_reset,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_rebalance_timeout=settings.rebalance_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        consumer_group_instance_id=settings.group_instance_id,
-        broker_commit_interval=settings.commit_interval_s,
-        # Enough buffered events per partition to keep max_in_flight busy.
-        stream_buffer_maxsize=max(4096, settings.max_in_flight),
-        # An output larger than this is refused by the producer and reported on llm-errors as
-        # output_too_large; keep it at or under the topics' max.message.bytes.
-        producer_max_request_size=settings.max_event_bytes,
-        # faust keeps table state here; llmstream has no tables, but faust makes the folder
-        # anyway: not in the working directory (read-only in containers).
-        datadir=settings.faust_datadir,
-        key_serializer="raw",
-        value_serializer="raw",
-    )
-    app.idempotent_producer = idempotence_wanted(settings)
-    return app
-
-
-class _IdempotentProducer(AIOKafkaDriverProducer):
-    def _settings_extra(self) -> Mapping[str, Any]:
-        return {**super()._settings_extra(), "enable_idempotence": True}
-
-
-class _App(faust.App):
-    """faust's app with the idempotent producer when configured: faust 0.15 has no setting for
-    it (it turns it on only inside transactions, which llmstream does not use)."""
-
-    idempotent_producer = False
-
-    def _new_producer(self) -> ProducerT:
-        if not self.idempotent_producer:
-            return super()._new_producer()
-        return _IdempotentProducer(self.transport, loop=self.loop, beacon=self.beacon)
 
 
 class Worker:
@@ -132,46 +57,62 @@ class Worker:
         self.settings = settings
         self.providers = providers or ProviderSettings()
         self.metrics = WorkerMetrics(registry or CollectorRegistry())
-        self.app = create_faust_app(settings)
-        self.acks: OrderedAcks[TP] = OrderedAcks(
-            self._ack,
-            max_held=settings.max_pending_acks_per_partition,
-            pause=self._pause,
-            resume=self._resume,
-        )
+        self._reader: RequestReader | None = None  # made on the loop it runs on (serve)
         self._shutdown_grace_s = (
             settings.shutdown_grace_s if shutdown_grace_s is None else shutdown_grace_s
         )
         self._tasks: set[asyncio.Task[None]] = set()
         self._token = f"{settings.worker_id}-{uuid.uuid4().hex[:8]}"
-        self._assigned = False
         self._stopping = False
         self._dedup: DedupStore | None = None
         self._traffic: TrafficControl | None = None
         # Why claims are paused (Redis unreachable or without its state), None while they go on.
         self._redis_problem: str | None = "not yet checked"
-        topic = self.app.topic(
-            settings.requests_topic,
-            key_type=bytes,
-            value_type=bytes,
-            key_serializer="raw",
-            value_serializer="raw",
-        )
-        self.app.agent(topic, name="llmstream.process")(self._consume)
-        self.app.on_partitions_revoked.connect(self._on_revoked)  # type: ignore[arg-type]
-        self.app.on_partitions_assigned.connect(self._on_assigned)  # type: ignore[arg-type]
 
-    def run(self) -> None:
-        """Run until a signal stops the process."""
-        _DrainingFaustWorker(self, self.app, loglevel="info", quiet=True).execute_from_commandline()
+    def run(self, loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> None:
+        """Run until SIGINT or SIGTERM, then drain (see :meth:`drain`) and stop."""
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(self.serve())
+
+    async def serve(self) -> None:
+        """Consume until SIGINT or SIGTERM (or until the consumer fails), then stop cleanly."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        producer = create_producer(self.settings)
+        reader = self._reader = RequestReader(self.settings, self.metrics)
+        try:
+            await producer.start()
+            await reader.start()
+        except KafkaError as exc:
+            await producer.stop()
+            await reader.stop()
+            raise LLMStreamError(
+                f"Kafka at {self.settings.kafka_bootstrap_servers} cannot be reached: {exc!r}"
+            ) from None
+        emitter = KafkaEmitter(producer)
+        try:
+            async with self._runtime(emitter) as processor:
+                consume = asyncio.create_task(self._consume(processor, reader))
+                commits = asyncio.create_task(reader.commit_every(self.settings.commit_interval_s))
+                stopped = asyncio.create_task(stop.wait())
+                await asyncio.wait({consume, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                failed = consume.done() and consume.exception() is not None
+                log.info("stopping%s: draining requests in flight", " (fetch loop failed)" * failed)
+                await self.drain()
+                for task in (consume, commits, stopped):
+                    task.cancel()
+                await asyncio.gather(consume, commits, stopped, return_exceptions=True)
+                if failed:
+                    await consume  # raises the fetch loop's failure
+        finally:
+            await reader.stop()
+            await producer.stop()
 
     async def drain(self) -> None:
         """Stop admitting events and starting provider attempts, let requests in flight finish
-        (see :meth:`_drain`), hand the rest over, commit what is done.
-
-        Runs before faust stops its consumer and producer: faust's own shutdown does not wait
-        for tasks of ours, and closes the loop under them.
-        """
+        (see :meth:`_drain`), hand the rest over, commit what is done."""
         self._stopping = True
         if self._dedup is not None:
             self._dedup.draining = True  # no new provider attempt: the next owner makes it
@@ -181,93 +122,72 @@ class Worker:
             # workers take the unfinished claims over at once rather than one lease later.
             with contextlib.suppress(ClaimUnavailable):
                 await self._dedup.resign()
-        with contextlib.suppress(Exception):
-            await self.app.consumer.commit()
+        try:
+            if self._reader is not None:
+                await self._reader.commit()
+        except KafkaError as exc:
+            log.warning(
+                "last offset commit failed; the next owner re-reads from the last one: %r", exc
+            )
 
-    # -- the agent ------------------------------------------------------------------------------
+    # -- the fetch loop ---------------------------------------------------------------------------
 
-    async def _consume(self, stream: faust.StreamT[bytes]) -> None:
-        async with self._runtime() as processor:
-            slots = asyncio.Semaphore(self.settings.max_in_flight)
-            if self._traffic is not None:
-                # Requests waiting for a provider's budget give their slot back meanwhile.
-                self._traffic.room.bind(slots)
-            # noack(): faust must not ack on its own; see the module docstring.
-            async for event in stream.noack().events():  # type: ignore[attr-defined]
-                await slots.acquire()
-                if self._stopping:
-                    # Shutting down: not admitted, not acked; the next owner reads it again.
-                    slots.release()
-                    continue
-                message = event.message
-                ticket = self.acks.admit(message.tp, message.offset)
-                source = Source(message.topic, message.partition, message.offset)
-                task = asyncio.create_task(self._run_one(processor, message, ticket, source, slots))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+    async def _consume(self, processor: RequestProcessor, reader: RequestReader) -> None:
+        slots = asyncio.Semaphore(self.settings.max_in_flight)
+        if self._traffic is not None:
+            # Requests waiting for a provider's budget give their slot back meanwhile.
+            self._traffic.room.bind(slots)
+        # Records beyond the free slots wait here, fetched, for a slot.
+        fetch_size = min(self.settings.max_in_flight, 500)
+        while not self._stopping:
+            batches = await reader.fetch(fetch_size)
+            for tp, records in batches.items():
+                for record in records:
+                    await slots.acquire()
+                    ticket = None if self._stopping else reader.admit(tp, record.offset)
+                    if ticket is None:
+                        # Shutting down, or its partition was handed over meanwhile: not
+                        # admitted, not committed; its owner reads it again.
+                        slots.release()
+                        break
+                    source = Source(record.topic, record.partition, record.offset)
+                    task = asyncio.create_task(
+                        self._run_one(processor, record, ticket, source, reader, slots)
+                    )
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
 
     async def _run_one(
         self,
         processor: RequestProcessor,
-        message: Message,
-        ticket: Ticket[TP],
+        record: ConsumerRecord[bytes, bytes],
+        ticket: Ticket[TopicPartition],
         source: Source,
+        reader: RequestReader,
         slots: asyncio.Semaphore,
     ) -> None:
         self.metrics.in_flight.inc()
         try:
-            await processor.process(message.value, message.key, source)
+            await processor.process(record.value, record.key, source)
         except asyncio.CancelledError:
-            raise  # shutdown: not acked; the next owner re-reads it
+            raise  # shutdown: not committed; the next owner re-reads it
         except Exception:
-            # A bug of ours, not of the input (bad input is routed by the pipeline). Not acked,
-            # so the event is re-read after a restart rather than lost; the partition waits.
-            log.exception("unexpected failure on %s; the event stays unacked", source)
-            raise
+            # A bug of ours, not of the input (bad input is routed by the pipeline). Not
+            # released, so the event is re-read after a restart rather than lost; the partition
+            # waits.
+            log.exception("unexpected failure on %s; the event stays uncommitted", source)
         else:
-            self.metrics.committable.inc(self.acks.finish(ticket))
-            self.metrics.held_acks.set(self.acks.held())
+            acks = reader.acks
+            self.metrics.committable.inc(acks.finish(ticket))
+            self.metrics.held_acks.set(acks.held())
         finally:
             self.metrics.in_flight.dec()
             slots.release()
 
-    def _ack(self, tp: TP, offset: int) -> None:
-        # The gate keeps offsets, not faust's message (its payload would stay in memory as
-        # long as the partition's head is unfinished): faust's consumer needs only where it is.
-        self.app.consumer.ack(
-            Message(tp.topic, tp.partition, offset, 0.0, 0, None, None, None, None, tp=tp)
-        )
-
-    def _pause(self, tp: TP) -> None:
-        log.warning(
-            "%s holds more than %d finished events behind an unfinished one: not read until it "
-            "finishes (LLMSTREAM_MAX_PENDING_ACKS_PER_PARTITION)",
-            tp,
-            self.settings.max_pending_acks_per_partition,
-        )
-        self.app.consumer.pause_partitions({TP(tp.topic, tp.partition)})
-        self.metrics.paused_partitions.set(len(self.acks.paused()))
-
-    def _resume(self, tp: TP) -> None:
-        log.info("%s read again: its held events were committed or handed over", tp)
-        # faust's own TP: resume_partitions adds what it is given to its active set as is, and
-        # the message's tp is the driver's (aiokafka's) type, which faust's fetcher rejects.
-        self.app.consumer.resume_partitions({TP(tp.topic, tp.partition)})
-        self.metrics.paused_partitions.set(len(self.acks.paused()))
-
-    async def _on_revoked(self, sender: object, revoked: set[Any], **kwargs: object) -> None:
-        dropped = self.acks.revoke(revoked)
-        self.metrics.held_acks.set(self.acks.held())
-        if dropped:
-            log.info("partitions revoked; %d unfinished events left to their next owner", dropped)
-
-    async def _on_assigned(self, sender: object, assigned: set[Any], **kwargs: object) -> None:
-        self._assigned = True
-
     # -- resources ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _runtime(self) -> AsyncIterator[RequestProcessor]:
+    async def _runtime(self, emitter: Emitter) -> AsyncIterator[RequestProcessor]:
         settings = self.settings
         tools = ToolRegistry.from_params(settings)  # a bad LLMSTREAM_TOOLS_FILE stops the start
         redis = redis_client(settings)
@@ -308,7 +228,7 @@ class Worker:
             settings,
             dedup=dedup,
             router=router,
-            emitter=FaustEmitter(self.app),
+            emitter=emitter,
             metrics=self.metrics,
             traffic=traffic,
             # Tools are called with the providers' HTTP client (its connection limit included).
@@ -399,7 +319,9 @@ class Worker:
         failing here for longer than ``LLMSTREAM_MAX_QUEUE_S``."""
         checks = {
             "redis": self._redis_problem or "ok",
-            "kafka": "ok" if self._assigned else "not yet assigned partitions",
+            "kafka": "ok"
+            if self._reader is not None and self._reader.assigned
+            else "not yet assigned partitions",
             "providers": self._providers_check(),
         }
         return all(v == "ok" for v in checks.values()), checks
@@ -434,18 +356,3 @@ class Worker:
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
         await site.start()
         return runner
-
-
-class _DrainingFaustWorker(faust.Worker):
-    """faust's worker, draining llmstream's in-flight requests before faust shuts down."""
-
-    def __init__(self, worker: Worker, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._llm_worker = worker
-        self._drained = False
-
-    async def stop(self) -> None:
-        if not self._drained:
-            self._drained = True
-            await self._llm_worker.drain()
-        await super().stop()

@@ -9,7 +9,7 @@ apart (so they do not all meet the consumers' fetch cycles in one phase). Printe
 chunk and to the final response, the worker's own share (pick-up → first chunk handed to its
 producer, from its ``llmstream_worker_first_chunk_seconds``; the simulator's latency included),
 and the chunk's own hop to the consumer. The embedded Tansu broker holds every fetch for about
-half the consumer's fetch wait even when data is ready, and faust's is 1.5 s: that wait, not
+half the consumer's fetch wait even when data is ready (aiokafka's 0.5 s): that wait, not
 llmstream, is most of the figure on Tansu; on Apache Kafka the same hop takes milliseconds.
 """
 

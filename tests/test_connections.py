@@ -1,8 +1,8 @@
 """Kafka security, compression and producer guarantees: from settings to what the clients get.
 
 SASL and TLS cannot be exercised against a broker here (Tansu has neither): these tests pin the
-mapping from ``LLMSTREAM_KAFKA_*`` to aiokafka's and faust's options. Compression and the
-idempotent producer are checked on the wire.
+mapping from ``LLMSTREAM_KAFKA_*`` to the aiokafka clients' options, the worker's included.
+Compression and the idempotent producer are checked on the wire.
 """
 
 from __future__ import annotations
@@ -16,23 +16,20 @@ import sys
 from pathlib import Path
 
 import certifi
-import faust
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError
-from faust.types.auth import AuthProtocol, SASLMechanism
 from pydantic import ValidationError
 
 from llmstream.core.connections import (
     KafkaSetupError,
-    faust_options,
     kafka_client_options,
     kafka_producer_options,
     negotiate_idempotence,
 )
 from llmstream.core.settings import ServiceSettings
+from llmstream.processors.kafka_io import consumer_options, create_producer
 from llmstream.processors.settings import WorkerSettings
-from llmstream.processors.worker import create_faust_app
 from tests.conftest import Services
 
 CA = Path(certifi.where())
@@ -50,10 +47,9 @@ def test_plaintext_by_default_with_acks_all_and_the_idempotent_producer() -> Non
         True,
         None,
     )
-    app = faust_options(settings)
-    assert app["broker"] == ["kafka://k1:9092", "kafka://k2:9092"]
-    assert app["broker_credentials"] is None
-    assert (app["producer_acks"], app["producer_compression_type"]) == (-1, None)
+    worker = consumer_options(WorkerSettings(kafka_bootstrap_servers="k1:9092,k2:9092"))
+    assert worker["bootstrap_servers"] == "k1:9092,k2:9092"
+    assert worker["security_protocol"] == "PLAINTEXT" and "ssl_context" not in worker
 
 
 def test_sasl_ssl_with_scram_and_a_ca_from_the_environment(
@@ -83,14 +79,14 @@ def test_sasl_ssl_with_scram_and_a_ca_from_the_environment(
     assert len(context.get_ca_certs()) > 10  # the bundle given, loaded
     assert kafka_producer_options(settings)["compression_type"] == "zstd"
 
-    app = faust_options(settings)
-    credentials = app["broker_credentials"]
-    assert isinstance(credentials, faust.SASLCredentials)
-    assert credentials.protocol is AuthProtocol.SASL_SSL
-    assert credentials.mechanism is SASLMechanism.SCRAM_SHA_512
-    assert (credentials.username, credentials.password) == ("llmstream", "s3cret-pw")
-    assert credentials.ssl_context is not None
-    assert app["producer_compression_type"] == "zstd"
+    # The worker's consumer connects the same way.
+    worker = consumer_options(WorkerSettings())
+    assert (worker["security_protocol"], worker["sasl_mechanism"]) == ("SASL_SSL", "SCRAM-SHA-512")
+    assert (worker["sasl_plain_username"], worker["sasl_plain_password"]) == (
+        "llmstream",
+        "s3cret-pw",
+    )
+    assert isinstance(worker["ssl_context"], ssl.SSLContext)
 
     # The secrets never show when settings are printed.
     assert "s3cret-pw" not in repr(settings) and "s3cret-pw" not in str(settings)
@@ -104,16 +100,11 @@ def test_sasl_plaintext_and_ssl_only() -> None:
     )
     assert "ssl_context" not in kafka_client_options(sasl)
     assert kafka_client_options(sasl)["sasl_mechanism"] == "PLAIN"
-    credentials = faust_options(sasl)["broker_credentials"]
-    assert credentials.protocol is AuthProtocol.SASL_PLAINTEXT
-    assert credentials.mechanism is SASLMechanism.PLAIN
 
     tls = ServiceSettings(kafka_security_protocol="SSL", kafka_ssl_cafile=CA)
     options = kafka_client_options(tls)
     assert options["security_protocol"] == "SSL" and "sasl_mechanism" not in options
-    credentials = faust_options(tls)["broker_credentials"]
-    assert isinstance(credentials, faust.SSLCredentials)
-    assert credentials.protocol is AuthProtocol.SSL
+    assert isinstance(options["ssl_context"], ssl.SSLContext)
 
 
 @pytest.mark.parametrize(
@@ -171,16 +162,16 @@ async def test_the_idempotent_producer_is_requested_from_the_broker(
     services: Services, settings: ServiceSettings
 ) -> None:
     """Tansu cannot grant producer IDs: asking for one fails, which shows the setting reaches
-    the broker, from the worker's faust producer and from the other clients' producer."""
+    the broker, from the worker's producer and from the other clients' producer."""
     if os.environ.get("KAFKA_BOOTSTRAP_SERVERS") or services.idempotent_producer:
         pytest.skip("needs the embedded Tansu broker, which refuses InitProducerId")
     off = WorkerSettings(**settings.model_dump())
     on = off.model_copy(update={"kafka_idempotent_producer": True})
 
-    plain = create_faust_app(off).producer
+    plain = create_producer(off)
     await plain.start()
     await plain.stop()
-    idempotent = create_faust_app(on).producer
+    idempotent = create_producer(on)
     with pytest.raises(KafkaError):
         await asyncio.wait_for(idempotent.start(), 20)
     with contextlib.suppress(Exception):

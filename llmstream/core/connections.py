@@ -1,13 +1,12 @@
 """How llmstream's Kafka clients connect: security, compression and producer guarantees.
 
-Every Kafka client llmstream makes takes its options from here (the worker's faust app, the
-ingress's producer and response listener, the consumer-lag sampler, ``llmstream replay``), so a
-setting is honoured by all of them or by none::
+Every Kafka client llmstream makes takes its options from here (the worker's consumer and
+producer, the ingress's producer and response listener, the consumer-lag sampler, ``llmstream
+replay``), so a setting is honoured by all of them or by none::
 
     settings = await negotiate_idempotence(settings)  # once, before the first producer
     AIOKafkaConsumer(**kafka_client_options(settings), group_id=None)
     AIOKafkaProducer(**kafka_producer_options(settings), linger_ms=2)
-    faust.App(settings.consumer_group, **faust_options(settings))
 
 Redis clients come from :func:`redis_client`, a single Redis or Redis Cluster as configured.
 
@@ -123,37 +122,6 @@ async def negotiate_idempotence(settings: S) -> S:
         sender_log.setLevel(level)
         await producer.stop()
     return settings.model_copy(update={"kafka_idempotent_producer": True})
-
-
-def faust_options(settings: ServiceSettings) -> dict[str, Any]:
-    """A ``faust.App``'s broker settings: brokers, credentials, acks and compression.
-
-    faust 0.15 has no setting for the idempotent producer (it turns it on only inside
-    transactions): :func:`llmstream.processors.worker.create_faust_app` adds it.
-    """
-    import faust
-
-    context = kafka_ssl_context(settings)
-    credentials: Any = None
-    if settings.kafka_security_protocol.startswith("SASL_"):
-        assert settings.kafka_sasl_password is not None  # checked by the settings
-        # With a TLS context faust speaks SASL_SSL, without one SASL_PLAINTEXT.
-        credentials = faust.SASLCredentials(
-            username=settings.kafka_sasl_username,
-            password=settings.kafka_sasl_password.get_secret_value(),
-            mechanism=settings.kafka_sasl_mechanism,
-            ssl_context=context,
-        )
-    elif context is not None:
-        credentials = faust.SSLCredentials(context)
-    return {
-        "broker": [
-            f"kafka://{server.strip()}" for server in settings.kafka_bootstrap_servers.split(",")
-        ],
-        "broker_credentials": credentials,
-        "producer_acks": -1,
-        "producer_compression_type": _compression(settings),
-    }
 
 
 def _compression(settings: ServiceSettings) -> str | None:

@@ -108,7 +108,6 @@ class Rig:
         ``in_flight`` requests in flight."""
         extra = {
             "LLMSTREAM_MAX_IN_FLIGHT": str(self.options.in_flight),
-            "LLMSTREAM_FAUST_DATADIR": str(self.workdir / f"faust-{group}"),
         }
         env = worker_env(settings, self.simulator_url, group, quick_handover=False, extra=extra)
         worker = WorkerProcess(env, self.workdir / name, name, cpus=cpus)

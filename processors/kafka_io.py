@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
+from aiokafka.partitioner import murmur2
+from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
 from llmstream.core.connections import kafka_client_options, kafka_producer_options
@@ -67,10 +71,24 @@ def consumer_options(settings: WorkerSettings) -> dict[str, Any]:
 
 
 class KafkaEmitter:
-    """Sends outputs with an aiokafka producer and waits for the broker's acks."""
+    """Sends outputs with an aiokafka producer and waits for the broker's acks.
 
-    def __init__(self, producer: AIOKafkaProducer) -> None:
+    The outputs handed over while the event loop runs one round of callbacks leave together, one
+    record batch per partition (``send_batch``): the per-message work of ``producer.send`` (its
+    metadata wait, partitioning and accumulator bookkeeping) costs several times appending to a
+    batch. One sender task appends in the order outputs were handed over, so the outputs of one
+    key (a stream's chunks) keep their order on their partition. Partitions are chosen as the
+    producer's default partitioner does (murmur2 of the key), so an output lands where
+    ``producer.send`` would put it.
+    """
+
+    def __init__(self, producer: AIOKafkaProducer, max_event_bytes: int) -> None:
         self._producer = producer
+        self._max_event_bytes = max_event_bytes
+        self._queue: list[tuple[Output, asyncio.Future[object]]] = []
+        self._wake = asyncio.Event()
+        self._sender: asyncio.Task[None] | None = None
+        self._topics: dict[str, tuple[float, list[int]]] = {}  # topic: (good until, partitions)
 
     async def emit(self, outputs: Sequence[Output]) -> None:
         pending = [await self.send(o) for o in outputs]
@@ -78,11 +96,114 @@ class KafkaEmitter:
             await acked
 
     async def send(self, output: Output) -> Awaitable[object]:
-        """Hand ``output`` to the producer; the result resolves once the broker acked it."""
-        future: Awaitable[object] = await self._producer.send(
-            output.topic, output.value, key=output.key
-        )
+        """Hand ``output`` over; the result resolves once the broker acked it."""
+        size = DefaultRecordBatchBuilder.estimate_size_in_bytes(output.key, output.value, [])
+        if size > self._max_event_bytes:
+            raise MessageSizeTooLargeError(
+                f"{size} bytes, over LLMSTREAM_MAX_EVENT_BYTES ({self._max_event_bytes})"
+            )
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._run())
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._queue.append((output, future))
+        self._wake.set()
         return future
+
+    async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(KafkaConnectionError("the producer was closed"))
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            queue, self._queue = self._queue, []
+            by_partition: dict[tuple[str, int], list[tuple[Output, asyncio.Future[object]]]] = {}
+            hashes: dict[bytes, int] = {}  # an outcome's response and metric share their key
+            for item in queue:
+                topic, key = item[0].topic, item[0].key
+                try:
+                    partitions = await self._partitions(topic)
+                except KafkaError as exc:
+                    _fail_futures([item[1]], exc)
+                    continue
+                if key is None:
+                    partition = random.choice(partitions)  # noqa: S311 - as the default does
+                else:
+                    hashed = hashes.get(key)
+                    if hashed is None:
+                        hashed = hashes[key] = murmur2(key) & 0x7FFFFFFF
+                    partition = partitions[hashed % len(partitions)]
+                by_partition.setdefault((topic, partition), []).append(item)
+            for (topic, partition), items in by_partition.items():
+                await self._send(topic, partition, items)
+
+    async def _partitions(self, topic: str) -> list[int]:
+        """The topic's partitions, sorted, from metadata at most ``_PARTITIONS_TTL_S`` old."""
+        now = time.monotonic()
+        known = self._topics.get(topic)
+        if known is not None and known[0] > now:
+            return known[1]
+        cluster = self._producer.client.cluster
+        partitions = cluster.partitions_for_topic(topic)
+        if not partitions:
+            await self._producer.client._wait_on_metadata(topic)
+            partitions = cluster.partitions_for_topic(topic)
+        ordered = sorted(partitions)
+        self._topics[topic] = (now + _PARTITIONS_TTL_S, ordered)
+        return ordered
+
+    async def _send(
+        self, topic: str, partition: int, items: list[tuple[Output, asyncio.Future[object]]]
+    ) -> None:
+        batch = self._producer.create_batch()
+        in_batch: list[asyncio.Future[object]] = []
+        for output, future in items:
+            if batch.append(key=output.key, value=output.value, timestamp=None) is None:
+                await self._submit(batch, topic, partition, in_batch)  # full: send, start anew
+                batch, in_batch = self._producer.create_batch(), []
+                batch.append(key=output.key, value=output.value, timestamp=None)
+            in_batch.append(future)
+        await self._submit(batch, topic, partition, in_batch)
+
+    async def _submit(
+        self, batch: Any, topic: str, partition: int, futures: list[asyncio.Future[object]]
+    ) -> None:
+        try:
+            sent = await self._producer.send_batch(batch, topic, partition=partition)
+        except KafkaError as exc:
+            _fail_futures(futures, exc)
+            return
+        sent.add_done_callback(lambda done: _settle(futures, done))
+
+
+# A topic's partitions are read again this often: partitions added to a topic are used within it.
+_PARTITIONS_TTL_S = 10.0
+
+
+def _settle(futures: list[asyncio.Future[object]], done: asyncio.Future[object]) -> None:
+    if done.cancelled():
+        _fail_futures(futures, KafkaConnectionError("the send was cancelled"))
+        return
+    error = done.exception()
+    if error is not None:
+        _fail_futures(futures, error)
+        return
+    result = done.result()
+    for future in futures:
+        if not future.done():
+            future.set_result(result)
+
+
+def _fail_futures(futures: list[asyncio.Future[object]], error: BaseException) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(error)
 
 
 class RequestReader(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -91,7 +91,7 @@ class Worker:
             raise LLMStreamError(
                 f"Kafka at {self.settings.kafka_bootstrap_servers} cannot be reached: {exc!r}"
             ) from None
-        emitter = KafkaEmitter(producer)
+        emitter = KafkaEmitter(producer, self.settings.max_event_bytes)
         try:
             async with self._runtime(emitter) as processor:
                 consume = asyncio.create_task(self._consume(processor, reader))
@@ -108,6 +108,7 @@ class Worker:
                     await consume  # raises the fetch loop's failure
         finally:
             await reader.stop()
+            await emitter.close()
             await producer.stop()
 
     async def drain(self) -> None:

@@ -305,7 +305,6 @@ class RequestReader(ConsumerRebalanceListener):  # type: ignore[misc]
         for tp in revoked:
             self._done.pop(tp, None)
             self._committed.pop(tp, None)
-        self._metrics.held_acks.set(self.acks.held())
         self._metrics.paused_partitions.set(len(self.acks.paused()))
         if dropped:
             log.info("partitions revoked; %d unfinished events left to their next owner", dropped)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -19,16 +20,43 @@ _UNKNOWN = "unknown"
 _PREFIX = "llmstream_"
 
 
+class _CachedChildren:
+    """``labels(...)`` answered from a dict after the first time: prometheus_client converts the
+    values and takes a lock on every call, and a request looks up about ten children. Children
+    are never removed here, so a cached one is always the registered one."""
+
+    def labels(self, *values: Any, **by_name: Any) -> Any:
+        if by_name:
+            return super().labels(*values, **by_name)  # type: ignore[misc]
+        children: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_cached_children", {})
+        child = children.get(values)
+        if child is None:
+            child = children[values] = super().labels(*values)  # type: ignore[misc]
+        return child
+
+
+class _Counter(_CachedChildren, Counter):
+    pass
+
+
+class _Gauge(_CachedChildren, Gauge):
+    pass
+
+
+class _Histogram(_CachedChildren, Histogram):
+    pass
+
+
 def _counter(
     registry: CollectorRegistry, name: str, documentation: str, labels: Sequence[str] = ()
 ) -> Counter:
-    return Counter(_PREFIX + name, documentation, labels, registry=registry)
+    return _Counter(_PREFIX + name, documentation, labels, registry=registry)
 
 
 def _gauge(
     registry: CollectorRegistry, name: str, documentation: str, labels: Sequence[str] = ()
 ) -> Gauge:
-    return Gauge(_PREFIX + name, documentation, labels, registry=registry)
+    return _Gauge(_PREFIX + name, documentation, labels, registry=registry)
 
 
 def _histogram(
@@ -39,7 +67,7 @@ def _histogram(
     *,
     buckets: Sequence[float],
 ) -> Histogram:
-    return Histogram(_PREFIX + name, documentation, labels, buckets=buckets, registry=registry)
+    return _Histogram(_PREFIX + name, documentation, labels, buckets=buckets, registry=registry)
 
 
 class BoundedLabel:

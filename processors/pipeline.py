@@ -17,11 +17,11 @@ the batch tier (:mod:`processors.batches`), as soon as a batch holds it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
 from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -569,11 +569,30 @@ class RequestProcessor:
             self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
 
 
-@contextlib.contextmanager
-def _bookkeeping(request_id: str | None) -> Iterator[None]:
+class _bookkeeping:
     """Metric updates, which run once the outcome is stored or delivered: one that fails is
-    logged, and never turns a request already answered into a failure."""
-    try:
-        yield
-    except Exception:
-        log.exception("metrics not updated for %s; its outcome stands", request_id or "a request")
+    logged, and never turns a request already answered into a failure. (A class: a
+    ``contextlib.contextmanager`` costs a generator and its wrapper, three times a request.)"""
+
+    __slots__ = ("_request_id",)
+
+    def __init__(self, request_id: str | None) -> None:
+        self._request_id = request_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        log.error(
+            "metrics not updated for %s; its outcome stands",
+            self._request_id or "a request",
+            exc_info=(kind, error, traceback),  # type: ignore[arg-type]
+        )
+        return True

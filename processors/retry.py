@@ -163,8 +163,10 @@ async def call_with_retries(
             raise expired(attempt, last_error)
         attempt += 1
         # An attempt still running at the deadline is cancelled: its answer would be worthless.
-        scope = asyncio.timeout(None if deadline_ms is None else (deadline_ms - now_ms()) / 1000)
+        scope = None if deadline_ms is None else asyncio.timeout((deadline_ms - now_ms()) / 1000)
         try:
+            if scope is None:
+                return await fn(), attempt
             async with scope:
                 result = await fn()
             return result, attempt
@@ -174,7 +176,7 @@ async def call_with_retries(
             error.attempts = attempt
             last_error = error
         except TimeoutError:
-            if scope.expired():
+            if scope is not None and scope.expired():
                 raise expired(attempt, last_error) from None
             raise
         cost = await charge(last_error)

@@ -82,6 +82,9 @@ class Worker:
             loop.add_signal_handler(signum, stop.set)
         producer = create_producer(self.settings)
         reader = self._reader = RequestReader(self.settings, self.metrics)
+        # Read when scraped, not kept up to date on every request.
+        self.metrics.in_flight.set_function(lambda: len(self._tasks))
+        self.metrics.held_acks.set_function(reader.acks.held)
         try:
             await producer.start()
             await reader.start()
@@ -167,7 +170,6 @@ class Worker:
         reader: RequestReader,
         slots: asyncio.Semaphore,
     ) -> None:
-        self.metrics.in_flight.inc()
         try:
             await processor.process(record.value, record.key, source)
         except asyncio.CancelledError:
@@ -178,11 +180,8 @@ class Worker:
             # waits.
             log.exception("unexpected failure on %s; the event stays uncommitted", source)
         else:
-            acks = reader.acks
-            self.metrics.committable.inc(acks.finish(ticket))
-            self.metrics.held_acks.set(acks.held())
+            self.metrics.committable.inc(reader.acks.finish(ticket))
         finally:
-            self.metrics.in_flight.dec()
             slots.release()
 
     # -- resources ------------------------------------------------------------------------------

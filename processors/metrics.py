@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,6 +20,8 @@ _OVERHEAD_BUCKETS = (
 _OTHER = "other"
 _UNKNOWN = "unknown"
 _PREFIX = "llmstream_"
+
+log = logging.getLogger(__name__)
 
 
 class _CachedChildren:
@@ -320,3 +324,32 @@ class BatchMetrics:
             "standard (called at once: its deadline is too near for another batch).",
             ["provider", "outcome"],
         )
+
+
+class bookkeeping:  # lower case: it reads as a function, ``with bookkeeping(request_id):``
+    """Metric updates, which run once the outcome is stored or delivered: one that fails is
+    logged, and never turns a request already answered into a failure. (A class: a
+    ``contextlib.contextmanager`` costs a generator and its wrapper, three times a request.)"""
+
+    __slots__ = ("_request_id",)
+
+    def __init__(self, request_id: str | None) -> None:
+        self._request_id = request_id
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
+        if kind is None or not issubclass(kind, Exception):
+            return False
+        log.error(
+            "metrics not updated for %s; its outcome stands",
+            self._request_id or "a request",
+            exc_info=(kind, error, traceback),  # type: ignore[arg-type]
+        )
+        return True

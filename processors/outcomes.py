@@ -85,9 +85,13 @@ class Outcomes:
         topic: str,
         request_id: str | None,
         event: LLMResponse | LLMError | LLMMetric | LLMResponseChunk,
+        json: bytes | None = None,
     ) -> Output:
-        """``event`` encoded for ``topic``, keyed by its request ID."""
+        """``event`` encoded for ``topic``, keyed by its request ID; ``json``, the event already
+        encoded as JSON, is used as it is when the output format is JSON."""
         key = request_id.encode() if request_id is not None else None
+        if json is not None and self._format is WireFormat.JSON:
+            return Output(topic, key, json)
         return Output(topic, key, encode(event, self._format))
 
     def response(
@@ -218,8 +222,9 @@ class Outcomes:
 
     def success_metric(self, response: LLMResponse) -> LLMMetric:
         """The metric event of a response (``cache_hit`` when it came from the cache)."""
+        fields = response.__dict__  # scalars only: read, not dumped
         return LLMMetric(
-            **response.model_dump(include=_RESPONSE_MEASURES),
+            **{name: fields[name] for name in _RESPONSE_MEASURES},
             status="cache_hit" if response.cached else "success",
             worker_id=self._worker_id,
             occurred_at_ms=wall_clock_ms(),

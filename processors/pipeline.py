@@ -21,7 +21,6 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Protocol, TypeVar
 
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
@@ -32,7 +31,7 @@ from llmstream.core.sessions import SessionError, SessionStore, SessionTurnTooLa
 from llmstream.core.tools import ToolExecutor, UnknownTool
 from llmstream.processors.batches import BatchTier
 from llmstream.processors.dedup import Claim, ClaimStatus, ClaimUnavailable, DedupStore, NotOwner
-from llmstream.processors.metrics import WorkerMetrics, provider_label
+from llmstream.processors.metrics import WorkerMetrics, bookkeeping, provider_label
 from llmstream.processors.outcomes import Outcomes, Output, Source, carried_payload
 from llmstream.processors.providers import Completion, ProviderError, ProviderRouter
 from llmstream.processors.session_turns import SessionTurns
@@ -349,14 +348,15 @@ class RequestProcessor:
             tool_steps=tool_steps,
             service_tier=service_tier,
         )
-        if not await self._store(request, response):
+        stored = await self._store(request, response)
+        if stored is None:
             return
         await self._emit_and_mark(
-            request.request_id, response, self._events.success_metric(response)
+            request.request_id, response, self._events.success_metric(response), json=stored
         )
         if cached:
             return  # no provider call: no provider latency, attempts or tokens
-        with _bookkeeping(request.request_id):
+        with bookkeeping(request.request_id):
             label = self._metrics.model_label(completion.model)
             self._metrics.provider_latency.labels(completion.provider, label).observe(provider_s)
             self._metrics.attempts.labels(completion.provider).observe(attempts)
@@ -376,7 +376,7 @@ class RequestProcessor:
         queue_ms: int | None = None,
         latency_ms: int | None = None,
     ) -> None:
-        if not await self._store(request, error):
+        if await self._store(request, error) is None:
             return
         metric = self._events.error_metric(
             error, status=status, queue_ms=queue_ms, latency_ms=latency_ms
@@ -470,9 +470,9 @@ class RequestProcessor:
         if chunks is not None:
             await self._until_ok(chunks.delivered, "write the streamed chunks")
 
-    async def _store(self, request: LLMRequest, outcome: LLMResponse | LLMError) -> bool:
-        """Settle the claim with the outcome, before anything is emitted; False when another
-        worker took the claim over (it emits, not this one)."""
+    async def _store(self, request: LLMRequest, outcome: LLMResponse | LLMError) -> bytes | None:
+        """Settle the claim with the outcome, before anything is emitted; the outcome as stored
+        (JSON), or None when another worker took the claim over (it emits, not this one)."""
         request_id = request.request_id
         stored = encode(outcome, WireFormat.JSON)
         failed = isinstance(outcome, LLMError)
@@ -491,7 +491,7 @@ class RequestProcessor:
                 await self._loop.forget(request_id)
             except ClaimUnavailable as exc:
                 log.warning("tool steps of %s left to expire: %s", request_id, exc)
-        return settled
+        return stored if settled else None
 
     async def _claim(self, request_id: str) -> Claim:
         delay = 0.05
@@ -511,15 +511,22 @@ class RequestProcessor:
             delay = min(delay * 2, 1.0)
 
     async def _emit_and_mark(
-        self, request_id: str, outcome: LLMResponse | LLMError, metric: LLMMetric
+        self,
+        request_id: str,
+        outcome: LLMResponse | LLMError,
+        metric: LLMMetric,
+        *,
+        json: bytes | None = None,
     ) -> None:
+        """Emit ``outcome`` (``json``: already encoded as JSON) and its metric, then mark the
+        record emitted."""
         topic = (
             self._settings.responses_topic
             if isinstance(outcome, LLMResponse)
             else self._settings.errors_topic
         )
         outputs = [
-            self._events.output(topic, request_id, outcome),
+            self._events.output(topic, request_id, outcome, json=json),
             self._events.output(self._settings.metrics_topic, request_id, metric),
         ]
         try:
@@ -554,7 +561,7 @@ class RequestProcessor:
             delay = min(delay * 2, 5.0)
 
     def _count(self, metric: LLMMetric) -> None:
-        with _bookkeeping(metric.request_id):
+        with bookkeeping(metric.request_id):
             provider = provider_label(metric.provider, self._router.get)
             # A model of no configured provider is junk: it must not take one of the bounded
             # model label's places from the models really called.
@@ -565,34 +572,5 @@ class RequestProcessor:
                 self._metrics.errors.labels(self._metrics.error_type_label(metric.error_type)).inc()
 
     def _observe_overhead(self, started: float, provider_s: float) -> None:
-        with _bookkeeping(None):
+        with bookkeeping(None):
             self._metrics.overhead.observe(max(0.0, time.perf_counter() - started - provider_s))
-
-
-class _bookkeeping:
-    """Metric updates, which run once the outcome is stored or delivered: one that fails is
-    logged, and never turns a request already answered into a failure. (A class: a
-    ``contextlib.contextmanager`` costs a generator and its wrapper, three times a request.)"""
-
-    __slots__ = ("_request_id",)
-
-    def __init__(self, request_id: str | None) -> None:
-        self._request_id = request_id
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        if kind is None or not issubclass(kind, Exception):
-            return False
-        log.error(
-            "metrics not updated for %s; its outcome stands",
-            self._request_id or "a request",
-            exc_info=(kind, error, traceback),  # type: ignore[arg-type]
-        )
-        return True

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import uuid
@@ -97,6 +98,7 @@ class Worker:
         emitter = KafkaEmitter(producer, self.settings.max_event_bytes)
         try:
             async with self._runtime(emitter) as processor:
+                _tune_gc()  # once everything of start-up exists
                 consume = asyncio.create_task(self._consume(processor, reader))
                 commits = asyncio.create_task(reader.commit_every(self.settings.commit_interval_s))
                 stopped = asyncio.create_task(stop.wait())
@@ -356,3 +358,23 @@ class Worker:
         site = web.TCPSite(runner, self.settings.http_host, self.settings.http_port)
         await site.start()
         return runner
+
+
+# The cyclic garbage collector's first threshold: net allocations of container objects between
+# two youngest-generation collections (CPython's default is 700).
+_GC_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Collect cyclic garbage less often, and never walk what start-up made.
+
+    Hundreds of requests in flight keep thousands of objects alive (coroutine frames, futures,
+    events): with CPython's default threshold of 700 they set off about 140 collections a second,
+    each walking them, which measured 18-20 % of the worker's CPU under ``llmstream bench``
+    (``gc.callbacks`` timing each collection). Reference counting frees almost everything a
+    request makes when it ends, so collecting rarely holds little garbage: peak RSS stayed the
+    same. ``gc.freeze()`` moves the objects of start-up (modules, settings, clients) out of the
+    collector's way for good.
+    """
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 20)

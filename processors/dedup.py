@@ -108,9 +108,6 @@ class _Batcher:
         self._flusher: asyncio.Task[None] | None = None
         self._next_run = 0.0
 
-    async def __call__(self, op: WorkerOp, what: str) -> tuple[str, bytes | None]:
-        return await self.submit(op, what)
-
     def submit(self, op: WorkerOp, what: str) -> asyncio.Future[tuple[str, bytes | None]]:
         """Queue ``op`` for the next run; the future resolves with its answer."""
         call = _Call(op, what)
@@ -227,7 +224,7 @@ class DedupStore:
     async def claim(self, request_id: str, now_ms: int) -> Claim:
         """Try to take ``request_id``; see :class:`ClaimStatus` for what each answer means."""
         self._check_lease()
-        answer, extra = await self._batcher(
+        answer, extra = await self._batcher.submit(
             WorkerOp("c", request_id, (now_ms, "", "", "")), "claim request"
         )
         if answer.startswith("busy:") and extra is not None:
@@ -235,7 +232,7 @@ class DedupStore:
             if owner != self.worker_token and not await self._alive(owner):
                 # Seen dead: take over only if it still owns the record at the epoch seen.
                 epoch = answer.partition(":")[2]
-                answer, extra = await self._batcher(
+                answer, extra = await self._batcher.submit(
                     WorkerOp("c", request_id, (now_ms, owner, epoch, "")), "take over request"
                 )
         kind, _, rest = answer.partition(":")
@@ -276,7 +273,9 @@ class DedupStore:
         raises :class:`ClaimUnavailable` while this worker's own lease is lapsed."""
         self._check_lease()
         epoch = self._epochs.get(request_id, "")
-        answer, _ = await self._batcher(WorkerOp("o", request_id, (epoch, "", "", "")), "check")
+        answer, _ = await self._batcher.submit(
+            WorkerOp("o", request_id, (epoch, "", "", "")), "check"
+        )
         return answer == "1"
 
     async def before_call(self, request_id: str) -> int:
@@ -312,7 +311,9 @@ class DedupStore:
     async def _begin_call(self, request_id: str) -> int:
         self._check_lease()
         epoch = self._epochs.get(request_id, "")
-        answer, _ = await self._batcher(WorkerOp("a", request_id, (epoch, "", "", "")), "check")
+        answer, _ = await self._batcher.submit(
+            WorkerOp("a", request_id, (epoch, "", "", "")), "check"
+        )
         return int(answer)
 
     def call_over(self) -> None:
@@ -329,7 +330,7 @@ class DedupStore:
         """Store the outcome before it is emitted. False when another worker took the claim."""
         epoch = self._epochs.get(request_id, "")
         op = WorkerOp("s", request_id, ("f" if failed else "c", payload, now_ms, epoch))
-        answer, _ = await self._batcher(op, "store the outcome")
+        answer, _ = await self._batcher.submit(op, "store the outcome")
         if answer != "1":
             self._epochs.pop(request_id, None)
         return answer == "1"
@@ -342,7 +343,9 @@ class DedupStore:
         epoch = self._epochs.pop(request_id, None)
         if epoch is None:
             return False
-        answer, _ = await self._batcher(WorkerOp("u", request_id, (epoch, "", "", "")), "release")
+        answer, _ = await self._batcher.submit(
+            WorkerOp("u", request_id, (epoch, "", "", "")), "release"
+        )
         return answer == "1"
 
     async def outcome(self, request_id: str) -> StoredOutcome | None:

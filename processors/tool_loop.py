@@ -163,6 +163,8 @@ class LoopProgress:
 
     def total(self, completion: Completion) -> Completion:
         """The last answer with the loop's usage."""
+        if self.answers == 1 and completion is self.last:
+            return completion  # the loop's only answer: its usage is the loop's
         return replace(
             completion,
             prompt_tokens=self.prompt_tokens,

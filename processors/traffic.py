@@ -591,6 +591,8 @@ class TrafficControl:
             or ()
         )
         result = [(request, primary)]
+        if not names:
+            return result
         seen = {primary, request.model}
         for name in names:
             if name not in seen:

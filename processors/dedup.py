@@ -36,6 +36,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from llmstream.core.errors import LLMStreamError
+from llmstream.core.loops import BoundLoop
 from llmstream.core.record import (
     AnyRedis,
     ClaimUnavailable,
@@ -81,12 +82,12 @@ _MAX_BATCH = 512  # calls per run: bounds how long one script run holds Redis
 class _Call:
     __slots__ = ("future", "op", "what")
 
-    def __init__(self, op: WorkerOp, what: str) -> None:
+    def __init__(
+        self, op: WorkerOp, what: str, future: asyncio.Future[tuple[str, bytes | None]]
+    ) -> None:
         self.op = op
         self.what = what
-        self.future: asyncio.Future[tuple[str, bytes | None]] = (
-            asyncio.get_running_loop().create_future()
-        )
+        self.future = future
 
 
 class _Batcher:
@@ -107,17 +108,19 @@ class _Batcher:
         self._waiting: list[_Call] = []
         self._flusher: asyncio.Task[None] | None = None
         self._next_run = 0.0
+        self._loop = BoundLoop()
 
     def submit(self, op: WorkerOp, what: str) -> asyncio.Future[tuple[str, bytes | None]]:
         """Queue ``op`` for the next run; the future resolves with its answer."""
-        call = _Call(op, what)
+        loop = self._loop.get()
+        call = _Call(op, what, loop.create_future())
         self._waiting.append(call)
         if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
+            self._flusher = loop.create_task(self._flush())
         return call.future
 
     async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop.get()
         batch: list[_Call] = []
         try:
             while self._waiting:
@@ -177,6 +180,7 @@ class DedupStore:
         # Tasks whose provider call is in flight, or whose answer is not stored yet: a drain
         # never cancels them (the next owner would pay for that call again).
         self._calling: set[asyncio.Task[Any]] = set()
+        self._loop = BoundLoop()
 
     def key(self, request_id: str) -> str:
         return self.records.keys.record(request_id)
@@ -191,7 +195,7 @@ class DedupStore:
     async def heartbeat(self) -> None:
         """Renew this worker's lease; every claim it holds stays live while this is called."""
         # Counted from before the write: the key cannot outlive this by Redis's clock.
-        started = asyncio.get_running_loop().time()
+        started = self._loop.get().time()
         try:
             await self.records.heartbeat(self.worker_token, self.lease_ms)
         except _REDIS_ERRORS as exc:
@@ -212,7 +216,7 @@ class DedupStore:
         self._lease_until = 0.0
 
     def _check_lease(self) -> None:
-        if asyncio.get_running_loop().time() >= self._lease_until:
+        if self._loop.get().time() >= self._lease_until:
             raise ClaimUnavailable("this worker's lease lapsed; waiting for the heartbeat")
 
     async def _alive(self, token: str) -> bool:
@@ -303,7 +307,7 @@ class DedupStore:
             self._epochs.pop(request_id, None)
             log.warning("%s was taken over by another worker; not calling", request_id)
             raise NotOwner(f"{request_id} was taken over by another worker")
-        task = asyncio.current_task()
+        task = self._loop.current_task()
         if task is not None:
             self._calling.add(task)
         return number
@@ -318,7 +322,7 @@ class DedupStore:
 
     def call_over(self) -> None:
         """The current task holds no call any more: it failed, or its answer is stored."""
-        task = asyncio.current_task()
+        task = self._loop.current_task()
         if task is not None:
             self._calling.discard(task)
 

@@ -28,6 +28,7 @@ from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
 from llmstream.core.connections import kafka_client_options, kafka_producer_options
+from llmstream.core.loops import BoundLoop
 from llmstream.processors.acks import OrderedAcks, Ticket
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output
@@ -89,6 +90,7 @@ class KafkaEmitter:
         self._wake = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
         self._topics: dict[str, tuple[float, list[int]]] = {}  # topic: (good until, partitions)
+        self._loop = BoundLoop()
 
     async def emit(self, outputs: Sequence[Output]) -> None:
         pending = [await self.send(o) for o in outputs]
@@ -105,9 +107,10 @@ class KafkaEmitter:
                 raise MessageSizeTooLargeError(
                     f"{size} bytes, over LLMSTREAM_MAX_EVENT_BYTES ({limit})"
                 )
+        loop = self._loop.get()
         if self._sender is None:
-            self._sender = asyncio.create_task(self._run())
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+            self._sender = loop.create_task(self._run())
+        future: asyncio.Future[object] = loop.create_future()
         self._queue.append((output, future))
         self._wake.set()
         return future

@@ -26,6 +26,7 @@ from typing import Protocol, TypeVar
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError
 
 from llmstream.core.clock import wall_clock_ms
+from llmstream.core.loops import BoundLoop
 from llmstream.core.record import State
 from llmstream.core.sessions import SessionError, SessionStore, SessionTurnTooLarge
 from llmstream.core.tools import ToolExecutor, UnknownTool
@@ -97,6 +98,7 @@ class RequestProcessor:
         self._events = Outcomes(settings)  # what each outcome looks like on the broker
         # Request IDs in flight in this process: a second copy waits on the first locally.
         self._local: dict[str, asyncio.Future[None]] = {}
+        self._running = BoundLoop()
         redis, prefix = dedup.records.redis, settings.redis_key_prefix
         journal = StepJournal(
             redis, key_prefix=prefix, worker_token=dedup.worker_token, ttl_s=settings.result_ttl_s
@@ -149,7 +151,7 @@ class RequestProcessor:
             # The same ID is already in flight here: let it finish, then decide (duplicate).
             await asyncio.shield(waiting)
             waiting = self._local.get(request.request_id)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[None] = self._running.get().create_future()
         mine = self._local.setdefault(request.request_id, done) is done
         try:
             await self._handle(request, source, picked_up, at, held)

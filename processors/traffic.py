@@ -267,8 +267,6 @@ class TrafficControl:
         ``chunks``, for a request that streams, gets the answer as it comes. ``tier`` is the
         one chosen for it (None: chosen here); ``progress.service_tier`` says which served."""
         stay = self.room.stay()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
         deadline_ms = request.deadline_ms
         if deadline_ms is None:
             deadline_ms = self._now_ms() + int(self._settings.max_queue_s * 1000)
@@ -298,7 +296,6 @@ class TrafficControl:
             await stay.resume()
             if progress.waited_s > 0:
                 self.metrics.rate_limit_wait.labels(provider.name).observe(progress.waited_s)
-            log.debug("%s: %.3f s in traffic control", request.request_id, loop.time() - started)
 
     def _cache_key(self, request: LLMRequest, provider: Provider, model: str) -> str | None:
         """Where the request's answer is cached; None when it is not to be."""

@@ -143,6 +143,7 @@ class Worker:
         if self._traffic is not None:
             # Requests waiting for a provider's budget give their slot back meanwhile.
             self._traffic.room.bind(slots)
+        loop = asyncio.get_running_loop()
         # Records beyond the free slots wait here, fetched, for a slot.
         fetch_size = min(self.settings.max_in_flight, 500)
         while not self._stopping:
@@ -157,7 +158,7 @@ class Worker:
                         slots.release()
                         break
                     source = Source(record.topic, record.partition, record.offset)
-                    task = asyncio.create_task(
+                    task = loop.create_task(
                         self._run_one(processor, record, ticket, source, reader, slots)
                     )
                     self._tasks.add(task)

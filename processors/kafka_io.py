@@ -15,9 +15,10 @@ revoked (inside the rebalance, before another member reads them) and at shutdown
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-import time
+from collections import deque
 from collections.abc import Awaitable, Collection, Sequence
 from typing import Any
 
@@ -74,21 +75,21 @@ def consumer_options(settings: WorkerSettings) -> dict[str, Any]:
 class KafkaEmitter:
     """Sends outputs with an aiokafka producer and waits for the broker's acks.
 
-    The outputs handed over while the event loop runs one round of callbacks leave together, one
-    record batch per partition (``send_batch``): the per-message work of ``producer.send`` (its
-    metadata wait, partitioning and accumulator bookkeeping) costs several times appending to a
-    batch. One sender task appends in the order outputs were handed over, so the outputs of one
-    key (a stream's chunks) keep their order on their partition. Partitions are chosen as the
-    producer's default partitioner does (murmur2 of the key), so an output lands where
-    ``producer.send`` would put it.
+    Outputs are appended to a record batch per partition as they are handed over, and a batch
+    leaves (``send_batch``) as soon as the previous batch of its partition left for the broker;
+    meanwhile the next one fills. That is what the producer's own accumulator does, without the
+    per-message work of ``producer.send`` (its metadata wait, partitioning and bookkeeping cost
+    several times an append). Each partition's batches leave in order, so the outputs of one key
+    (a stream's chunks) keep their order; partitions are chosen as the producer's default
+    partitioner does (murmur2 of the key), so an output lands where ``producer.send`` puts it.
     """
 
     def __init__(self, producer: AIOKafkaProducer, max_event_bytes: int) -> None:
         self._producer = producer
         self._max_event_bytes = max_event_bytes
-        self._queue: list[tuple[Output, asyncio.Future[object]]] = []
-        self._wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
+        # Per partition, the batches not yet handed to the producer, the last one open.
+        self._batches: dict[tuple[str, int], deque[_Batch]] = {}
+        self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._topics: dict[str, tuple[float, list[int]]] = {}  # topic: (good until, partitions)
         self._loop = BoundLoop()
 
@@ -99,93 +100,89 @@ class KafkaEmitter:
 
     async def send(self, output: Output) -> Awaitable[object]:
         """Hand ``output`` over; the result resolves once the broker acked it."""
+        key, value = output.key, output.value
         limit = self._max_event_bytes
         # The exact size (the producer's estimate) only when key and value alone come near.
-        if len(output.value) + len(output.key or b"") + _RECORD_OVERHEAD > limit:
-            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(output.key, output.value, [])
+        if len(value) + len(key or b"") + _RECORD_OVERHEAD > limit:
+            size = DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, [])
             if size > limit:
                 raise MessageSizeTooLargeError(
                     f"{size} bytes, over LLMSTREAM_MAX_EVENT_BYTES ({limit})"
                 )
-        loop = self._loop.get()
-        if self._sender is None:
-            self._sender = loop.create_task(self._run())
-        future: asyncio.Future[object] = loop.create_future()
-        self._queue.append((output, future))
-        self._wake.set()
+        partitions = await self._partitions(output.topic)
+        if key is None:
+            partition = random.choice(partitions)  # noqa: S311 - as the default partitioner
+        else:
+            partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        tp = (output.topic, partition)
+        future: asyncio.Future[object] = self._loop.get().create_future()
+        batches = self._batches.get(tp)
+        if batches is None:
+            batches = self._batches[tp] = deque()
+        if not batches or batches[-1].builder.append(key=key, value=value, timestamp=None) is None:
+            batch = _Batch(self._producer.create_batch())  # none open, or the open one is full
+            batch.builder.append(key=key, value=value, timestamp=None)
+            batches.append(batch)
+        batches[-1].futures.append(future)
+        if tp not in self._senders:
+            self._senders[tp] = self._loop.get().create_task(self._send(tp, batches))
         return future
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-        for _, future in self._queue:
-            if not future.done():
-                future.set_exception(KafkaConnectionError("the producer was closed"))
-        self._queue.clear()
+        senders = list(self._senders.values())
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        closed = KafkaConnectionError("the producer was closed")
+        for batches in self._batches.values():
+            for batch in batches:
+                _fail_futures(batch.futures, closed)
+        self._batches.clear()
 
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            queue, self._queue = self._queue, []
-            by_partition: dict[tuple[str, int], list[tuple[Output, asyncio.Future[object]]]] = {}
-            hashes: dict[bytes, int] = {}  # an outcome's response and metric share their key
-            for item in queue:
-                topic, key = item[0].topic, item[0].key
+    async def _send(self, tp: tuple[str, int], batches: deque[_Batch]) -> None:
+        """Hand the partition's batches to the producer, oldest first, until none is left; a
+        batch waits there until the partition's previous one left for the broker."""
+        topic, partition = tp
+        send_batch = self._producer.send_batch
+        try:
+            while batches:
+                batch = batches.popleft()  # from here on nothing is appended to it
                 try:
-                    partitions = await self._partitions(topic)
-                except KafkaError as exc:
-                    _fail_futures([item[1]], exc)
+                    sent = await send_batch(batch.builder, topic, partition=partition)
+                except Exception as exc:  # the producer closed, a timeout: told to each sender
+                    _fail_futures(batch.futures, exc)
                     continue
-                if key is None:
-                    partition = random.choice(partitions)  # noqa: S311 - as the default does
-                else:
-                    hashed = hashes.get(key)
-                    if hashed is None:
-                        hashed = hashes[key] = murmur2(key) & 0x7FFFFFFF
-                    partition = partitions[hashed % len(partitions)]
-                by_partition.setdefault((topic, partition), []).append(item)
-            for (topic, partition), items in by_partition.items():
-                await self._send(topic, partition, items)
+                except BaseException:
+                    _fail_futures(batch.futures, KafkaConnectionError("the producer was closed"))
+                    raise
+                sent.add_done_callback(functools.partial(_settle, batch.futures))
+        finally:
+            del self._senders[tp]
 
     async def _partitions(self, topic: str) -> list[int]:
         """The topic's partitions, sorted, from metadata at most ``_PARTITIONS_TTL_S`` old."""
-        now = time.monotonic()
         known = self._topics.get(topic)
+        now = self._loop.get().time()
         if known is not None and known[0] > now:
             return known[1]
         cluster = self._producer.client.cluster
         partitions = cluster.partitions_for_topic(topic)
         if not partitions:
-            await self._producer.client._wait_on_metadata(topic)
+            await self._producer.client._wait_on_metadata(topic)  # what producer.send() awaits
             partitions = cluster.partitions_for_topic(topic)
         ordered = sorted(partitions)
         self._topics[topic] = (now + _PARTITIONS_TTL_S, ordered)
         return ordered
 
-    async def _send(
-        self, topic: str, partition: int, items: list[tuple[Output, asyncio.Future[object]]]
-    ) -> None:
-        batch = self._producer.create_batch()
-        in_batch: list[asyncio.Future[object]] = []
-        for output, future in items:
-            if batch.append(key=output.key, value=output.value, timestamp=None) is None:
-                await self._submit(batch, topic, partition, in_batch)  # full: send, start anew
-                batch, in_batch = self._producer.create_batch(), []
-                batch.append(key=output.key, value=output.value, timestamp=None)
-            in_batch.append(future)
-        await self._submit(batch, topic, partition, in_batch)
 
-    async def _submit(
-        self, batch: Any, topic: str, partition: int, futures: list[asyncio.Future[object]]
-    ) -> None:
-        try:
-            sent = await self._producer.send_batch(batch, topic, partition=partition)
-        except KafkaError as exc:
-            _fail_futures(futures, exc)
-            return
-        sent.add_done_callback(lambda done: _settle(futures, done))
+class _Batch:
+    """A record batch being filled for one partition, and the futures of its outputs."""
+
+    __slots__ = ("builder", "futures")
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.futures: list[asyncio.Future[object]] = []
 
 
 # More than a record's framing (with a record batch's header) adds to its key and value.

@@ -66,6 +66,7 @@ def consumer_options(settings: WorkerSettings) -> dict[str, Any]:
         "rebalance_timeout_ms": int(settings.rebalance_timeout_s * 1000),
         "heartbeat_interval_ms": int(settings.heartbeat_interval_s * 1000),
         "max_poll_interval_ms": _MAX_POLL_INTERVAL_MS,
+        "fetch_max_wait_ms": settings.fetch_max_wait_ms,
     }
     if settings.group_instance_id is not None:
         options["group_instance_id"] = settings.group_instance_id

@@ -78,6 +78,10 @@ class WorkerSettings(
     # static member sends no LeaveGroup. Unset: dynamic membership.
     group_instance_id: str | None = Field(None, min_length=1, max_length=249)
     commit_interval_s: float = Field(1.0, gt=0.0)
+    # How long the broker may hold a fetch while it has no new request (Kafka's fetch.max.wait.ms,
+    # 500 by default). Apache Kafka answers as soon as a request arrives, so this only sets how
+    # often an idle worker polls; the embedded broker holds every fetch about half of it.
+    fetch_max_wait_ms: int = Field(500, ge=0, le=30_000)
     # Finished events a partition may hold behind an unfinished one (they cannot be committed
     # before it) before this worker pauses reading that partition; it resumes when the head
     # finishes. Bounds the ack gate's memory when one request waits long (processors/acks.py).

@@ -237,14 +237,20 @@ async def test_calls_outlive_clients_that_gave_up(
     http: httpx.AsyncClient, sim: SimulatorServer
 ) -> None:
     # A provider keeps working (and billing) after the client hangs up; so does the simulator.
-    # Each answer takes 5 s and each client gives up after 0.2 s: the five calls are all still
-    # being answered when the test looks, however slow this machine is (a margin of seconds).
+    # Each answer takes 5 s; each client hangs up once the simulator has its call (not after a
+    # fixed time, which on a loaded machine can pass before the call arrives), so the five
+    # calls are all still being answered when the test looks.
     await http.post("/_sim/config", json={"latency_ms": 5000, "latency_jitter": 0})
     ids = [rid() for _ in range(5)]
-    async with httpx.AsyncClient(base_url=sim.url, timeout=0.2) as impatient:
-        for headers in ids:
-            with pytest.raises(httpx.TimeoutException):
-                await openai_call(impatient, headers)
+    async with httpx.AsyncClient(base_url=sim.url, timeout=30) as impatient:
+        for n, headers in enumerate(ids, start=1):
+            call = asyncio.create_task(openai_call(impatient, headers))
+            async with asyncio.timeout(30):
+                while (await http.get("/_sim/stats")).json()["in_flight"] < n:
+                    await asyncio.sleep(0.01)
+            call.cancel()  # the client gives up; the connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await call
     during = (await http.get("/_sim/stats")).json()
     calls_during = (await http.get("/_sim/calls")).json()["calls"]
     async with asyncio.timeout(60):

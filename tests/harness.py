@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import httpx
 import uvicorn
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
@@ -165,23 +166,31 @@ async def read_answers(
     )
 
 
-async def read_raw(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[bytes]:
-    """The raw values on ``topic``, reading until ``expected`` arrived or the timeout."""
+async def read_records(
+    bootstrap: str, topic: str, expected: int, timeout: float = 30
+) -> list[ConsumerRecord[bytes, bytes]]:
+    """The records on ``topic`` (each partition in offset order), reading until ``expected``
+    arrived or the timeout."""
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     await consumer.start()
-    values: list[bytes] = []
+    found: list[ConsumerRecord[bytes, bytes]] = []
     try:
         await consumer._client.force_metadata_update()
         tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         deadline = time.monotonic() + timeout
-        while len(values) < expected and time.monotonic() < deadline:
+        while len(found) < expected and time.monotonic() < deadline:
             for records in (await consumer.getmany(timeout_ms=200)).values():
-                values.extend(r.value for r in records)
+                found.extend(records)
     finally:
         await consumer.stop()
-    return values
+    return found
+
+
+async def read_raw(bootstrap: str, topic: str, expected: int, timeout: float = 30) -> list[bytes]:
+    """The raw values on ``topic``, reading until ``expected`` arrived or the timeout."""
+    return [record.value for record in await read_records(bootstrap, topic, expected, timeout)]
 
 
 async def simulator_call(

@@ -32,19 +32,31 @@ log = logging.getLogger(__name__)
 _VERSION_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
 
 
+_KNOWN_MODELS = 1024
+
+
 class PriceTable:
     """Prices by model; ``cost()`` is None for a model it does not know."""
 
     def __init__(self, overrides: Mapping[str, Price] | None = None) -> None:
         self._prices: dict[str, Price] = {**BUILTIN_PRICES, **(overrides or {})}
+        # Each answer is priced: what a (provider, model) resolved to, up to _KNOWN_MODELS of
+        # them (model names come from providers' answers, so the memo is bounded).
+        self._resolved: dict[tuple[str, str], Price | None] = {}
 
     def price(self, provider: str, model: str) -> Price | None:
         """The price of ``model`` at ``provider``, if known."""
+        key = (provider, model)
+        if key in self._resolved:
+            return self._resolved[key]
+        found = None
         for name in (f"{provider}/{model}", model):
             found = self._prices.get(name) or self._prices.get(_VERSION_SUFFIX.sub("", name))
             if found is not None:
-                return found
-        return None
+                break
+        if len(self._resolved) < _KNOWN_MODELS:
+            self._resolved[key] = found
+        return found
 
     def cost(
         self,

@@ -309,6 +309,31 @@ async def test_attempt_in_flight_at_the_deadline_is_cancelled() -> None:
     assert loop.time() - started < 1.0
 
 
+async def test_a_cancellation_from_outside_is_not_taken_for_the_deadline() -> None:
+    # A drain cancels a task waiting on its attempt: that stays a cancellation.
+    started = asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.sleep(10)
+        return "late"
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(
+        call_with_retries(
+            slow,
+            RetryPolicy(),
+            deadline_ms=int(loop.time() * 1000) + 60_000,
+            rng=random.Random(1),
+            now_ms=lambda: int(loop.time() * 1000),
+        )
+    )
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_other_exceptions_are_not_retried() -> None:
     calls = 0
 

@@ -223,7 +223,8 @@ class Outcomes:
     def success_metric(self, response: LLMResponse) -> LLMMetric:
         """The metric event of a response (``cache_hit`` when it came from the cache)."""
         fields = response.__dict__  # scalars only: read, not dumped
-        return LLMMetric(
+        # Built without validating again: every value is a validated response's, or ours.
+        return LLMMetric.model_construct(
             **{name: fields[name] for name in _RESPONSE_MEASURES},
             status="cache_hit" if response.cached else "success",
             worker_id=self._worker_id,

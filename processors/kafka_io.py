@@ -122,7 +122,9 @@ class KafkaEmitter:
             batches = self._batches[tp] = deque()
         if not batches or batches[-1].builder.append(key=key, value=value, timestamp=None) is None:
             batch = _Batch(self._producer.create_batch())  # none open, or the open one is full
-            batch.builder.append(key=key, value=value, timestamp=None)
+            if batch.builder.append(key=key, value=value, timestamp=None) is None:
+                # An empty batch takes any record today; never let one go missing if not.
+                raise MessageSizeTooLargeError(f"{len(value)} bytes do not fit a record batch")
             batches.append(batch)
         batches[-1].futures.append(future)
         if tp not in self._senders:

@@ -32,7 +32,9 @@ class _CachedChildren:
     def labels(self, *values: Any, **by_name: Any) -> Any:
         if by_name:
             return super().labels(*values, **by_name)  # type: ignore[misc]
-        children: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_cached_children", {})
+        children: dict[tuple[Any, ...], Any] | None = self.__dict__.get("_cached_children")
+        if children is None:
+            children = self.__dict__["_cached_children"] = {}
         child = children.get(values)
         if child is None:
             child = children[values] = super().labels(*values)  # type: ignore[misc]

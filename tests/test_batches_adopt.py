@@ -5,8 +5,11 @@ of sending the request again (core/record/batches.py, ``intent`` with its owner 
 
 from __future__ import annotations
 
+import asyncio
+
 import openai
 
+from llmstream.core.record import SubmissionStore
 from llmstream.devtools.simulator import SimulatorServer
 from llmstream.processors.batches.api import METADATA_KEY
 from llmstream.schemas.models import LLMResponse
@@ -72,6 +75,29 @@ async def test_a_dead_submitters_batch_is_found_pages_back_behind_newer_batches(
     assert seen["batches_by_request_id"]["paged-back"] == [batch]
     assert len(seen["batches_by_request_id"]["filler"]) == len(newer) == 120
     assert seen["calls_by_request_id"] == {}
+
+
+async def test_a_submission_settled_by_two_at_once_is_adopted_and_counted_once(
+    services: Services, sim: SimulatorServer
+) -> None:
+    # The request's taker and the poller both find the dead submitter's intent and adopt it at
+    # the same moment: one of them writes the submission, the other finds it written.
+    settings = batch_settings(services)
+    original = batch_request("settled-twice", OPENAI, "once")
+    async with batch_rig(sim, settings) as rig:
+        async with dead_worker(settings) as doomed:
+            submission, batch = await submit_until(doomed, rig, original, last_step=3)
+        store = SubmissionStore(rig.redis, key_prefix=settings.redis_key_prefix)
+        found = await store.get(submission)
+        assert found is not None
+        settled = await asyncio.gather(*(rig.tier.settle_intent(found) for _ in range(4)))
+        adopted = rig.sample(
+            "llmstream_batch_submissions_total", provider="openai", result="adopted"
+        )
+        after = await store.get(submission, requests=False)
+    assert settled == [True] * 4
+    assert adopted == 1
+    assert after is not None and after.state == "created" and after.batch == batch
 
 
 async def _newer_batches(sim: SimulatorServer, count: int) -> list[str]:

@@ -219,6 +219,8 @@ class BatchTier:
         except (ProviderError, *REDIS_ERRORS) as exc:
             log.warning("submission %s not settled yet: %s", submission.id, exc)
             return False
+        if not answer.changed:
+            return True  # another worker settled it first, and counted it
         result = "adopted" if batch is not None else "abandoned"
         log.warning(
             "submission %s of %d requests, whose submitter %s died: %s (%s)",

@@ -71,11 +71,13 @@ class Submission:
 @dataclass(frozen=True, slots=True)
 class SubmissionAnswer:
     """What an operation on a submission answered: the state (or ``leased``, ``busy`` ...), the
-    submission's epoch, and the provider's batch ID when known."""
+    submission's epoch, the provider's batch ID when known, and whether this operation wrote it
+    (False: found so, as when another worker settled the submission first)."""
 
     answer: str
     epoch: str
     batch: str | None
+    changed: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +118,8 @@ class SubmissionStore:
     async def _run(self, submission: str, op: Operation, *args: str | int) -> SubmissionAnswer:
         token = args[0]
         reply = await self._script(keys=[self.keys.batch(submission)], args=[op, token, *args[1:]])
-        answer, epoch, batch = (_text(x) for x in reply)
-        return SubmissionAnswer(answer, epoch, batch or None)
+        answer, epoch, batch = (_text(x) for x in reply[:3])
+        return SubmissionAnswer(answer, epoch, batch or None, reply[3] == 1)
 
     async def intent(
         self,

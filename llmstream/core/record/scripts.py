@@ -262,16 +262,18 @@ return 'reset'
 # the worker's token, then per operation:
 #   intent   provider, model, requests JSON, now_ms, ttl_s  -> intent | the state found
 #   created  own epoch, batch ID, now_ms                     -> created | the state found
-#   abandon  owner seen dead, its epoch, ttl_s               -> abandoned | created
+#   abandon  owner seen dead, its epoch, ttl_s               -> abandoned | the state found
 #   adopt    owner seen dead, its epoch, batch ID, now_ms    -> created | the state found
 #   lease    owner seen dead, its epoch                      -> leased | busy
 #   finish   own epoch                                       -> finished | busy
-# Every answer is {answer, epoch, batch ID}.
+# Every answer is {answer, epoch, batch ID, changed}: changed is 1 when this call wrote the
+# submission, 0 when it found it so (two workers settling one submission: one of them wrote it).
 SUBMISSION = """
 local key, op, token = KEYS[1], ARGV[1], ARGV[2]
 local h = redis.call('HMGET', key, 'state', 'owner', 'epoch', 'batch')
 local state, owner, epoch, batch = h[1], h[2], h[3] or '0', h[4] or ''
-local function answer(what) return {what, epoch, batch} end
+local changed = 0
+local function answer(what) return {what, epoch, batch, changed} end
 -- The owner the caller saw dead still holds it, at the epoch seen.
 local function lapsed(at) return owner ~= false and owner == ARGV[at] and epoch == ARGV[at + 1] end
 
@@ -280,22 +282,24 @@ if op == 'intent' then
   redis.call('HSET', key, 'state', 'intent', 'owner', token, 'epoch', '1', 'provider', ARGV[3],
              'model', ARGV[4], 'requests', ARGV[5], 'created_at_ms', ARGV[6])
   redis.call('EXPIRE', key, ARGV[7])
-  epoch = '1'
+  epoch, changed = '1', 1
   return answer('intent')
 elseif op == 'created' then
   if state ~= 'intent' or owner ~= token or epoch ~= ARGV[3] then return answer(state or '') end
   redis.call('HSET', key, 'state', 'created', 'batch', ARGV[4], 'submitted_at_ms', ARGV[5])
-  batch = ARGV[4]
+  batch, changed = ARGV[4], 1
   return answer('created')
 elseif op == 'abandon' then
   -- No submission recorded: none was sent (it is recorded before it is sent), and none will be.
   if not state then
     redis.call('HSET', key, 'state', 'abandoned')
     redis.call('EXPIRE', key, ARGV[5])
+    changed = 1
     return answer('abandoned')
   end
   if state == 'intent' and lapsed(3) then
     redis.call('HSET', key, 'state', 'abandoned')
+    changed = 1
     return answer('abandoned')
   end
   return answer(state)
@@ -304,16 +308,18 @@ elseif op == 'adopt' then
   epoch = tostring(redis.call('HINCRBY', key, 'epoch', 1))
   redis.call('HSET', key, 'state', 'created', 'owner', token, 'batch', ARGV[5],
              'submitted_at_ms', ARGV[6])
-  batch = ARGV[5]
+  batch, changed = ARGV[5], 1
   return answer('created')
 elseif op == 'lease' then
   if state ~= 'created' or not lapsed(3) then return answer('busy') end
   epoch = tostring(redis.call('HINCRBY', key, 'epoch', 1))
   redis.call('HSET', key, 'owner', token)
+  changed = 1
   return answer('leased')
 elseif op == 'finish' then
   if owner ~= token or epoch ~= ARGV[3] then return answer('busy') end
   redis.call('DEL', key)
+  changed = 1
   return answer('finished')
 end
 return redis.error_reply('unknown operation ' .. op)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -69,6 +70,23 @@ async def test_emitted_outcomes_make_later_copies_duplicates(
     claim = await b.claim("r1", 0)
     assert (claim.status, claim.state) == (ClaimStatus.DONE, "failed")
     assert await redis_client.hget(b.key("r1"), "state") == b"failed"
+
+
+async def test_a_stored_outcome_reads_back_byte_for_byte(
+    redis_client: aioredis.Redis, pair: tuple[DedupStore, DedupStore]
+) -> None:
+    # The script gets its calls as one JSON argument: a payload with quotes, escapes, control
+    # characters as JSON writes them and text beyond ASCII must come back as it went in, and a
+    # millisecond time as the integer it is.
+    a, _ = pair
+    raw = orjson.dumps({"content": 'café ✓ " \\ \n \x00 \u2028 🤖', "x": None})
+    now_ms = 1_765_000_000_123
+    await a.claim("r1", now_ms)
+    assert await a.settle("r1", failed=False, payload=raw, now_ms=now_ms)
+    stored = await a.outcome("r1")
+    assert stored is not None and stored.payload == raw
+    assert await redis_client.hget(a.key("r1"), "settled_at_ms") == str(now_ms).encode()
+    assert await redis_client.hget(a.key("r1"), "claimed_at_ms") == str(now_ms).encode()
 
 
 async def test_a_worker_whose_own_lease_lapsed_claims_nothing(

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import orjson
+
 from llmstream.core.errors import LLMStreamError
 from llmstream.core.record import scripts
 from llmstream.core.record.keys import AnyRedis, Field, RecordKeys, State, by_slot
@@ -111,7 +113,7 @@ class RecordStore:
                     args=[
                         token,
                         self.ttl_s,
-                        *(x for i in group for x in (ops[i].kind, *ops[i].args)),
+                        orjson.dumps([(ops[i].kind, *ops[i].args) for i in group], default=_utf8),
                     ],
                 )
                 for group in groups
@@ -241,3 +243,10 @@ def _bytes(value: bytes | str | None) -> bytes | None:
     if value is None:
         return None
     return value.encode() if isinstance(value, str) else value
+
+
+def _utf8(value: object) -> str:
+    """A payload (JSON, so UTF-8) as the JSON string the worker's script reads back as bytes."""
+    if isinstance(value, bytes):
+        return value.decode()
+    raise TypeError(f"a worker call's argument cannot be {type(value).__name__}")

@@ -24,7 +24,6 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError, MessageSizeTooLargeError
-from aiokafka.partitioner import murmur2
 from aiokafka.record.default_records import DefaultRecordBatchBuilder
 from aiokafka.structs import ConsumerRecord
 
@@ -32,6 +31,7 @@ from llmstream.core.connections import kafka_client_options, kafka_producer_opti
 from llmstream.core.loops import BoundLoop
 from llmstream.processors.acks import OrderedAcks, Ticket
 from llmstream.processors.metrics import WorkerMetrics
+from llmstream.processors.partitioner import murmur2
 from llmstream.processors.pipeline import Output
 from llmstream.processors.settings import WorkerSettings
 
@@ -92,6 +92,7 @@ class KafkaEmitter:
         self._batches: dict[tuple[str, int], deque[_Batch]] = {}
         self._senders: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._topics: dict[str, tuple[float, list[int]]] = {}  # topic: (good until, partitions)
+        self._hashed: tuple[bytes | None, int] = (None, 0)  # the last key, and its hash
         self._loop = BoundLoop()
 
     async def emit(self, outputs: Sequence[Output]) -> None:
@@ -114,7 +115,9 @@ class KafkaEmitter:
         if key is None:
             partition = random.choice(partitions)  # noqa: S311 - as the default partitioner
         else:
-            partition = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+            if key != self._hashed[0]:  # a request's outputs come in a row: hashed once
+                self._hashed = (key, murmur2(key) & 0x7FFFFFFF)
+            partition = partitions[self._hashed[1] % len(partitions)]
         tp = (output.topic, partition)
         future: asyncio.Future[object] = self._loop.get().create_future()
         batches = self._batches.get(tp)

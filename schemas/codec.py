@@ -108,8 +108,15 @@ def _json_object(event: BaseModel) -> dict[str, Any]:
     # fields) reads every event that does not use what was added.
     fields = event.model_dump(by_alias=True) if _has_alias(type(event)) else event.__dict__
     added = _REGISTRY.added.get(type(event).__name__)
-    if added:
-        return {k: v for k, v in fields.items() if k not in added or v != added[k]}
+    if not added:
+        return fields
+    # Looked up by the few fields added, rather than filtering every field.
+    unused = [k for k, default in added.items() if k in fields and fields[k] == default]
+    if not unused:
+        return fields
+    fields = dict(fields)
+    for name in unused:
+        del fields[name]
     return fields
 
 

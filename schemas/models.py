@@ -159,6 +159,9 @@ class ChatMessage(_Event):
 
     @model_validator(mode="after")
     def _roles_and_tools(self) -> Self:
+        plain = self.tool_calls is None and self.tool_call_id is None and self.role != "tool"
+        if plain and self.content:
+            return self  # the common message: nothing to check (the decode's hot path)
         broken = _Broken(self)
         if self.tool_calls is not None and self.role != "assistant":
             broken.add(
@@ -313,6 +316,8 @@ class LLMRequest(_Event):
 
     @model_validator(mode="after")
     def _tools_agree(self) -> Self:
+        if not self.tools and not self.server_tools and self.tool_choice is None:
+            return self  # no tools: nothing to agree (the decode's hot path)
         broken = _Broken(self)
         offered = [tool.function.name for tool in self.tools or ()]
         for i, name in enumerate(offered):

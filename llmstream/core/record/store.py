@@ -106,19 +106,19 @@ class RecordStore:
         """Run the worker's calls; per call its answer and extra element (see the script)."""
         keys = [self.keys.record(op.request_id) for op in ops]
         groups = by_slot(self.redis, keys)
-        replies = await asyncio.gather(
-            *(
-                self._worker(
-                    keys=[keys[i] for i in group],
-                    args=[
-                        token,
-                        self.ttl_s,
-                        orjson.dumps([(ops[i].kind, *ops[i].args) for i in group], default=_utf8),
-                    ],
-                )
-                for group in groups
+        runs = [
+            self._worker(
+                keys=[keys[i] for i in group],
+                args=[
+                    token,
+                    self.ttl_s,
+                    orjson.dumps([(ops[i].kind, *ops[i].args) for i in group], default=_utf8),
+                ],
             )
-        )
+            for group in groups
+        ]
+        # One run (a single Redis) is awaited as it is: a gather would wrap it in a task.
+        replies = [await runs[0]] if len(runs) == 1 else await asyncio.gather(*runs)
         results: list[tuple[str, bytes | None]] = [("", None)] * len(ops)
         for group, reply in zip(groups, replies, strict=True):
             answers = _text(reply[0]).split(" ") if reply[0] else []

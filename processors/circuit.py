@@ -211,6 +211,12 @@ class CircuitBreakers:
         view.used = time.monotonic()
         return view
 
+    def closed_here(self, provider: str, model: str) -> bool:
+        """Whether the circuit is closed in the local view (:meth:`admit` answers CLOSED). A
+        circuit not seen yet is closed; its view begins with the call's outcome."""
+        view = self._views.get((provider, model))
+        return view is None or not view.open
+
     async def admit(self, provider: str, model: str) -> tuple[CircuitAdmission, float]:
         """May a call go now? ``(OPEN, seconds)`` says how long until it is worth asking again."""
         view = self._view(provider, model)

@@ -160,13 +160,15 @@ async def call_with_retries(
     attempt = spent = limited = 0
     loop = asyncio.get_running_loop()
     while True:
-        if deadline_ms is not None and now_ms() >= deadline_ms:
-            raise expired(attempt, last_error)
-        attempt += 1
-        # An attempt still running at the deadline is cancelled: its answer would be worthless.
         scope = None
         if deadline_ms is not None:
-            scope = _Deadline(loop, loop.time() + (deadline_ms - now_ms()) / 1000)
+            left_ms = deadline_ms - now_ms()
+            if left_ms <= 0:
+                raise expired(attempt, last_error)
+            # An attempt still running at the deadline is cancelled: its answer would be
+            # worthless.
+            scope = _Deadline(loop, loop.time() + left_ms / 1000)
+        attempt += 1
         try:
             if scope is None:
                 return await fn(), attempt

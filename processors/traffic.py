@@ -58,6 +58,7 @@ from llmstream.processors.adaptive import AdaptiveControl
 from llmstream.processors.backpressure import Stay, WaitingRoom
 from llmstream.processors.cache import ResponseCache
 from llmstream.processors.circuit import CircuitAdmission, CircuitBreakers, OutageWatch, is_outage
+from llmstream.processors.fallbacks import candidates as fallback_candidates
 from llmstream.processors.flex import FlexTier, FlexWindow, flex_busy
 from llmstream.processors.metrics import TrafficMetrics, WorkerMetrics
 from llmstream.processors.pricing import PriceTable, load_prices_file
@@ -293,7 +294,8 @@ class TrafficControl:
             stay.abandon()
             raise
         finally:
-            await stay.resume()
+            if stay.parked:
+                await stay.resume()
             if progress.waited_s > 0:
                 self.metrics.rate_limit_wait.labels(provider.name).observe(progress.waited_s)
 
@@ -316,7 +318,9 @@ class TrafficControl:
     ) -> tuple[Completion, bool]:
         """The answer of the first candidate model that gives one, and whether that was the
         request's own model."""
-        candidates = self._candidates(request, f"{provider.name}/{model}")
+        candidates = fallback_candidates(
+            request, f"{provider.name}/{model}", self._settings.fallbacks
+        )
         for index, (candidate, label) in enumerate(candidates):
             target = (provider, model) if index == 0 else self._resolve(candidate, label, progress)
             if target is None:
@@ -430,8 +434,12 @@ class TrafficControl:
 
     async def _attempt(self, calls: _ModelCalls) -> Completion:
         """One call, once the circuit, a pause and the rate budget let it go."""
-        await self._admit(calls)
-        await calls.stay.resume()
+        if self._clear_to_call(calls):
+            calls.probe, calls.grant = False, None
+        else:
+            await self._admit(calls)
+        if calls.stay.parked:
+            await calls.stay.resume()
         number = calls.progress.attempts + 1
         if calls.gate is not None:
             # After every wait, right before the call: a lapsed lease or a takeover stops it.
@@ -460,6 +468,16 @@ class TrafficControl:
             raise
         await self._succeeded(calls, completion)
         return completion
+
+    def _clear_to_call(self, calls: _ModelCalls) -> bool:
+        """Whether a call may go at once, as :meth:`_admit` would let it without waiting or
+        asking Redis: no rate lane, the circuit closed as last seen here, no pause."""
+        if calls.lane is not None:
+            return False
+        name = calls.provider.name
+        if self.circuits is not None and not self.circuits.closed_here(name, calls.model):
+            return False
+        return self.adaptive.pause_remaining(name) <= 0
 
     async def _admit(self, calls: _ModelCalls) -> None:
         """Wait until the circuit, the provider's pause and the rate budget let a call go."""
@@ -579,20 +597,3 @@ class TrafficControl:
                 feedback.factor,
                 feedback.pause_s,
             )
-
-    def _candidates(self, request: LLMRequest, primary: str) -> list[tuple[LLMRequest, str]]:
-        """The request for each model to try, with the model's name, primary first."""
-        names = list(request.fallbacks) or list(
-            self._settings.fallbacks.get(request.model)
-            or self._settings.fallbacks.get(primary)
-            or ()
-        )
-        result = [(request, primary)]
-        if not names:
-            return result
-        seen = {primary, request.model}
-        for name in names:
-            if name not in seen:
-                seen.add(name)
-                result.append((request.model_copy(update={"model": name, "provider": None}), name))
-        return result

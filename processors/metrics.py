@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -42,7 +43,14 @@ class _CachedChildren:
 
 
 class _Counter(_CachedChildren, Counter):
-    pass
+    def inc(self, amount: float = 1, exemplar: dict[str, str] | None = None) -> None:
+        # Only an observable counter (a child, or one without labels) holds a value; anything
+        # the library checks or refuses goes its way.
+        value = self.__dict__.get("_value")
+        if value is None or exemplar or not amount >= 0:
+            super().inc(amount, exemplar)
+            return
+        value.inc(amount)
 
 
 class _Gauge(_CachedChildren, Gauge):
@@ -50,7 +58,17 @@ class _Gauge(_CachedChildren, Gauge):
 
 
 class _Histogram(_CachedChildren, Histogram):
-    pass
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        # The library walks the buckets in turn (38 for the overhead histogram) after checking
+        # that this is an observable metric: a bisection finds the same bucket, the first whose
+        # bound is at least ``amount``. Anything else (no buckets: a labelled parent; an
+        # exemplar; NaN, which no bucket takes) goes the library's way.
+        buckets = self.__dict__.get("_buckets")
+        if buckets is None or exemplar or amount != amount:
+            super().observe(amount, exemplar)
+            return
+        self._sum.inc(amount)
+        buckets[bisect_left(self._upper_bounds, amount)].inc(1)
 
 
 def _counter(

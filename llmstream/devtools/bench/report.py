@@ -272,7 +272,7 @@ def render_report(
         f"{options.latency_ms:.0f} ms ± {options.latency_jitter * 100:.0f}%, "
         f"{options.in_flight} in flight, {options.partitions} partitions\n"
         f"machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory_bytes'] / 2**30:.1f} GiB, "
-        f"{m['os']}, {m['python']}\n"
+        f"{m['os']}, {m['python']} ({m['interpreter']})\n"
         f"placement: {rig_info['placement']}\n"
         f"broker: {rig_info['broker']}\n"
     )

@@ -3,10 +3,10 @@
 # (/usr/bin/python3) when it is 3.11 or newer and can make a virtualenv, else python3 on PATH.
 # Linux distributions and the official Docker images (the one deploy/Dockerfile starts from)
 # build CPython with profile-guided and link-time optimisation; version managers such as pyenv
-# do not unless told to, and on such a build the worker spends about an eighth more CPU per
-# request (README, Performance). `make clean` first to change the interpreter of a .venv.
+# do not unless told to, and on such a build the worker spent 7 to 13% more CPU per request
+# (README, Performance). `make clean` first to change the interpreter of a .venv.
 SYSTEM_PYTHON := /usr/bin/python3
-PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
+PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import sys, venv, ensurepip; ensurepip.version(); sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(SYSTEM_PYTHON) || echo python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp

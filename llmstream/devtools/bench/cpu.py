@@ -109,6 +109,6 @@ def machine() -> dict[str, Any]:
         "os": f"{platform.system()} {platform.release()}",
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         # Which build: a distribution's or an official image's is built with PGO and LTO, a
-        # version manager's often not, and the worker's CPU per request differs by about 12%.
+        # version manager's often not, and the worker's CPU per request differs by 7 to 13%.
         "interpreter": os.path.realpath(sys.executable),
     }

@@ -36,6 +36,7 @@ from llmstream.processors.lag import ConsumerLag
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Emitter, RequestProcessor, Source
 from llmstream.processors.providers import create_http_client
+from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.processors.redis_state import RedisGuard
 from llmstream.processors.settings import WorkerSettings
@@ -204,7 +205,14 @@ class Worker:
             lease_ms=settings.lease_ms,
             result_ttl_s=settings.result_ttl_s,
         )
-        router = build_router(self.providers, http)
+        # Non-streamed provider calls take this pool's connections, streamed ones aiohttp's: each
+        # is bounded by max_in_flight, as the calls are.
+        pool = ConnectionPool(
+            limit=settings.max_in_flight,
+            connect_timeout_s=self.providers.timeout_s,
+            read_timeout_s=self.providers.timeout_s,
+        )
+        router = build_router(self.providers, http, pool)
         log.info(
             "providers: %s; not configured: %s",
             ", ".join(router.names) or "none",
@@ -259,6 +267,7 @@ class Worker:
             await asyncio.gather(*background, return_exceptions=True)
             await runner.cleanup()
             await http.close()
+            await pool.close()
             await redis.aclose()
 
     async def _drain(self) -> bool:

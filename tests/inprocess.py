@@ -25,6 +25,7 @@ from llmstream.processors.dedup import DedupStore
 from llmstream.processors.metrics import WorkerMetrics
 from llmstream.processors.pipeline import Output, RequestProcessor, Source
 from llmstream.processors.providers import ProviderRouter, create_http_client
+from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.settings import (
     EndpointConfig,
     ProviderSettings,
@@ -206,7 +207,8 @@ async def rig(
         anthropic_api_key=SecretStr("sk-ant-test-not-a-real-key"),
         **others,
     )
-    router = build_router(providers, http)
+    pool = ConnectionPool(limit=50, connect_timeout_s=10.0, read_timeout_s=10.0)
+    router = build_router(providers, http, pool)
     metrics = WorkerMetrics(CollectorRegistry())
     # Two rigs on one settings are two workers: each its own token.
     token = f"{settings.worker_id}-{uuid.uuid4().hex[:6]}"
@@ -232,5 +234,6 @@ async def rig(
         yield parts
     finally:
         await http.close()
+        await pool.close()
         if own:
             await redis.aclose()

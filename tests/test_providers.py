@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from pydantic import SecretStr, ValidationError
+from yarl import URL
 
 import llmstream.processors.providers as providers_module
 from llmstream.core.settings import describe_invalid_settings
@@ -34,6 +36,7 @@ from llmstream.processors.providers import (
 from llmstream.processors.providers.anthropic import AnthropicMessages
 from llmstream.processors.providers.http import HTTPAdapter
 from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.settings import ProviderSettings, build_router
 from llmstream.schemas.models import LLMRequest
 from tests.inprocess import without_provider_env
@@ -72,6 +75,13 @@ WIRES: dict[str, tuple[type[HTTPAdapter], str, str, str]] = {
 }
 
 
+# The `client` fixture runs each test over both transports: aiohttp alone, and the connection
+# pool for non-streamed calls (the worker's). The pool of a client, where it has one:
+POOLS: weakref.WeakKeyDictionary[aiohttp.ClientSession, ConnectionPool] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def at(
     wire: str,
     server: SimulatorServer | LoopbackServer,
@@ -80,7 +90,8 @@ def at(
 ) -> HTTPAdapter:
     """The ``wire`` adapter pointed at ``server``, as its base URL is documented."""
     adapter, _, path, _ = WIRES[wire]
-    return adapter(wire, client, f"{server.url}{path}", SecretStr(key) if key else None)
+    key_ = SecretStr(key) if key else None
+    return adapter(wire, client, f"{server.url}{path}", key_, pool=POOLS.get(client))
 
 
 def documented(wire: str, server: LoopbackServer, client: aiohttp.ClientSession) -> HTTPAdapter:
@@ -88,11 +99,15 @@ def documented(wire: str, server: LoopbackServer, client: aiohttp.ClientSession)
     return at(wire, server, client, WIRES[wire][3])
 
 
-@pytest_asyncio.fixture(scope="module")
-async def client() -> AsyncIterator[aiohttp.ClientSession]:
+@pytest_asyncio.fixture(scope="module", params=["aiohttp", "pool"])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[aiohttp.ClientSession]:
     http = create_http_client(timeout_s=10.0, max_connections=200)
+    if request.param == "pool":
+        POOLS[http] = ConnectionPool(limit=200, connect_timeout_s=10.0, read_timeout_s=10.0)
     yield http
     await http.close()
+    if http in POOLS:
+        await POOLS[http].close()
 
 
 async def failure(
@@ -580,32 +595,45 @@ async def test_error_body_is_truncated(client: aiohttp.ClientSession) -> None:
 CUT_OFF = r"\((ClientPayloadError|ServerDisconnectedError): "
 
 
+@pytest.mark.parametrize("transport", ["aiohttp", "pool"])
 @pytest.mark.parametrize("wire", ["openai", "anthropic"])
-async def test_read_timeout_is_retryable(wire: str) -> None:
+async def test_read_timeout_is_retryable(wire: str, transport: str) -> None:
     # The server answers long after the client's timeout (the wait ends when the server stops).
     http = create_http_client(timeout_s=0.5, max_connections=10)
+    pool = ConnectionPool(limit=10, connect_timeout_s=0.5, read_timeout_s=0.5)
+    if transport == "pool":
+        POOLS[http] = pool
     try:
         error = await failure(http, wire, Reply(delay_s=300))
     finally:
         await http.close()
+        await pool.close()
 
     assert (error.error_type, error.retryable, error.status_code) == ("timeout", True, None)
     assert "timed out calling http://127.0.0.1:" in str(error)
 
 
-async def waiting_for_a_connection(query: str = "") -> tuple[ProviderError, LoopbackServer]:
+async def waiting_for_a_connection(
+    query: str = "", transport: str = "aiohttp"
+) -> tuple[ProviderError, LoopbackServer]:
     """What a call to a held server (at ``/v1`` with ``query``) raises through a client whose
     one connection another call holds; and the server, stopped."""
     http = create_http_client(timeout_s=0.5, max_connections=1)
+    # Its own read timeout: the held call keeps the connection until the test is done.
+    pool = ConnectionPool(limit=1, connect_timeout_s=0.5, read_timeout_s=300)
 
     async def held(server: LoopbackServer) -> None:
-        # Its own read timeout: this call keeps the connection until the test is done.
+        if transport == "pool":
+            await pool.post(URL(server.url), {}, b"")
+            return
         async with http.get(server.url, timeout=aiohttp.ClientTimeout(sock_read=300)) as answer:
             await answer.read()
 
     try:
         async with LoopbackServer(Reply(delay_s=300)) as server:
-            adapter = OpenAICompatible("p", http, f"{server.url}/v1{query}")
+            adapter = OpenAICompatible(
+                "p", http, f"{server.url}/v1{query}", pool=pool if transport == "pool" else None
+            )
             task = asyncio.create_task(held(server))
             try:
                 async with asyncio.timeout(30):
@@ -618,23 +646,27 @@ async def waiting_for_a_connection(query: str = "") -> tuple[ProviderError, Loop
                 await asyncio.gather(task, return_exceptions=True)
     finally:
         await http.close()
+        await pool.close()
     return caught.value, server
 
 
-async def test_waiting_for_a_free_connection_is_a_timeout() -> None:
-    error, server = await waiting_for_a_connection()
+@pytest.mark.parametrize("transport", ["aiohttp", "pool"])
+async def test_waiting_for_a_free_connection_is_a_timeout(transport: str) -> None:
+    error, server = await waiting_for_a_connection(transport=transport)
 
     assert (error.error_type, error.retryable, error.status_code) == ("timeout", True, None)
     assert f"timed out calling {server.url}/v1/chat/completions" in str(error)
     # The call never left the client.
-    assert [sent.method for sent in server.received] == ["GET"]
+    assert len(server.received) == 1
 
 
 async def test_connection_refused_is_retryable_connection_error(
     client: aiohttp.ClientSession,
 ) -> None:
     port = free_port()  # nothing listens there
-    adapter = OpenAICompatible("openai", client, f"http://127.0.0.1:{port}/v1")
+    adapter = OpenAICompatible(
+        "openai", client, f"http://127.0.0.1:{port}/v1", pool=POOLS.get(client)
+    )
 
     with pytest.raises(ProviderError) as caught:
         await adapter.complete(make_request(), "m")
@@ -672,7 +704,7 @@ async def test_connection_closed_mid_answer_is_retryable(
 
 
 async def test_non_http_base_url_is_not_retried(client: aiohttp.ClientSession) -> None:
-    adapter = OpenAICompatible("p", client, "ftp://127.0.0.1/v1")
+    adapter = OpenAICompatible("p", client, "ftp://127.0.0.1/v1", pool=POOLS.get(client))
 
     with pytest.raises(ProviderError) as caught:
         await adapter.complete(make_request(), "m")
@@ -712,7 +744,7 @@ async def test_openai_sends_optional_fields_only_when_set_and_no_auth_without_ke
     client: aiohttp.ClientSession,
 ) -> None:
     async with LoopbackServer(recorded("openai_chat_completion.json")) as server:
-        adapter = OpenAICompatible("ollama", client, f"{server.url}/v1/")
+        adapter = OpenAICompatible("ollama", client, f"{server.url}/v1/", pool=POOLS.get(client))
         completion = await adapter.complete(make_request(), "llama3.2")
 
     [sent] = server.received
@@ -803,7 +835,9 @@ async def test_anthropic_max_tokens_from_request_and_base_url_with_v1(
     client: aiohttp.ClientSession,
 ) -> None:
     async with LoopbackServer(recorded("anthropic_message.json")) as server:
-        adapter = AnthropicMessages("gw", client, f"{server.url}/v1", default_max_tokens=99)
+        adapter = AnthropicMessages(
+            "gw", client, f"{server.url}/v1", default_max_tokens=99, pool=POOLS.get(client)
+        )
         await adapter.complete(make_request(max_tokens=7), "claude")
         await adapter.complete(make_request(), "claude")
 
@@ -866,7 +900,11 @@ async def test_extra_header_secrets_never_in_provider_error(
 
     async with LoopbackServer(echo) as server:
         adapter = OpenAICompatible(
-            "azure", client, f"{server.url}/v1", extra_headers={"api-key": "azure-SECRET-1"}
+            "azure",
+            client,
+            f"{server.url}/v1",
+            extra_headers={"api-key": "azure-SECRET-1"},
+            pool=POOLS.get(client),
         )
         with pytest.raises(ProviderError) as caught:
             await adapter.complete(make_request(), "m")
@@ -889,7 +927,7 @@ async def test_transport_error_message_has_no_credentials_from_the_url(
 ) -> None:
     async with LoopbackServer(answer) as server:
         secret_url = server.url.replace("//", "//user:pw-SECRET@") + "/v1?key=q-SECRET"
-        adapter = OpenAICompatible("p", client, secret_url)
+        adapter = OpenAICompatible("p", client, secret_url, pool=POOLS.get(client))
         with pytest.raises(ProviderError) as caught:
             await adapter.complete(make_request(), "m")
 
@@ -910,7 +948,9 @@ async def test_connect_timeout_message_has_no_query_secret() -> None:
 
 
 async def test_non_http_url_message_has_no_credentials(client: aiohttp.ClientSession) -> None:
-    adapter = OpenAICompatible("p", client, "ftp://user:pw-SECRET@127.0.0.1/v1?key=q-SECRET")
+    adapter = OpenAICompatible(
+        "p", client, "ftp://user:pw-SECRET@127.0.0.1/v1?key=q-SECRET", pool=POOLS.get(client)
+    )
 
     with pytest.raises(ProviderError) as caught:
         await adapter.complete(make_request(), "m")

@@ -2,8 +2,9 @@
 
 Wire formats live in one module per API family (`openai.py`, `anthropic.py`), on the shared
 call and error mapping in `http.py`; the environment is read in `settings.py`, which also builds
-the router. Adapters receive one shared HTTP client (`create_http_client`) and never build their
-own.
+the router. Adapters receive one shared HTTP client (`create_http_client`, aiohttp: streamed
+calls) and the worker's connection pool (`pool.py`: non-streamed calls, the per-request path),
+and never build their own.
 
 Failures are :class:`ProviderError` (see `llmstream.core.errors` for the tree); it carries what the
 retry policy needs: ``retryable``, ``retry_after`` and the status code.
@@ -226,8 +227,9 @@ def create_http_client(timeout_s: float, max_connections: int) -> aiohttp.Client
         limit=max_connections, limit_per_host=0, keepalive_timeout=30.0
     )
     timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
-    # Proxy variables (HTTPS_PROXY, NO_PROXY) are honoured when set; when none is, aiohttp is
-    # told so, which spares it reading the environment on every call.
+    # Proxy variables (HTTPS_PROXY, NO_PROXY) are honoured when set (and then every call goes
+    # through aiohttp, as the pool has no proxy support); when none is, aiohttp is told so,
+    # which spares it reading the environment on every call.
     return aiohttp.ClientSession(
         connector=connector,
         timeout=timeout,

@@ -52,6 +52,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from llmstream.processors.providers import Completion, ErrorType, ProviderError
+from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.http import (
     MAX_TOKEN_COUNT,
     ErrorFields,
@@ -122,8 +123,9 @@ class AnthropicMessages(HTTPAdapter):
         extra_headers: Mapping[str, str] | None = None,
         *,
         default_max_tokens: int = 4096,
+        pool: ConnectionPool | None = None,
     ) -> None:
-        super().__init__(name, client, base_url, api_key, extra_headers)
+        super().__init__(name, client, base_url, api_key, extra_headers, pool=pool)
         self._default_max_tokens = default_max_tokens
 
     def endpoint(self, base_url: str) -> URL:

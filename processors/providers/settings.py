@@ -40,6 +40,7 @@ from llmstream.core.settings import load_object_file, redact_url
 from llmstream.processors.providers import Provider, ProviderRouter
 from llmstream.processors.providers.anthropic import AnthropicMessages
 from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers.pool import ConnectionPool
 
 __all__ = ["BUILTIN_PROVIDERS", "EndpointConfig", "ProviderSettings", "build_router"]
 
@@ -212,12 +213,14 @@ def _load_file(path: Path) -> dict[str, EndpointConfig]:
     return {name: EndpointConfig.model_validate(entry) for name, entry in raw.items()}
 
 
-def build_router(settings: ProviderSettings, client: aiohttp.ClientSession) -> ProviderRouter:
-    """Every configured provider, all sharing ``client``; the unconfigured built-ins are only
-    named, with the variable each needs."""
+def build_router(
+    settings: ProviderSettings, client: aiohttp.ClientSession, pool: ConnectionPool | None = None
+) -> ProviderRouter:
+    """Every configured provider, all sharing ``client`` (and ``pool``, for non-streamed calls);
+    the unconfigured built-ins are only named, with the variable each needs."""
     builtin: dict[str, Callable[[], Provider]] = {
         "openai": lambda: OpenAICompatible(
-            "openai", client, settings.openai_base_url, settings.openai_api_key
+            "openai", client, settings.openai_base_url, settings.openai_api_key, pool=pool
         ),
         "anthropic": lambda: AnthropicMessages(
             "anthropic",
@@ -225,11 +228,18 @@ def build_router(settings: ProviderSettings, client: aiohttp.ClientSession) -> P
             settings.anthropic_base_url,
             settings.anthropic_api_key,
             default_max_tokens=settings.anthropic_default_max_tokens,
+            pool=pool,
         ),
         "openrouter": lambda: OpenAICompatible(
-            "openrouter", client, settings.openrouter_base_url, settings.openrouter_api_key
+            "openrouter",
+            client,
+            settings.openrouter_base_url,
+            settings.openrouter_api_key,
+            pool=pool,
         ),
-        "ollama": lambda: OpenAICompatible("ollama", client, f"{settings.ollama_host}/v1"),
+        "ollama": lambda: OpenAICompatible(
+            "ollama", client, f"{settings.ollama_host}/v1", pool=pool
+        ),
     }
     missing = settings.unconfigured()
     providers = {name: build() for name, build in builtin.items() if name not in missing}
@@ -242,9 +252,10 @@ def build_router(settings: ProviderSettings, client: aiohttp.ClientSession) -> P
                 endpoint.api_key,
                 endpoint.headers,
                 default_max_tokens=settings.anthropic_default_max_tokens,
+                pool=pool,
             )
         else:
             providers[name] = OpenAICompatible(
-                name, client, endpoint.base_url, endpoint.api_key, endpoint.headers
+                name, client, endpoint.base_url, endpoint.api_key, endpoint.headers, pool=pool
             )
     return ProviderRouter(providers, missing)

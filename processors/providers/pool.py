@@ -1,0 +1,389 @@
+"""Keep-alive HTTP/1.1 connections for the non-streamed provider calls: the per-request path.
+
+A call is one ``POST`` of a JSON body whose answer is read whole. aiohttp's client spends about
+150 µs of CPU on such a call on a 3.11 core (its session, request and response objects, a task
+to write each body, stream readers); this pool writes the request line and headers itself, reads
+the answer with httptools' parser (llhttp, the parser Node.js and uvicorn use) into one buffer,
+and costs about 50 µs (`tests/http_cpu.py`). Streamed calls, and calls through a proxy, still go
+through aiohttp (:mod:`.http`).
+
+What it does, as aiohttp's client does it:
+
+- Connections per origin (scheme, host, port) are reused while the server keeps them alive; one
+  idle longer than ``idle_s``, or closed by the server, is dropped. At most ``limit`` are open
+  over all origins; a call beyond that waits for a free one, at most ``connect_timeout_s``, then
+  raises :class:`TimeoutError`; so does connecting for longer.
+- TLS with the system's certificates and the host's name checked (``ssl.create_default_context``).
+- Bodies by Content-Length, chunked, or until the server closes; ``1xx`` answers are skipped;
+  ``gzip`` and ``deflate`` bodies are decoded (``identity`` is asked for).
+- Each wait for bytes from the server is bounded by ``read_timeout_s`` (:class:`TimeoutError`).
+
+Failures are aiohttp's exception types, so the adapters classify both transports alike: a
+connection refused or reset is a ``ClientConnectionError``, one closed before the answer's end
+a ``ServerDisconnectedError`` or ``ClientPayloadError``, bytes that are not HTTP a plain
+``ClientError``. A header value holding CR or LF raises ``ValueError`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import zlib
+from collections import deque
+from collections.abc import Mapping
+from typing import cast
+
+import aiohttp
+import httptools
+from aiohttp.http_exceptions import ContentEncodingError
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from llmstream import __version__
+
+__all__ = ["ConnectionPool", "RawAnswer"]
+
+RawAnswer = tuple[int, CIMultiDictProxy[str], bytes]
+_Origin = tuple[str, str, int]  # scheme, host, port
+
+_USER_AGENT = f"llmstream/{__version__}"
+# zlib's window bits that accept a gzip or a zlib header, and raw deflate.
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: writes a request, parses its answer, resolves the call's future."""
+
+    def __init__(self, pool: ConnectionPool, origin: _Origin) -> None:
+        self.pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.made = False  # connected: from here on its close frees its place in the pool
+        self.freed = False  # closed, and its place freed
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser = httptools.HttpResponseParser(self)
+        self._answer: asyncio.Future[RawAnswer] | None = None
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._body: list[bytes] = []
+        self._status = 0
+        self._headers_done = False
+        self._framed = False  # Content-Length or chunked: the end is not the connection's end
+        self._reusable = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # -- the call -----------------------------------------------------------------------------
+
+    def request(self, head: bytes, body: bytes) -> asyncio.Future[RawAnswer]:
+        assert self.transport is not None
+        loop = self.pool.loop
+        self._answer = answer = loop.create_future()
+        self._headers, self._body, self._headers_done, self._reusable = [], [], False, False
+        self.transport.write(head + body)
+        self._timer = loop.call_later(self.pool.read_timeout_s, self._timed_out)
+        return answer
+
+    def _timed_out(self) -> None:
+        self._fail(TimeoutError(f"no bytes from the server for {self.pool.read_timeout_s} s"))
+
+    def _fail(self, exc: BaseException) -> None:
+        answer, self._answer = self._answer, None
+        if answer is not None and not answer.done():
+            answer.set_exception(exc)
+        self.close()
+
+    def close(self) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.made = True
+
+    def data_received(self, data: bytes) -> None:
+        if self._answer is None:  # bytes nobody asked for: the connection cannot be trusted
+            self.close()
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = self.pool.loop.call_later(self.pool.read_timeout_s, self._timed_out)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(aiohttp.ClientError(f"not a valid HTTP answer: {exc}"))
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes; connection_lost says what that means
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.pool.lost(self)
+        if self._answer is None:
+            return
+        if self._headers_done and not self._framed:
+            self.on_message_complete()  # a body delimited by the end of the connection
+        elif self._headers_done:
+            self._fail(aiohttp.ClientPayloadError("the answer's body ended before its length"))
+        else:
+            self._fail(aiohttp.ServerDisconnectedError())
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._status = self._parser.get_status_code()
+        self._headers_done = True
+        self._framed = any(
+            name.lower() == b"content-length"
+            or (name.lower() == b"transfer-encoding" and b"chunked" in value.lower())
+            for name, value in self._headers
+        )
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._status < 200:  # an interim answer: the real one follows
+            self._headers, self._body, self._headers_done = [], [], False
+            return
+        answer, self._answer = self._answer, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._reusable = not self.closed and self._parser.should_keep_alive()
+        if answer is None or answer.done():
+            return
+        headers = CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in self._headers
+        )
+        body = b"".join(self._body)
+        encoding = headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
+            try:
+                body = _decoded(body, encoding)
+            except ContentEncodingError as exc:
+                self._reusable = False
+                error = aiohttp.ClientPayloadError(str(exc))
+                error.__cause__ = exc  # how the adapters tell it from a connection cut off
+                answer.set_exception(error)
+                return
+        answer.set_result((self._status, CIMultiDictProxy(headers), body))
+
+    @property
+    def reusable(self) -> bool:
+        return self._reusable and not self.closed
+
+
+def _decoded(body: bytes, encoding: str) -> bytes:
+    wbits = _DECODERS.get(encoding)
+    if wbits is None:
+        raise ContentEncodingError(f"cannot decode Content-Encoding {encoding!r}")
+    try:
+        if encoding == "deflate" and body[:1] != b"\x78":  # raw deflate, without zlib's header
+            wbits = -zlib.MAX_WBITS
+        decoder = zlib.decompressobj(wbits)
+        return decoder.decompress(body) + decoder.flush()
+    except zlib.error as exc:
+        raise ContentEncodingError(f"cannot decode the {encoding} body: {exc}") from None
+
+
+class ConnectionPool:
+    """Keep-alive connections shared by every adapter's non-streamed calls (one per worker)."""
+
+    def __init__(
+        self,
+        *,
+        limit: int,
+        connect_timeout_s: float,
+        read_timeout_s: float,
+        idle_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.limit = limit
+        self.connect_timeout_s = connect_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self._idle_s = idle_s
+        self._ssl = ssl_context
+        self._idle: dict[_Origin, deque[_Connection]] = {}
+        self._open = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    async def post(self, url: URL, headers: Mapping[str, str], body: bytes) -> RawAnswer:
+        """POST ``body`` to ``url`` with ``headers`` and read the answer whole."""
+        origin = _origin(url)
+        head = _head(url, headers, len(body))
+        connection = await self._acquire(origin)
+        try:
+            answer = await connection.request(head, body)
+        except BaseException:
+            connection.close()  # cancelled or failed mid-call: its state is unknown
+            self._release(connection)
+            raise
+        self._release(connection)
+        return answer
+
+    async def close(self) -> None:
+        """Close every connection; calls made after this fail."""
+        self._closed = True
+        for idle in self._idle.values():
+            for connection in idle:
+                connection.close()
+        self._idle.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(aiohttp.ClientConnectionError("the HTTP client was closed"))
+
+    # -- connections --------------------------------------------------------------------------
+
+    async def _acquire(self, origin: _Origin) -> _Connection:
+        if self._closed:
+            raise aiohttp.ClientConnectionError("the HTTP client was closed")
+        connection = self._idle_connection(origin)
+        if connection is not None:
+            return connection
+        async with asyncio.timeout(self.connect_timeout_s):
+            while self._open >= self.limit:
+                self._drop_an_idle_connection()  # its place frees once it is closed
+                await self._wait()
+                connection = self._idle_connection(origin)
+                if connection is not None:
+                    return connection
+            self._open += 1
+            connection = _Connection(self, origin)
+            try:
+                await self._connect(connection)
+            except BaseException:
+                if connection.made:
+                    connection.close()  # cancelled once connected: lost() frees its place
+                else:
+                    self._open -= 1
+                    self._wake()
+                raise
+            return connection
+
+    def _idle_connection(self, origin: _Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = self.loop.time()
+        while idle:
+            connection = idle.pop()  # the most recently used: the least likely to be closed
+            if not connection.closed and now - connection.idle_since <= self._idle_s:
+                return connection
+            connection.close()
+        return None
+
+    async def _wait(self) -> None:
+        """Until a connection is released or closed."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._wake()  # woken, but leaving: the next waiter takes the place
+            else:
+                self._forget(waiter)
+            raise
+
+    async def _connect(self, connection: _Connection) -> None:
+        scheme, host, port = connection.origin
+        tls = self._tls() if scheme == "https" else None
+        try:
+            await self.loop.create_connection(
+                lambda: connection,
+                host,
+                port,
+                ssl=tls,
+                server_hostname=host if tls is not None else None,
+            )
+        except OSError as exc:
+            raise aiohttp.ClientConnectionError(
+                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+            ) from exc
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()
+        return self._ssl
+
+    def _release(self, connection: _Connection) -> None:
+        if connection.reusable and not self._closed:
+            connection.idle_since = self.loop.time()
+            self._idle.setdefault(connection.origin, deque()).append(connection)
+            self._wake()
+        else:
+            connection.close()  # connection_lost frees its place
+
+    def lost(self, connection: _Connection) -> None:
+        """Called once a connection is closed: its place is free."""
+        if not connection.made or connection.freed:
+            return
+        connection.freed = True
+        self._open -= 1
+        idle = self._idle.get(connection.origin)
+        if idle and connection in idle:
+            idle.remove(connection)
+        self._wake()
+
+    def _drop_an_idle_connection(self) -> None:
+        for idle in self._idle.values():
+            if idle:
+                idle.popleft().close()  # the least recently used
+                return
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _forget(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+
+def _origin(url: URL) -> _Origin:
+    scheme, host = url.scheme, url.raw_host  # raw: an international name in its ASCII form
+    if scheme not in ("http", "https") or not host:
+        raise aiohttp.NonHttpUrlClientError(url)
+    return scheme, host, url.port or (443 if scheme == "https" else 80)
+
+
+def _head(url: URL, headers: Mapping[str, str], length: int) -> bytes:
+    lines = [
+        f"POST {url.raw_path_qs} HTTP/1.1",
+        f"Host: {url.host_port_subcomponent}",
+        f"User-Agent: {_USER_AGENT}",
+        "Accept-Encoding: identity",
+        f"Content-Length: {length}",
+        *(f"{name}: {value}" for name, value in headers.items()),
+        "",
+        "",
+    ]
+    head = "\r\n".join(lines)
+    # Every line break is one of ours: a CR or LF in a value would start a header of its own.
+    if head.count("\n") != len(lines) - 1 or head.count("\r") != len(lines) - 1:
+        raise ValueError("a header value holds a line break (CR or LF)")
+    return head.encode()

@@ -14,7 +14,7 @@ import gzip
 import ssl
 import subprocess
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,13 +22,51 @@ import pytest
 import pytest_asyncio
 from yarl import URL
 
-from llmstream.processors.providers.pool import ConnectionPool
+from llmstream.processors.providers.openai import OpenAICompatible
+from llmstream.processors.providers.pool import ConnectionPool, header_map
+from tests.loopback import LoopbackServer, Reply
+from tests.samples import request
 
 
 def framed(body: bytes, *extra: str) -> bytes:
     """A 200 answer carrying ``body`` with its Content-Length, and ``extra`` header lines."""
     head = ["HTTP/1.1 200 OK", f"Content-Length: {len(body)}", *extra, "", ""]
     return "\r\n".join(head).encode() + body
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[int]:
+    """``handler`` serving each connection to the port given, on 127.0.0.1. On exit every
+    connection is closed and every handler waited for: one left pending until the end of the
+    session is destroyed then, and CPython 3.11.2 can fail an unrelated ``ast.parse`` when a
+    finalizer runs inside it ("AST constructor recursion depth mismatch")."""
+    tasks: set[asyncio.Task[None]] = set()
+    writers: set[asyncio.StreamWriter] = set()
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        writers.add(writer)
+        try:
+            with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+                await handler(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0, ssl=tls)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=10)
+        await server.wait_closed()
 
 
 class RawServer:
@@ -44,25 +82,18 @@ class RawServer:
         self.most_open = 0
         self.requests: list[bytes] = []
         self.hold = asyncio.Event()  # set: answers wait until it is cleared
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._serving = contextlib.AsyncExitStack()
         self.url = URL()
 
     async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
+        port = await self._serving.enter_async_context(serving(self._serve))
         self.url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        await self._server.wait_closed()
+        await self._serving.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
         self.connections += 1
         self.open += 1
         self.most_open = max(self.most_open, self.open)
@@ -82,12 +113,8 @@ class RawServer:
                 await writer.drain()
                 if self.close_after:
                     break
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
         finally:
             self.open -= 1
-            self._writers.discard(writer)
-            writer.close()
 
 
 @pytest_asyncio.fixture
@@ -101,7 +128,8 @@ async def test_calls_in_turn_reuse_one_connection(pool: ConnectionPool) -> None:
     async with RawServer(lambda _: framed(b'{"n": 1}')) as server:
         for _ in range(5):
             status, headers, body = await pool.post(server.url, {"x-a": "1"}, b"{}")
-            assert (status, headers["content-length"], body) == (200, "8", b'{"n": 1}')
+            length = header_map(headers)["content-length"]
+            assert (status, length, body) == (200, "8", b'{"n": 1}')
 
     assert server.connections == 1
     first = server.requests[0].decode()
@@ -233,34 +261,30 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-async def tls_server(certificate: tuple[Path, Path]) -> tuple[asyncio.Server, URL]:
+def tls_context(certificate: tuple[Path, Path]) -> ssl.SSLContext:
     cert, key = certificate
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
+    return context
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
-            await reader.readexactly(length)
-            writer.write(framed(b'{"secure": true}'))
-            await writer.drain()
-        writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
-    port = server.sockets[0].getsockname()[1]
-    return server, URL(f"https://127.0.0.1:{port}/v1/chat/completions")
+async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    await reader.readexactly(length)
+    writer.write(framed(b'{"secure": true}'))
+    await writer.drain()
 
 
 async def test_tls_with_a_trusted_certificate(certificate: tuple[Path, Path]) -> None:
     trusted = ssl.create_default_context(cafile=str(certificate[0]))
     secure = ConnectionPool(limit=2, connect_timeout_s=5, read_timeout_s=5, ssl_context=trusted)
-    server, url = await tls_server(certificate)
-    try:
-        status, _, body = await secure.post(url, {}, b"{}")
-    finally:
-        await secure.close()
-        server.close()
+    async with serving(answer_once, tls_context(certificate)) as port:
+        try:
+            url = URL(f"https://127.0.0.1:{port}/v1/chat/completions")
+            status, _, body = await secure.post(url, {}, b"{}")
+        finally:
+            await secure.close()
 
     assert (status, body) == (200, b'{"secure": true}')
 
@@ -268,9 +292,61 @@ async def test_tls_with_a_trusted_certificate(certificate: tuple[Path, Path]) ->
 async def test_tls_refuses_a_certificate_it_cannot_verify(
     pool: ConnectionPool, certificate: tuple[Path, Path]
 ) -> None:
-    server, url = await tls_server(certificate)
-    try:
+    async with serving(answer_once, tls_context(certificate)) as port:
+        url = URL(f"https://127.0.0.1:{port}/v1/chat/completions")
         with pytest.raises(aiohttp.ClientConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             await pool.post(url, {}, b"{}")
-    finally:
-        server.close()
+
+
+# --- which transport an adapter takes -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("trust_env", "credentials", "agent"),
+    [(False, "", "llmstream/"), (True, "", "aiohttp/"), (False, "user:pw@", "aiohttp/")],
+    ids=["pool", "proxy-from-the-environment", "credentials-in-the-url"],
+)
+async def test_aiohttp_takes_the_calls_the_pool_cannot_make(
+    pool: ConnectionPool, trust_env: bool, credentials: str, agent: str
+) -> None:
+    reply = Reply.json({"choices": [{"message": {"content": "hi"}}]})
+    async with (
+        aiohttp.ClientSession(trust_env=trust_env) as client,
+        LoopbackServer(reply) as server,
+    ):
+        url = server.url.replace("http://", f"http://{credentials}")
+        adapter = OpenAICompatible("p", client, f"{url}/v1", pool=pool)
+        completion = await adapter.complete(request("transport-1"), "m")
+
+    assert completion.content == "hi"
+    [sent] = server.received
+    assert agent in sent.headers["user-agent"]
+    assert ("authorization" in sent.headers) == bool(credentials)  # aiohttp's Basic auth
+
+
+async def test_the_read_timeout_bounds_each_wait_not_the_whole_answer() -> None:
+    # Six pieces 0.2 s apart (1.2 s in all) under a 0.5 s read timeout: read whole. Then a
+    # server that goes quiet after its headers: timed out.
+    pieces = [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"a", b"b", b"c", b"d", b"e"]
+
+    def drip(count: int) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)
+            for piece in pieces[:count]:
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+            await reader.read()  # until the client closes
+
+        return handler
+
+    timed = ConnectionPool(limit=2, connect_timeout_s=5, read_timeout_s=0.5)
+    async with serving(drip(len(pieces))) as slow, serving(drip(1)) as quiet:
+        try:
+            _, _, body = await timed.post(URL(f"http://127.0.0.1:{slow}/"), {}, b"{}")
+            assert body == b"abcde"
+            with pytest.raises(TimeoutError):
+                await timed.post(URL(f"http://127.0.0.1:{quiet}/"), {}, b"{}")
+        finally:
+            await timed.close()

@@ -52,7 +52,6 @@ from pydantic import SecretStr
 from yarl import URL
 
 from llmstream.processors.providers import Completion, ErrorType, ProviderError
-from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.http import (
     MAX_TOKEN_COUNT,
     ErrorFields,
@@ -63,6 +62,7 @@ from llmstream.processors.providers.http import (
     text_field,
     token_count,
 )
+from llmstream.processors.providers.pool import ConnectionPool
 from llmstream.processors.providers.sse import ServerSentEvent
 from llmstream.processors.providers.toolcalls import PartialCall, input_arguments, tool_calls
 from llmstream.schemas.models import LLMRequest, ToolCall, ToolChoiceFunction

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import aiohttp
 import orjson
 from aiohttp.http_exceptions import ContentEncodingError
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import SecretStr
 from yarl import URL
 
@@ -52,7 +52,7 @@ from llmstream.processors.providers import (
     ProviderError,
     parse_retry_after,
 )
-from llmstream.processors.providers.pool import ConnectionPool
+from llmstream.processors.providers.pool import ConnectionPool, header_map
 from llmstream.processors.providers.sse import ServerSentEvent, SSEDecoder
 from llmstream.processors.providers.toolcalls import MalformedAnswer, PartialCall, tool_calls
 from llmstream.schemas.models import LLMRequest
@@ -76,6 +76,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_DETAIL_CHARS = 300
+# A success's headers are never read: not made from the pool's answer.
+_NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _REDACTED = "[REDACTED]"
 # Whatever a success body lacks or holds in the wrong type surfaces as one of these.
 _SHAPE_ERRORS = (KeyError, IndexError, TypeError, ValueError, AttributeError)
@@ -181,12 +183,12 @@ class HTTPAdapter(ABC):
         if self._pool is not None:
             try:
                 # Redirects are not followed either: the answer is whatever the endpoint says.
-                answer = Answer(*await self._pool.post(self._url, headers, content))
+                status, raw_headers, body = await self._pool.post(self._url, headers, content)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise self._transport_error(exc) from exc
-            if not 200 <= answer.status < 300:
-                raise self._status_error(answer)
-            return self._parsed(answer, model)
+            if not 200 <= status < 300:
+                raise self._status_error(Answer(status, header_map(raw_headers), body))
+            return self._parsed(Answer(status, _NO_HEADERS, body), model)
         try:
             # Redirects are not followed: a provider API answers, it does not redirect, and
             # following one would send the credentials to wherever it points.

@@ -27,6 +27,7 @@ a ``ServerDisconnectedError`` or ``ClientPayloadError``, bytes that are not HTTP
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import zlib
 from collections import deque
@@ -41,9 +42,10 @@ from yarl import URL
 
 from llmstream import __version__
 
-__all__ = ["ConnectionPool", "RawAnswer"]
+__all__ = ["ConnectionPool", "RawAnswer", "header_map"]
 
-RawAnswer = tuple[int, CIMultiDictProxy[str], bytes]
+# An answer's status, its headers as they came (names and values in bytes), its decoded body.
+RawAnswer = tuple[int, list[tuple[bytes, bytes]], bytes]
 _Origin = tuple[str, str, int]  # scheme, host, port
 
 _USER_AGENT = f"llmstream/{__version__}"
@@ -69,8 +71,10 @@ class _Connection(asyncio.Protocol):
         self._status = 0
         self._headers_done = False
         self._framed = False  # Content-Length or chunked: the end is not the connection's end
+        self._encoding = b""  # Content-Encoding
         self._reusable = False
         self._timer: asyncio.TimerHandle | None = None
+        self._last_bytes = 0.0  # when the server last sent some
 
     # -- the call -----------------------------------------------------------------------------
 
@@ -80,11 +84,18 @@ class _Connection(asyncio.Protocol):
         self._answer = answer = loop.create_future()
         self._headers, self._body, self._headers_done, self._reusable = [], [], False, False
         self.transport.write(head + body)
-        self._timer = loop.call_later(self.pool.read_timeout_s, self._timed_out)
+        self._last_bytes = loop.time()
+        self._timer = loop.call_later(self.pool.read_timeout_s, self._check_timeout)
         return answer
 
-    def _timed_out(self) -> None:
-        self._fail(TimeoutError(f"no bytes from the server for {self.pool.read_timeout_s} s"))
+    def _check_timeout(self) -> None:
+        # One timer per call, moved on when it fires rather than each time bytes arrive.
+        timeout = self.pool.read_timeout_s
+        left = self._last_bytes + timeout - self.pool.loop.time()
+        if left > 0:
+            self._timer = self.pool.loop.call_later(left, self._check_timeout)
+            return
+        self._fail(TimeoutError(f"no bytes from the server for {timeout} s"))
 
     def _fail(self, exc: BaseException) -> None:
         answer, self._answer = self._answer, None
@@ -110,9 +121,7 @@ class _Connection(asyncio.Protocol):
         if self._answer is None:  # bytes nobody asked for: the connection cannot be trusted
             self.close()
             return
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = self.pool.loop.call_later(self.pool.read_timeout_s, self._timed_out)
+        self._last_bytes = self.pool.loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -144,11 +153,16 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         self._status = self._parser.get_status_code()
         self._headers_done = True
-        self._framed = any(
-            name.lower() == b"content-length"
-            or (name.lower() == b"transfer-encoding" and b"chunked" in value.lower())
-            for name, value in self._headers
-        )
+        framed, encoding = False, b""
+        for name, value in self._headers:
+            name = name.lower()
+            if name == b"content-length":
+                framed = True
+            elif name == b"transfer-encoding":
+                framed = framed or b"chunked" in value.lower()
+            elif name == b"content-encoding":
+                encoding = value.strip().lower()
+        self._framed, self._encoding = framed, encoding
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -164,26 +178,31 @@ class _Connection(asyncio.Protocol):
         self._reusable = not self.closed and self._parser.should_keep_alive()
         if answer is None or answer.done():
             return
-        headers = CIMultiDict(
-            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in self._headers
-        )
         body = b"".join(self._body)
-        encoding = headers.get("content-encoding", "").strip().lower()
-        if encoding not in ("", "identity"):
+        if self._encoding not in (b"", b"identity"):
             try:
-                body = _decoded(body, encoding)
+                body = _decoded(body, self._encoding.decode("latin-1"))
             except ContentEncodingError as exc:
                 self._reusable = False
                 error = aiohttp.ClientPayloadError(str(exc))
                 error.__cause__ = exc  # how the adapters tell it from a connection cut off
                 answer.set_exception(error)
                 return
-        answer.set_result((self._status, CIMultiDictProxy(headers), body))
+        answer.set_result((self._status, self._headers, body))
 
     @property
     def reusable(self) -> bool:
         return self._reusable and not self.closed
+
+
+def header_map(headers: list[tuple[bytes, bytes]]) -> CIMultiDictProxy[str]:
+    """An answer's headers as aiohttp gives them: made only when they are read (an error)."""
+    return CIMultiDictProxy(
+        CIMultiDict(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in headers
+        )
+    )
 
 
 def _decoded(body: bytes, encoding: str) -> bytes:
@@ -358,10 +377,8 @@ class ConnectionPool:
                 return
 
     def _forget(self, waiter: asyncio.Future[None]) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # already woken and taken off the queue
             self._waiters.remove(waiter)
-        except ValueError:
-            pass
 
 
 def _origin(url: URL) -> _Origin:

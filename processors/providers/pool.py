@@ -128,6 +128,7 @@ class _Connection(asyncio.Protocol):
             self._fail(aiohttp.ClientError(f"not a valid HTTP answer: {exc}"))
 
     def eof_received(self) -> bool:
+        self.closed = True  # never handed out again, though connection_lost comes a turn later
         return False  # the transport closes; connection_lost says what that means
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -305,7 +306,9 @@ class ConnectionPool:
         now = self.loop.time()
         while idle:
             connection = idle.pop()  # the most recently used: the least likely to be closed
-            if not connection.closed and now - connection.idle_since <= self._idle_s:
+            transport = connection.transport
+            fresh = now - connection.idle_since <= self._idle_s
+            if fresh and not connection.closed and transport and not transport.is_closing():
                 return connection
             connection.close()
         return None

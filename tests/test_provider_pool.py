@@ -350,3 +350,12 @@ async def test_the_read_timeout_bounds_each_wait_not_the_whole_answer() -> None:
                 await timed.post(URL(f"http://127.0.0.1:{quiet}/"), {}, b"{}")
         finally:
             await timed.close()
+
+
+async def test_a_host_name_is_resolved_and_reached(pool: ConnectionPool) -> None:
+    # "localhost" may resolve to ::1 first, where nothing listens: the next address is tried.
+    async with RawServer(lambda _: framed(b"{}")) as server:
+        status, _, _ = await pool.post(server.url.with_host("localhost"), {}, b"{}")
+
+    assert status == 200
+    assert f"Host: localhost:{server.url.port}\r\n" in server.requests[0].decode()

@@ -14,7 +14,8 @@ What it does, as aiohttp's client does it:
   idle longer than ``idle_s``, or closed by the server, is dropped. At most ``limit`` are open
   over all origins; a call beyond that waits for a free one, at most ``connect_timeout_s``, then
   raises :class:`TimeoutError`; so does connecting for longer.
-- TLS with the system's certificates and the host's name checked (``ssl.create_default_context``).
+- Connecting by Happy Eyeballs (``aiohappyeyeballs``, aiohttp's own), 250 ms between attempts;
+  TLS with the system's certificates and the host's name checked (``ssl.create_default_context``).
 - Bodies by Content-Length, chunked, or until the server closes; ``1xx`` answers are skipped;
   ``gzip`` and ``deflate`` bodies are decoded (``identity`` is asked for).
 - Each wait for bytes from the server is bounded by ``read_timeout_s`` (:class:`TimeoutError`).
@@ -29,12 +30,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 import zlib
 from collections import deque
 from collections.abc import Mapping
 from typing import cast
 
+import aiohappyeyeballs
 import aiohttp
 import httptools
 from aiohttp.http_exceptions import ContentEncodingError
@@ -330,18 +333,30 @@ class ConnectionPool:
     async def _connect(self, connection: _Connection) -> None:
         scheme, host, port = connection.origin
         tls = self._tls() if scheme == "https" else None
+        loop = self.loop
+        sock: socket.socket | None = None
         try:
-            await self.loop.create_connection(
+            addresses = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            # Happy Eyeballs (RFC 8305), as aiohttp connects: a host whose IPv6 route is broken
+            # is reached over IPv4 a quarter of a second later, not after the connect timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                addresses, happy_eyeballs_delay=0.25, interleave=1, loop=loop
+            )
+            await loop.create_connection(
                 lambda: connection,
-                host,
-                port,
+                sock=sock,
                 ssl=tls,
                 server_hostname=host if tls is not None else None,
             )
-        except OSError as exc:
-            raise aiohttp.ClientConnectionError(
-                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-            ) from exc
+        except BaseException as exc:
+            if sock is not None and not connection.made:
+                sock.close()
+            if isinstance(exc, OSError):  # refused, unreachable, unknown host, TLS refused
+                detail = exc.strerror or str(exc) or type(exc).__name__
+                raise aiohttp.ClientConnectionError(
+                    f"cannot connect to {host}:{port}: {detail}"
+                ) from exc
+            raise
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:

@@ -35,7 +35,8 @@ test: install deploy-tools
 
 # What tests/test_deploy.py runs on the deployment files, without Docker: docker-compose
 # (config), promtool (check, test rules) and kubectl (kustomize); and curl, which the README's
-# examples use (tests/test_readme.py runs them). Installed from Debian's packages
+# examples use (tests/test_readme.py runs them); openssl, with which tests/test_provider_pool.py
+# makes a TLS certificate. Installed from Debian's packages
 # when missing and apt-get can run (CI: root); otherwise the checks say what is missing.
 deploy-tools:
 	@missing=""; \
@@ -43,6 +44,7 @@ deploy-tools:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v kubectl >/dev/null || missing="$$missing kubernetes-client"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    echo "installing$$missing"; \

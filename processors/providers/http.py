@@ -76,7 +76,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE_DETAIL_CHARS = 300
-# A success's headers are never read: not made from the pool's answer.
 _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 _REDACTED = "[REDACTED]"
 # Whatever a success body lacks or holds in the wrong type surfaces as one of these.
@@ -180,27 +179,27 @@ class HTTPAdapter(ABC):
         """Make one call; raise ProviderError on any failure."""
         content = orjson.dumps(self.request_body(request, model))
         headers = {**self._headers, "x-client-request-id": request_id_header(request.request_id)}
-        if self._pool is not None:
-            try:
-                # Redirects are not followed either: the answer is whatever the endpoint says.
-                status, raw_headers, body = await self._pool.post(self._url, headers, content)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                raise self._transport_error(exc) from exc
-            if not 200 <= status < 300:
-                raise self._status_error(Answer(status, header_map(raw_headers), body))
-            return self._parsed(Answer(status, _NO_HEADERS, body), model)
         try:
-            # Redirects are not followed: a provider API answers, it does not redirect, and
-            # following one would send the credentials to wherever it points.
-            async with self._client.post(
-                self._url, data=content, headers=headers, allow_redirects=False
-            ) as response:
-                answer = Answer(response.status, response.headers, await response.read())
+            answer = await self._post(headers, content)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise self._transport_error(exc) from exc
         if not 200 <= answer.status < 300:
             raise self._status_error(answer)
         return self._parsed(answer, model)
+
+    async def _post(self, headers: dict[str, str], content: bytes) -> Answer:
+        """The answer to one POST, over the pool when there is one. Redirects are not followed:
+        a provider API answers, it does not redirect, and following one would send the
+        credentials to wherever it points."""
+        if self._pool is not None:
+            status, raw_headers, body = await self._pool.post(self._url, headers, content)
+            # A success's headers are never read: made only for an error.
+            ok = 200 <= status < 300
+            return Answer(status, _NO_HEADERS if ok else header_map(raw_headers), body)
+        async with self._client.post(
+            self._url, data=content, headers=headers, allow_redirects=False
+        ) as response:
+            return Answer(response.status, response.headers, await response.read())
 
     async def stream(self, request: LLMRequest, model: str, on_delta: OnDelta) -> Completion:
         """Make one call in streaming mode, passing the text to ``on_delta`` as it arrives;

@@ -64,8 +64,7 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.origin = origin
         self.transport: asyncio.Transport | None = None
-        self.made = False  # connected: from here on its close frees its place in the pool
-        self.freed = False  # closed, and its place freed
+        self.made = False  # connected: from here on connection_lost frees its place in the pool
         self.closed = False
         self.idle_since = 0.0
         self._parser = httptools.HttpResponseParser(self)
@@ -180,7 +179,7 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._reusable = not self.closed and self._parser.should_keep_alive()
+        self._reusable = self._parser.should_keep_alive()
         if answer is None or answer.done():
             return
         body = b"".join(self._body)
@@ -261,7 +260,6 @@ class ConnectionPool:
             answer = await connection.request(head, body)
         except BaseException:
             connection.close()  # cancelled or failed mid-call: its state is unknown
-            self._release(connection)
             raise
         self._release(connection)
         return answer
@@ -348,15 +346,14 @@ class ConnectionPool:
                 ssl=tls,
                 server_hostname=host if tls is not None else None,
             )
-        except BaseException as exc:
-            if sock is not None and not connection.made:
+        except OSError as exc:  # refused, unreachable, unknown host, TLS refused
+            detail = exc.strerror or str(exc) or type(exc).__name__
+            raise aiohttp.ClientConnectionError(
+                f"cannot connect to {host}:{port}: {detail}"
+            ) from exc
+        finally:
+            if sock is not None and not connection.made:  # the transport never took it
                 sock.close()
-            if isinstance(exc, OSError):  # refused, unreachable, unknown host, TLS refused
-                detail = exc.strerror or str(exc) or type(exc).__name__
-                raise aiohttp.ClientConnectionError(
-                    f"cannot connect to {host}:{port}: {detail}"
-                ) from exc
-            raise
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -372,10 +369,8 @@ class ConnectionPool:
             connection.close()  # connection_lost frees its place
 
     def lost(self, connection: _Connection) -> None:
-        """Called once a connection is closed: its place is free."""
-        if not connection.made or connection.freed:
-            return
-        connection.freed = True
+        """Called once a connection is closed (asyncio calls connection_lost once, and only
+        after connection_made): its place is free."""
         self._open -= 1
         idle = self._idle.get(connection.origin)
         if idle and connection in idle:
